@@ -1,0 +1,144 @@
+"""Private glue around py-libp2p 0.8.1: construction and conversions.
+
+Everything that depends on py-libp2p internals (attribute names that are not
+part of its documented API) lives here, so a version bump breaks one module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.identity_utils import create_identity_from_seed
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+SEED_LEN = 32
+
+
+def key_pair_from_seed(seed: bytes) -> KeyPair:
+    """The Ed25519 libp2p key pair of a 32-byte seed (same as protocol.identity)."""
+    if len(seed) != SEED_LEN:
+        raise ValueError(f"seed must be {SEED_LEN} bytes, got {len(seed)}")
+    return create_identity_from_seed(seed)
+
+
+def peer_id_of_seed(seed: bytes) -> str:
+    """The base58 peer id that a host built from `seed` will have."""
+    return ID.from_pubkey(key_pair_from_seed(seed).public_key).to_base58()
+
+
+def build_libp2p_host(seed: bytes, listen: Sequence[multiaddr.Multiaddr]) -> IHost:
+    """A py-libp2p host with Noise as the only security transport and yamux only.
+
+    py-libp2p's default security table also accepts /tls, /secio and /plaintext
+    from a dialer; passing our own `sec_opt` replaces it entirely.
+    `max_connections_per_peer=1` skips the 250 ms happy-eyeballs wait per dial.
+    """
+    key_pair = key_pair_from_seed(seed)
+    noise = NoiseTransport(
+        key_pair, noise_privkey=create_new_x25519_key_pair().private_key
+    )
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        listen_addrs=list(listen),
+    )
+    disable_auto_connector(host)
+    return host
+
+
+def disable_auto_connector(host: IHost) -> None:
+    """Stop py-libp2p from dialling every peer in its peerstore.
+
+    Its AutoConnector tries to hold 100-300 connections, dialling whatever the
+    peerstore (fed by the DHT) knows. Our node dials only the peers it needs.
+    `Swarm.run` calls `auto_connector.start()`, which is what arms it; a
+    no-op `start` leaves `_started` False, so its periodic task and the
+    on-disconnect trigger both return at once.
+    """
+    network = host.get_network()
+    connector = getattr(network, "auto_connector", None)
+    if connector is None:
+        return
+
+    async def _start_disabled() -> None:
+        return None
+
+    connector.start = _start_disabled  # type: ignore[method-assign]
+
+
+def peer_info_from_maddr(maddr: str) -> PeerInfo:
+    """Parse a full multiaddr ending in /p2p/<peer id>."""
+    return info_from_p2p_addr(multiaddr.Multiaddr(maddr))
+
+
+def was_reset(raw_stream: object) -> bool:
+    """Whether the peer reset this stream.
+
+    py-libp2p 0.8.1 yamux drops a reset stream's bookkeeping at once, so a read
+    after a remote reset raises StreamEOF ("Stream closed") as for a clean
+    end; only the muxed stream's `reset_received` flag tells them apart.
+    """
+    muxed = getattr(raw_stream, "muxed_stream", None)
+    return bool(getattr(muxed, "reset_received", False))
+
+
+def to_id(peer_id: str | ID) -> ID:
+    return peer_id if isinstance(peer_id, ID) else ID.from_base58(peer_id)
+
+
+class TruncateLongRecords(logging.Filter):
+    """Shorten py-libp2p log lines that embed whole DHT values.
+
+    The Kademlia handler logs a rejected PUT_VALUE at WARNING with the full value
+    in hex (up to 2 MiB of text per rejected record, at a rate a remote peer
+    chooses). Rejections are expected in an adversarial network: demote them to
+    DEBUG and cut any line to `limit` characters.
+    """
+
+    def __init__(self, limit: int = 300) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        if message.startswith("Failed to store value "):
+            record.levelno = logging.DEBUG
+            record.levelname = "DEBUG"
+        if len(message) > self.limit:
+            record.msg = f"{message[: self.limit]}... ({len(message)} chars)"
+            record.args = None
+        return True
+
+
+_FILTERED_LOGGERS = (
+    "libp2p.kad_dht.kad_dht",
+    "libp2p.kad_dht.value_store",
+    "libp2p.kad_dht.provider_store",
+    "libp2p.kad_dht.peer_routing",
+)
+
+
+def quiet_dht_logs() -> None:
+    """Install TruncateLongRecords once on the py-libp2p DHT loggers."""
+    for name in _FILTERED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TruncateLongRecords) for f in logger.filters):
+            logger.addFilter(TruncateLongRecords())

@@ -1,0 +1,463 @@
+"""The transformers span engine: layers [start, end) of a decoder model, a KV cache per session.
+
+The span is built from the model's own transformers class (so each architecture keeps its own
+decoder layers, rotary embedding and mask functions) with ``num_hidden_layers = end - start``,
+instantiated on the meta device, and filled with just the tensors it needs, read one by one
+from the safetensors files and renumbered 0..n-1. The first span keeps the embeddings, the last
+the final norm and the head (the embedding matrix when they are tied); a middle span has
+neither, and its final norm is an identity so hidden states pass through unnormalised.
+
+Cancellation / threads: ``step`` is synchronous and CPU/GPU bound; callers run it in a worker
+thread. A lock serialises forwards, so distinct sessions may be stepped from several threads.
+A step that fails inside the forward leaves its cache half-updated: that session is closed.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
+from .registry import ModelSource
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<idx>\d+)\.(?P<rest>.+)$")
+
+
+@dataclass
+class _Session:
+    batch_size: int
+    max_length: int
+    temperature: float
+    top_p: float
+    seed: int
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, L) int64: 1 for a real token, 0 for padding, one column per cache slot
+    generator: torch.Generator | None
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+
+class SpanEngine:
+    """Layers [start, end) of one model; construct with ``SpanEngine.load``."""
+
+    def __init__(self, source: ModelSource, start: int, end: int, model: nn.Module,
+                 config: Any, device: torch.device, dtype: torch.dtype,
+                 max_cache_tokens: int | None) -> None:
+        self.source = source
+        self._start, self._end = start, end
+        self._model = model
+        self._base = model.base_model
+        self._config = config
+        self._device = device
+        self._dtype = dtype
+        self._max_cache_tokens = max_cache_tokens
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()  # held around every forward and every session-table change
+
+    # --- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: ModelSource, start: int, end: int, device: str = "cpu",
+             dtype: str = "float32", max_cache_tokens: int | None = None) -> SpanEngine:
+        """Load layers [start, end) of ``source``; never materialises the rest of the model.
+
+        ``max_cache_tokens`` bounds the sum of ``batch_size * max_length`` over open sessions
+        (``None``: unbounded); ``open_session`` raises ``CapacityExceeded`` beyond it.
+        """
+        if not (0 <= start < end <= source.num_layers):
+            raise BadInput(f"span {start}:{end} is not inside 0:{source.num_layers} "
+                           f"of {source.name}")
+        if dtype not in _DTYPES:
+            raise BadInput(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
+        torch_dtype, dev = _DTYPES[dtype], torch.device(device)
+        config = _span_config(source, start, end)
+        model = _build_on_meta(config, torch_dtype)
+        is_first, is_last = start == 0, end == source.num_layers
+
+        emb_name = _param_name(model, model.get_input_embeddings())
+        head = model.get_output_embeddings()
+        head_name = _param_name(model, head) if head is not None else None
+        if not is_first:
+            _replace(model, emb_name.rsplit(".", 1)[0], nn.Identity())
+        if not is_last:
+            norm = getattr(model.base_model, "norm", None)
+            if not isinstance(norm, nn.Module):
+                raise EngineError(f"{source.architecture}: no final norm named 'norm'; "
+                                  "this architecture is not supported for partial spans")
+            model.base_model.norm = nn.Identity()
+            if head_name is not None:
+                _replace(model, head_name.rsplit(".", 1)[0], nn.Identity())
+
+        wanted = set(model.state_dict().keys())
+        tensors = _read_tensors(source, start, end, wanted, emb_name,
+                                head_name if is_last else None, dev, torch_dtype)
+        missing = wanted - tensors.keys()
+        if missing:
+            raise EngineError(f"{source.path}: checkpoint lacks {sorted(missing)[:5]} "
+                              f"(and {max(0, len(missing) - 5)} more) for span {start}:{end}")
+        model.load_state_dict(tensors, strict=True, assign=True)
+        if head_name is not None and tensors.get(head_name, 0) is tensors.get(emb_name, 1):
+            # assign=True made two Parameters over one storage; keep one, as the model ties them.
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        _rebuild_meta_buffers(model, dev)
+        leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                     if t.device.type == "meta"]
+        if leftovers:
+            raise EngineError(f"{source.architecture}: could not materialise {leftovers[:5]}")
+        model.eval()
+        return cls(source, start, end, model, config, dev, torch_dtype, max_cache_tokens)
+
+    # --- properties -------------------------------------------------------------------------
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    @property
+    def num_layers(self) -> int:
+        return self._end - self._start
+
+    @property
+    def hidden_size(self) -> int:
+        return self.source.hidden_size
+
+    @property
+    def is_first(self) -> bool:
+        return self._start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self._end == self.source.num_layers
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._dtype).removeprefix("torch.")
+
+    @property
+    def module(self) -> nn.Module:
+        """The underlying (partial) transformers model; for tests and introspection."""
+        return self._model
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def open_session(self, session_id: str, batch_size: int, max_length: int,
+                     sampling: dict[str, Any] | None = None) -> None:
+        """Reserve a cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+        ``sampling``: ``temperature`` (0 = greedy, the default), ``top_p`` (default 1.0),
+        ``seed`` (default 0); used only by the last span.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise BadInput(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise BadInput(f"max_length must be a positive int, got {max_length!r}")
+        sampling = dict(sampling or {})
+        unknown = set(sampling) - {"temperature", "top_p", "seed"}
+        if unknown:
+            raise BadInput(f"unknown sampling parameters {sorted(unknown)}")
+        try:
+            temperature = float(sampling.get("temperature", 0.0))
+            top_p = float(sampling.get("top_p", 1.0))
+            seed = int(sampling.get("seed", 0))
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"bad sampling parameters {sampling!r}: {e}") from e
+        if not temperature >= 0.0:  # also rejects NaN
+            raise BadInput(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise BadInput(f"top_p must be in (0, 1], got {top_p}")
+        from transformers import DynamicCache
+
+        generator = None
+        if self.is_last and temperature > 0:
+            generator = torch.Generator(device=self._device)
+            generator.manual_seed(seed)
+        with self._lock:
+            if session_id in self._sessions:
+                raise SessionUnknown(f"session {session_id!r} is already open")
+            if self._max_cache_tokens is not None:
+                reserved = sum(s.batch_size * s.max_length for s in self._sessions.values())
+                if reserved + batch_size * max_length > self._max_cache_tokens:
+                    raise CapacityExceeded(
+                        f"cache budget: {reserved} of {self._max_cache_tokens} tokens reserved, "
+                        f"session asks {batch_size * max_length}")
+            self._sessions[session_id] = _Session(
+                batch_size=batch_size, max_length=max_length, temperature=temperature,
+                top_p=top_p, seed=seed, cache=DynamicCache(config=self._config),
+                mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
+                generator=generator,
+            )
+
+    def close_session(self, session_id: str) -> None:
+        """Free the session's cache. Raises ``SessionUnknown`` if it is not open."""
+        with self._lock:
+            if self._sessions.pop(session_id, None) is None:
+                raise SessionUnknown(f"no open session {session_id!r}")
+
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def cache_tokens_used(self) -> int:
+        """Tokens held in caches now (rows times cached length, padding included)."""
+        with self._lock:
+            return sum(s.batch_size * s.length for s in self._sessions.values())
+
+    def cache_tokens_reserved(self) -> int:
+        """Tokens reserved by open sessions (sum of batch_size * max_length)."""
+        with self._lock:
+            return sum(s.batch_size * s.max_length for s in self._sessions.values())
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def step(self, session_id: str, inputs: torch.Tensor, positions: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run T new tokens of every row through the span.
+
+        inputs: int64 token ids (B, T) on the first span, else hidden states (B, T, H).
+        positions: int64 (B, T), each row's position of each new token (padding excluded).
+        mask: int64 (B, T) of 0/1 for the new tokens (0 = left padding); None means all ones.
+        Returns hidden states (B, T, H) in the engine's dtype, or on the last span the next
+        token of each row, int64 (B,).
+        """
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionUnknown(f"no open session {session_id!r}")
+        inputs, positions, mask = self._validate(session, inputs, positions, mask)
+        t = positions.shape[1]
+        if session.length + t > session.max_length:
+            raise CapacityExceeded(
+                f"session {session_id!r} holds {session.length} of {session.max_length} "
+                f"tokens; {t} more do not fit")
+        full_mask = torch.cat([session.mask, mask], dim=1)  # (B, L + T)
+        with self._lock:
+            if self._sessions.get(session_id) is not session:
+                raise SessionUnknown(f"session {session_id!r} was closed during the step")
+            try:
+                with torch.inference_mode():
+                    out = self._forward(session, inputs, positions, full_mask)
+            except Exception as e:
+                # The cache may hold some layers' keys for these tokens and not others.
+                self._sessions.pop(session_id, None)
+                raise EngineError(f"forward failed, session {session_id!r} closed: {e}") from e
+            session.mask = full_mask
+        return out
+
+    def _forward(self, session: _Session, inputs: torch.Tensor, positions: torch.Tensor,
+                 full_mask: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(
+            attention_mask=full_mask, position_ids=positions,
+            past_key_values=session.cache,  # 5.19's keyword; `cache=` would be swallowed
+            use_cache=True,
+        )
+        if self.is_first:
+            out = self._base(input_ids=inputs, **kwargs)
+        else:
+            out = self._base(inputs_embeds=inputs, **kwargs)
+        hidden = out.last_hidden_state  # (B, T, H)
+        if not self.is_last:
+            return hidden
+        head = self._model.get_output_embeddings()
+        logits = head(hidden[:, -1, :]).float()  # (B, V)
+        return _sample(logits, session.temperature, session.top_p, session.generator)
+
+    def _validate(self, session: _Session, inputs: Any, positions: Any,
+                  mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = session.batch_size
+        if not isinstance(inputs, torch.Tensor):
+            raise BadInput(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        if not isinstance(positions, torch.Tensor):
+            raise BadInput(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+        if self.is_first:
+            if inputs.dtype != torch.int64 or inputs.dim() != 2:
+                raise BadInput(f"the first span takes int64 token ids (B, T); got "
+                               f"{inputs.dtype} {tuple(inputs.shape)}")
+            vocab = int(self._config.vocab_size)
+            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+                raise BadInput(f"token ids must lie in [0, {vocab})")
+        else:
+            h = self.hidden_size
+            if not inputs.dtype.is_floating_point or inputs.dim() != 3 or inputs.shape[2] != h:
+                raise BadInput(f"span {self.start}:{self.end} takes hidden states (B, T, {h}) "
+                               f"as floats; got {inputs.dtype} {tuple(inputs.shape)}")
+            inputs = inputs.to(self._dtype)
+        bt = tuple(inputs.shape[:2])
+        if bt[0] != b:
+            raise BadInput(f"session was opened with batch_size {b}, inputs have {bt[0]} rows")
+        if bt[1] < 1:
+            raise BadInput("inputs hold no tokens (T = 0)")
+        if positions.dtype != torch.int64 or tuple(positions.shape) != bt:
+            raise BadInput(f"positions must be int64 {bt}; got {positions.dtype} "
+                           f"{tuple(positions.shape)}")
+        if int(positions.min()) < 0 or int(positions.max()) >= session.max_length:
+            raise BadInput(f"positions must lie in [0, {session.max_length}) (max_length)")
+        if mask is None:
+            mask = torch.ones(bt, dtype=torch.int64)
+        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.int64 \
+                or tuple(mask.shape) != bt:
+            raise BadInput(f"mask must be int64 {bt} of 0/1 or None")
+        elif bool(((mask != 0) & (mask != 1)).any()):
+            raise BadInput("mask must hold only 0 and 1")
+        dev = self._device
+        return inputs.to(dev), positions.to(dev), mask.to(dev)
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from float32 logits (B, V): greedy at temperature 0, else top-p."""
+    if temperature == 0.0 or generator is None:
+        return logits.argmax(dim=-1)  # (B,)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
+    return order.gather(-1, choice).squeeze(-1)  # (B,)
+
+
+# --- loading helpers ------------------------------------------------------------------------
+
+def _span_config(source: ModelSource, start: int, end: int) -> Any:
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in source.config.items() if k != "transformers_version"}
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise EngineError(f"{source.path}/config.json has no model_type")
+    cfg["num_hidden_layers"] = end - start
+    # Per-layer lists are indexed by global layer number: keep the span's slice only.
+    if isinstance(cfg.get("layer_types"), list) and len(cfg["layer_types"]) == source.num_layers:
+        cfg["layer_types"] = cfg["layer_types"][start:end]
+    config = AutoConfig.for_model(model_type, **cfg)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _build_on_meta(config: Any, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _param_name(model: nn.Module, module: nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return f"{name}.weight"
+    raise EngineError("embedding module not found in the model")
+
+
+def _replace(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    owner_name, _, attr = dotted.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    setattr(owner, attr, new)
+
+
+def _read_tensors(source: ModelSource, start: int, end: int, wanted: set[str], emb_name: str,
+                  head_name: str | None, device: torch.device,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read only the tensors of ``wanted`` (local names) from the checkpoint, one at a time."""
+    from safetensors import safe_open
+
+    from .registry import _weight_files
+
+    out: dict[str, torch.Tensor] = {}
+    emb_tensor: torch.Tensor | None = None
+    for file in _weight_files(source.path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                local = _local_name(key, start, end)
+                need_emb_for_head = (head_name is not None and key == emb_name
+                                     and head_name in wanted)
+                if local is None or (local not in wanted and not need_emb_for_head):
+                    continue
+                t = f.get_tensor(key).to(dtype)
+                if local in wanted:
+                    out[local] = t
+                if key == emb_name:
+                    emb_tensor = t
+    if head_name is not None and head_name in wanted and head_name not in out:
+        if emb_tensor is None:
+            raise EngineError(f"{source.path}: no {head_name} and no {emb_name} to tie it to")
+        out[head_name] = emb_tensor  # tied embeddings: the head is the embedding matrix
+    return out
+
+
+def _local_name(key: str, start: int, end: int) -> str | None:
+    """Checkpoint name -> span-local name (layers renumbered from 0), None if outside."""
+    m = _LAYER_KEY.match(key)
+    if m is None:
+        return key
+    idx = int(m["idx"])
+    if not start <= idx < end:
+        return None
+    return f"{m['prefix']}{idx - start}.{m['rest']}"
+
+
+def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """Re-create modules whose non-persistent buffers (rotary inv_freq) are still on meta."""
+    for name, module in list(model.named_modules()):
+        if not any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise EngineError(f"cannot rebuild buffers of {name} ({type(module).__name__})")
+        with torch.device(device):
+            fresh = type(module)(config=config)
+        _replace(model, name, fresh)
+
+
+# --- throughput -----------------------------------------------------------------------------
+
+def measure_throughput(engine: SpanEngine, steps: int = 8, prompt_length: int = 8,
+                       batch_size: int = 1) -> float:
+    """Decode tokens per second of one session through ``engine`` (after a short prefill)."""
+    sid = f"__throughput-{id(engine)}-{time.monotonic_ns()}"
+    engine.open_session(sid, batch_size=batch_size, max_length=prompt_length + steps + 1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+
+        def inputs(t: int) -> torch.Tensor:
+            if engine.is_first:
+                return torch.randint(0, int(engine._config.vocab_size), (batch_size, t),
+                                     generator=gen)
+            x = torch.randn((batch_size, engine.hidden_size, t), generator=gen)
+            return x.transpose(1, 2).contiguous()  # (B, T, H)
+
+        pos = torch.arange(prompt_length).expand(batch_size, -1).contiguous()
+        engine.step(sid, inputs(prompt_length), pos)
+        begin = time.perf_counter()
+        for i in range(steps):
+            p = torch.full((batch_size, 1), prompt_length + i, dtype=torch.int64)
+            engine.step(sid, inputs(1), p)
+        elapsed = time.perf_counter() - begin
+    finally:
+        engine.close_session(sid)
+    return steps * batch_size / elapsed

@@ -1,0 +1,232 @@
+"""Protocol handlers of a serving node: node info and inference sessions.
+
+Each inference stream carries exactly one session (SPEC.md, "Inference session"). Anything
+wrong with what a peer sends ends that stream with an Error frame carrying the wire code; the
+node goes on serving every other stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from protocol.errors import (
+    BadShape,
+    Busy,
+    Internal,
+    InvalidMessage,
+    SessionClosed,
+    ShizaError,
+    SpanNotServed,
+    UnknownModel,
+)
+from protocol.ids import MAX_TENSOR_ELEMENTS
+from protocol.messages import (
+    CloseSession,
+    Closed,
+    Error,
+    InfoRequest,
+    NodeInfo,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+
+from .host import Stream
+from .wire import recv_message, send_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerLimits:
+    max_sessions: int = 64
+    max_batch_size: int = 32
+    max_length: int = 4096
+    open_timeout_s: float = 30.0  # from stream open to OpenSession
+    idle_timeout_s: float = 300.0  # between two steps of a session
+
+
+@dataclass
+class ServerStats:
+    sessions_open: int = 0
+    sessions_total: int = 0
+    steps_total: int = 0
+    errors_by_code: dict[int, int] = field(default_factory=dict)
+
+
+class SpanServer:
+    """Serves one engine (a span of one model) over the info and inference protocols."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        node_info: Callable[[], NodeInfo],
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.engine = engine
+        self.node_info = node_info
+        self.limits = limits or ServerLimits()
+        self.stats = ServerStats()
+        self.accepting = True
+        # One forward pass at a time: the engine uses every core for each step.
+        self._compute = trio.CapacityLimiter(1)
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # ---- info -------------------------------------------------------------------------
+    async def handle_info(self, stream: Stream) -> None:
+        try:
+            msg = await recv_message(stream, self.limits.open_timeout_s)
+            if not isinstance(msg, InfoRequest):
+                raise InvalidMessage("expected info_req")
+            await send_message(stream, self.node_info())
+        except ShizaError as exc:
+            await self._fail(stream, exc)
+            return
+        await stream.close()
+
+    # ---- inference --------------------------------------------------------------------
+    async def handle_inference(self, stream: Stream) -> None:
+        session_id: str | None = None
+        try:
+            msg = await recv_message(stream, self.limits.open_timeout_s)
+            if msg is None:
+                return
+            if not isinstance(msg, OpenSession):
+                raise InvalidMessage(f"expected open, got {type(msg).__name__}")
+            session_id = self._open(msg)
+            await send_message(
+                stream,
+                SessionOpened(session_id, self.engine.start, self.engine.end, self.engine.hidden_size),
+            )
+            await self._serve_steps(stream, session_id)
+        except ShizaError as exc:
+            await self._fail(stream, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("session stream broke: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one stream, not the node
+            log.exception("internal error in session")
+            await self._fail(stream, Internal(f"internal error: {type(exc).__name__}"))
+        finally:
+            if session_id is not None:
+                self._close(session_id)
+
+    def _open(self, msg: OpenSession) -> str:
+        eng = self.engine
+        if not self.accepting:
+            raise Busy("node is draining; open the session elsewhere")
+        if msg.model_id != eng.model_id:
+            raise UnknownModel(f"this node serves {eng.model_id}, not {msg.model_id}")
+        if (msg.start, msg.end) != (eng.start, eng.end):
+            raise SpanNotServed(f"this node serves layers {eng.start}:{eng.end}, not {msg.start}:{msg.end}")
+        if not 1 <= msg.batch_size <= self.limits.max_batch_size:
+            raise InvalidMessage(f"batch_size must be in 1..{self.limits.max_batch_size}")
+        if not 1 <= msg.max_length <= self.limits.max_length:
+            raise InvalidMessage(f"max_length must be in 1..{self.limits.max_length}")
+        if self.stats.sessions_open >= self.limits.max_sessions:
+            raise Busy(f"{self.stats.sessions_open} sessions open; retry later")
+        session_id = msg.session_id or secrets.token_hex(8)
+        sampling = {
+            "temperature": msg.sampling.temperature,
+            "top_p": msg.sampling.top_p,
+            "seed": msg.sampling.seed if msg.sampling.seed is not None else 0,
+        }
+        from .engine.errors import BadInput, CapacityExceeded
+
+        try:
+            eng.open_session(session_id, msg.batch_size, msg.max_length, sampling)
+        except CapacityExceeded as exc:
+            raise Busy(str(exc)) from None
+        except BadInput as exc:
+            raise InvalidMessage(str(exc)) from None
+        self.stats.sessions_open += 1
+        self.stats.sessions_total += 1
+        self._idle = trio.Event() if self.stats.sessions_open == 1 else self._idle
+        return session_id
+
+    def _close(self, session_id: str) -> None:
+        try:
+            self.engine.close_session(session_id)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.stats.sessions_open -= 1
+        if self.stats.sessions_open == 0:
+            self._idle.set()
+
+    async def _serve_steps(self, stream: Stream, session_id: str) -> None:
+        from .engine.errors import BadInput, EngineError
+        from .engine.tensors import from_torch, to_torch
+
+        expected_step = 0
+        while True:
+            msg = await recv_message(stream, self.limits.idle_timeout_s)
+            if msg is None:
+                return  # the client went away; the finally clause frees the cache
+            if isinstance(msg, CloseSession):
+                await send_message(stream, Closed())
+                await stream.close()
+                return
+            if not isinstance(msg, Step):
+                raise InvalidMessage(f"expected step or close, got {type(msg).__name__}")
+            if msg.step != expected_step:
+                raise InvalidMessage(f"expected step {expected_step}, got {msg.step}")
+            self._check_step(msg)
+            inputs = to_torch(msg.input)
+            positions = to_torch(msg.positions)
+            mask = to_torch(msg.mask) if msg.mask is not None else None
+            try:
+                async with self._compute:
+                    out = await trio.to_thread.run_sync(
+                        self.engine.step, session_id, inputs, positions, mask
+                    )
+            except BadInput as exc:
+                raise BadShape(str(exc)) from None
+            except EngineError as exc:
+                raise SessionClosed(str(exc)) from None
+            self.stats.steps_total += 1
+            await send_message(stream, StepResult(msg.step, from_torch(out)))
+            expected_step += 1
+
+    def _check_step(self, msg: Step) -> None:
+        eng = self.engine
+        shape = msg.input.shape
+        if eng.is_first:
+            if msg.input.dtype not in ("int64", "int32") or len(shape) != 2:
+                raise BadShape(f"the first span takes token ids [B, T], got {msg.input.dtype} {shape}")
+        else:
+            if msg.input.dtype != eng.dtype or len(shape) != 3 or shape[2] != eng.hidden_size:
+                raise BadShape(
+                    f"expected hidden states [B, T, {eng.hidden_size}] of {eng.dtype}, "
+                    f"got {msg.input.dtype} {list(shape)}"
+                )
+        if msg.positions.dtype != "int64" or tuple(msg.positions.shape) != tuple(shape[:2]):
+            raise BadShape(f"positions must be int64 {list(shape[:2])}, got {msg.positions.dtype} {list(msg.positions.shape)}")
+        if msg.mask is not None and (msg.mask.dtype != "int64" or tuple(msg.mask.shape) != tuple(shape[:2])):
+            raise BadShape(f"mask must be int64 {list(shape[:2])}")
+        if shape[0] * shape[1] * (shape[2] if len(shape) == 3 else 1) > MAX_TENSOR_ELEMENTS:
+            raise BadShape("step too large")
+
+    async def _fail(self, stream: Stream, exc: ShizaError) -> None:
+        self.stats.errors_by_code[exc.code] = self.stats.errors_by_code.get(exc.code, 0) + 1
+        log.info("closing stream with error %s: %s", exc.code, exc)
+        with trio.move_on_after(2):
+            try:
+                await send_message(stream, Error.from_exception(exc))
+                await stream.close()
+            except Exception:  # noqa: BLE001 - the peer may be gone already
+                await stream.reset()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting sessions and wait (bounded) for running ones; True if all finished."""
+        self.accepting = False
+        with trio.move_on_after(timeout_s):
+            await self._idle.wait()
+            return True
+        return False

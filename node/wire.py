@@ -1,0 +1,66 @@
+"""Typed messages over a framed libp2p stream, and token-id tensors built without torch."""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+import trio
+
+from protocol.codec import Tensor, unpack
+from protocol.errors import FrameTooLarge, MalformedFrame, Timeout
+from protocol.ids import MAX_FRAME_BYTES
+from protocol.messages import Message, decode_message, encode_message
+
+from .host import FrameTooLong, Stream
+
+
+async def send_message(stream: Stream, msg: Message) -> None:
+    await stream.send(encode_message(msg))
+
+
+async def recv_message(stream: Stream, timeout: float | None = None) -> Message | None:
+    """The next message, or None when the peer closed the stream cleanly between frames.
+
+    Raises a protocol error for a bad frame and Timeout past ``timeout`` seconds; on
+    cancellation a partly read frame is lost and the stream must not be read again.
+    """
+    try:
+        with trio.fail_after(timeout) if timeout is not None else _nullcontext():
+            payload = await stream.read_frame(MAX_FRAME_BYTES)
+    except trio.TooSlowError:
+        raise Timeout(f"no message within {timeout:g} s") from None
+    except FrameTooLong as exc:
+        raise FrameTooLarge(str(exc)) from None
+    if payload is None:
+        return None
+    return decode_message(unpack(payload))
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def int64_tensor(rows: Sequence[Sequence[int]]) -> Tensor:
+    """A [B, T] int64 tensor from nested lists (all rows the same length)."""
+    if not rows:
+        raise MalformedFrame("empty batch")
+    width = len(rows[0])
+    flat: list[int] = []
+    for row in rows:
+        if len(row) != width:
+            raise MalformedFrame("ragged batch")
+        flat.extend(int(v) for v in row)
+    return Tensor("int64", (len(rows), width), struct.pack(f"<{len(flat)}q", *flat))
+
+
+def int64_values(t: Tensor) -> list[int]:
+    """The values of an int64 tensor, flattened."""
+    if t.dtype != "int64":
+        raise MalformedFrame(f"expected int64 tensor, got {t.dtype}")
+    n = len(t.data) // 8
+    return list(struct.unpack(f"<{n}q", bytes(t.data)))

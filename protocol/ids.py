@@ -1,0 +1,73 @@
+"""Names and numbers of the shiza protocol, version 0: protocol ids, DHT keys, signing
+purposes and every limit. SPEC.md states the same values; a change here is a protocol change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+#: The integer "v" field of every message and record.
+PROTOCOL_VERSION: Final = 0
+
+# libp2p stream protocol ids.
+INFO_PROTOCOL: Final = "/shiza/info/0.1.0"
+INFERENCE_PROTOCOL: Final = "/shiza/inference/0.1.0"
+
+# DHT keys.
+CAPACITY_NAMESPACE: Final = "shiza-cap"
+_MODEL_PROVIDER_DOMAIN: Final = b"shiza/model/"
+
+
+def capacity_key(peer_id: str) -> str:
+    """The DHT value key under which ``peer_id`` publishes its signed capacity record."""
+    return f"/{CAPACITY_NAMESPACE}/{peer_id}"
+
+
+def model_provider_key(model_id: str) -> bytes:
+    """The DHT provider key (32 bytes) announced by every node serving a span of ``model_id``."""
+    return hashlib.sha256(_MODEL_PROVIDER_DOMAIN + model_id.encode("utf-8")).digest()
+
+
+# Signing purposes: prepended to the signed bytes so that a signature made for one kind of
+# message can never be replayed as another. Each ends in NUL and holds no other NUL, so no
+# purpose is a prefix of another.
+PURPOSE_CAPACITY_RECORD: Final = b"shiza/capacity-record/v0\x00"
+PURPOSE_RECEIPT: Final = b"shiza/receipt/v0\x00"
+PURPOSE_RECEIPT_COUNTERSIGN: Final = b"shiza/receipt-countersign/v0\x00"
+PURPOSE_STATEMENT: Final = b"shiza/statement/v0\x00"
+PURPOSES: Final = (
+    PURPOSE_CAPACITY_RECORD,
+    PURPOSE_RECEIPT,
+    PURPOSE_RECEIPT_COUNTERSIGN,
+    PURPOSE_STATEMENT,
+)
+
+# Framing and msgpack limits.
+FRAME_HEADER_BYTES: Final = 4
+MAX_FRAME_BYTES: Final = 64 * 2**20  # payload bytes of one frame, header excluded
+MAX_NESTING: Final = 16  # containers (maps, arrays) nested in one another; top-level map = 1
+MAX_STR_LEN: Final = 64 * 2**10  # bytes of UTF-8 in one msgpack str
+MAX_LIST_LEN: Final = 65536  # elements of one msgpack array
+MAX_MAP_LEN: Final = 256  # entries of one msgpack map
+
+# Tensors.
+MAX_TENSOR_ELEMENTS: Final = 16 * 2**20
+MAX_TENSOR_DIMS: Final = 4
+
+# Message fields.
+MAX_ID_LEN: Final = 256  # peer ids, model ids, session ids, version strings (UTF-8 bytes)
+MAX_ADDR_LEN: Final = 1024  # one multiaddr, as text
+MAX_ADDRS: Final = 16
+MAX_SPANS: Final = 64
+MAX_LAYERS: Final = 65536  # bound on num_layers, start, end
+MAX_BATCH_SIZE: Final = 1024
+MAX_SESSION_LENGTH: Final = 2**20  # tokens of one session (max_length)
+MAX_ERROR_MESSAGE_LEN: Final = 4096  # characters; longer messages are truncated by senders
+MAX_UINT64: Final = 2**64 - 1
+MAX_TEMPERATURE: Final = 10.0
+
+# Capacity records.
+RECORD_MAX_TTL_S: Final = 3600
+MAX_CLOCK_SKEW_S: Final = 300
+MAX_RECORD_BYTES: Final = 64 * 2**10

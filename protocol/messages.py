@@ -1,0 +1,371 @@
+"""Typed messages of /shiza/info and /shiza/inference, version 0.
+
+Wire form: a msgpack map {"v": 0, "t": TYPE, ...fields}. Every field is checked when a message
+is built, locally or from the wire, so a message object that exists is a valid one. Receivers
+reject unknown fields (InvalidMessage): a new field needs a new protocol version.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Union
+
+from ._fields import check_bytes, check_choice, check_float, check_int, check_seq, check_str, fields_of, set_field
+from .codec import FLOAT_DTYPES, Tensor, encode_frame
+from .errors import BadShape, Internal, InvalidMessage, ShizaError, UnknownMessageType, UnsupportedVersion, error_from_code
+from .ids import (
+    MAX_ADDR_LEN, MAX_ADDRS, MAX_BATCH_SIZE, MAX_ERROR_MESSAGE_LEN, MAX_ID_LEN, MAX_LAYERS, MAX_RECORD_BYTES,
+    MAX_SESSION_LENGTH, MAX_SPANS, MAX_STR_LEN, MAX_TEMPERATURE, MAX_UINT64, PROTOCOL_VERSION,
+)
+
+#: What a node says about itself (NodeInfo.state, CapacityRecord.state).
+NODE_STATES = ("joining", "online", "draining")
+_MAX_STEP = 2**63 - 1
+
+
+class SessionState(enum.Enum):
+    """Server-side state of an inference session; SPEC.md has the transition table."""
+
+    OPENING = "opening"  # stream accepted, waiting for OpenSession
+    OPEN = "open"  # SessionOpened sent; Step frames are served
+    CLOSED = "closed"  # CloseSession answered with Closed
+    FAILED = "failed"  # an Error frame was sent, or the stream ended or broke; cache freed
+
+
+def _span_bounds(start: int, end: int) -> None:
+    check_int("start", start, 0, MAX_LAYERS - 1)
+    check_int("end", end, 1, MAX_LAYERS)
+    if end <= start:
+        raise InvalidMessage(f"span end ({end}) must be greater than start ({start})")
+
+
+# Nested values -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedSpan:
+    """Layers [start, end) of ``model_id``, a model of ``num_layers`` decoder layers."""
+
+    model_id: str
+    start: int
+    end: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        check_str("model_id", self.model_id, MAX_ID_LEN, nonempty=True)
+        _span_bounds(self.start, self.end)
+        check_int("num_layers", self.num_layers, self.end, MAX_LAYERS)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "start": self.start, "end": self.end, "num_layers": self.num_layers}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> ServedSpan:
+        return cls(**fields_of(obj, "span", ("model_id", "start", "end", "num_layers")))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the last span picks the next token. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        set_field(self, "temperature", check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
+        set_field(self, "top_p", check_float("top_p", self.top_p, 0.0, 1.0))
+        if self.top_p <= 0.0:
+            raise InvalidMessage("top_p must be greater than 0")
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, MAX_UINT64)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> SamplingParams:
+        return cls(**fields_of(obj, "sampling", (), {"temperature": 0.0, "top_p": 1.0, "seed": None}))
+
+
+# Messages ------------------------------------------------------------------------------
+
+
+class _Message:
+    """Shared wire plumbing: to_wire emits every field, nested values in their wire form."""
+
+    TYPE: ClassVar[str]
+    _OPTIONAL: ClassVar[dict[str, Any]] = {}
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE}
+        for f in fields(self):  # type: ignore[arg-type]
+            out[f.name] = _to_wire_value(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def _wire_fields(cls, obj: Any) -> dict[str, Any]:
+        names = tuple(f.name for f in fields(cls) if f.name not in cls._OPTIONAL)  # type: ignore[arg-type]
+        got = fields_of(obj, cls.TYPE, ("v", "t", *names), cls._OPTIONAL)
+        del got["v"], got["t"]
+        return got
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Any:
+        return cls(**cls._wire_fields(obj))
+
+
+def _to_wire_value(value: Any) -> Any:
+    if isinstance(value, (Tensor, ServedSpan, SamplingParams)):
+        return value.to_wire()
+    if isinstance(value, tuple):
+        return [_to_wire_value(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True)
+class InfoRequest(_Message):
+    TYPE: ClassVar[str] = "info_req"
+
+
+@dataclass(frozen=True)
+class NodeInfo(_Message):
+    """Answer to InfoRequest. ``record`` is the node's current signed capacity record bytes."""
+
+    TYPE: ClassVar[str] = "info"
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"record": None}
+    peer_id: str
+    addrs: tuple[str, ...]
+    version: str
+    state: str
+    spans: tuple[ServedSpan, ...]
+    record: bytes | None = None
+
+    def __post_init__(self) -> None:
+        check_str("peer_id", self.peer_id, MAX_ID_LEN, nonempty=True)
+        addrs = check_seq("addrs", self.addrs, MAX_ADDRS)
+        for addr in addrs:
+            check_str("addrs[]", addr, MAX_ADDR_LEN, nonempty=True)
+        set_field(self, "addrs", addrs)
+        check_str("version", self.version, MAX_ID_LEN)
+        check_choice("state", self.state, NODE_STATES)
+        spans = check_seq("spans", self.spans, MAX_SPANS)
+        for span in spans:
+            if not isinstance(span, ServedSpan):
+                raise InvalidMessage("spans[] must be ServedSpan values")
+        set_field(self, "spans", spans)
+        if self.record is not None:
+            check_bytes("record", self.record, MAX_RECORD_BYTES)
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> NodeInfo:
+        got = cls._wire_fields(obj)
+        got["spans"] = tuple(ServedSpan.from_wire(s) for s in check_seq("spans", got["spans"], MAX_SPANS))
+        return cls(**got)
+
+
+@dataclass(frozen=True)
+class OpenSession(_Message):
+    """First frame of an inference stream: serve layers [start, end) of model_id for one
+    session of at most ``max_length`` tokens per sequence. An empty session_id lets the
+    server choose one."""
+
+    TYPE: ClassVar[str] = "open"
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"batch_size": 1, "sampling": None, "session_id": ""}
+    model_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    session_id: str = ""
+
+    def __post_init__(self) -> None:
+        check_str("model_id", self.model_id, MAX_ID_LEN, nonempty=True)
+        _span_bounds(self.start, self.end)
+        check_int("max_length", self.max_length, 1, MAX_SESSION_LENGTH)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        if self.sampling is None:
+            set_field(self, "sampling", SamplingParams())
+        elif not isinstance(self.sampling, SamplingParams):
+            raise InvalidMessage("sampling must be SamplingParams")
+        check_str("session_id", self.session_id, MAX_ID_LEN)
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> OpenSession:
+        got = cls._wire_fields(obj)
+        if got["sampling"] is not None:
+            got["sampling"] = SamplingParams.from_wire(got["sampling"])
+        return cls(**got)
+
+
+@dataclass(frozen=True)
+class SessionOpened(_Message):
+    TYPE: ClassVar[str] = "opened"
+    session_id: str
+    start: int
+    end: int
+    hidden_size: int
+
+    def __post_init__(self) -> None:
+        check_str("session_id", self.session_id, MAX_ID_LEN, nonempty=True)
+        _span_bounds(self.start, self.end)
+        check_int("hidden_size", self.hidden_size, 1, 2**20)
+
+
+def _check_bt(name: str, t: Tensor, batch: int, length: int) -> None:
+    if t.dtype != "int64":
+        raise InvalidMessage(f"{name} must be int64, got {t.dtype}")
+    if t.shape != (batch, length):
+        raise BadShape(f"{name} shape {list(t.shape)} must be [{batch}, {length}] like input")
+
+
+@dataclass(frozen=True)
+class Step(_Message):
+    """One forward step. input: int64 token ids [B, T] (first span) or hidden states
+    [B, T, H] in a float dtype; positions: int64 [B, T]; mask: int64 [B, T] of 0/1 for the
+    new tokens, None meaning all ones."""
+
+    TYPE: ClassVar[str] = "step"
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"mask": None}
+    step: int
+    input: Tensor
+    positions: Tensor
+    mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_int("step", self.step, 0, _MAX_STEP)
+        for name in ("input", "positions", "mask"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) and not (name == "mask" and value is None):
+                raise InvalidMessage(f"{name} must be a tensor")
+        inp = self.input
+        if inp.dtype == "int64":
+            if len(inp.shape) != 2:
+                raise BadShape(f"token ids must be [B, T], got {list(inp.shape)}")
+        elif inp.dtype in FLOAT_DTYPES:
+            if len(inp.shape) != 3:
+                raise BadShape(f"hidden states must be [B, T, H], got {list(inp.shape)}")
+        else:
+            raise InvalidMessage(f"input dtype must be int64 or a float dtype, got {inp.dtype}")
+        batch, length = inp.shape[0], inp.shape[1]
+        _check_bt("positions", self.positions, batch, length)
+        if self.mask is not None:
+            _check_bt("mask", self.mask, batch, length)
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Step:
+        got = cls._wire_fields(obj)
+        for name in ("input", "positions", "mask"):
+            if got[name] is not None:
+                got[name] = Tensor.from_wire(got[name])
+        return cls(**got)
+
+
+@dataclass(frozen=True)
+class StepResult(_Message):
+    """Answer to Step with the same step number. output: hidden states [B, T, H] in a float
+    dtype, or for the last span the sampled token ids, int64 [B]."""
+
+    TYPE: ClassVar[str] = "result"
+    step: int
+    output: Tensor
+
+    def __post_init__(self) -> None:
+        check_int("step", self.step, 0, _MAX_STEP)
+        out = self.output
+        if not isinstance(out, Tensor):
+            raise InvalidMessage("output must be a tensor")
+        if out.dtype == "int64":
+            if len(out.shape) != 1:
+                raise BadShape(f"sampled token ids must be [B], got {list(out.shape)}")
+        elif out.dtype in FLOAT_DTYPES:
+            if len(out.shape) != 3:
+                raise BadShape(f"hidden states must be [B, T, H], got {list(out.shape)}")
+        else:
+            raise InvalidMessage(f"output dtype must be int64 or a float dtype, got {out.dtype}")
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> StepResult:
+        got = cls._wire_fields(obj)
+        got["output"] = Tensor.from_wire(got["output"])
+        return cls(**got)
+
+
+@dataclass(frozen=True)
+class CloseSession(_Message):
+    TYPE: ClassVar[str] = "close"
+
+
+@dataclass(frozen=True)
+class Closed(_Message):
+    TYPE: ClassVar[str] = "closed"
+
+
+@dataclass(frozen=True)
+class Error(_Message):
+    """A failure, sent instead of the expected answer; the sender then closes the stream."""
+
+    TYPE: ClassVar[str] = "error"
+    code: int
+    message: str
+
+    def __post_init__(self) -> None:
+        check_int("code", self.code, 0, 65535)
+        check_str("message", self.message, MAX_STR_LEN)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> Error:
+        """The Error frame for ``exc``. Anything but a ShizaError is reported as Internal
+        without its text, so local details do not leak to peers."""
+        if not isinstance(exc, ShizaError):
+            exc = Internal(f"internal error ({type(exc).__name__})")
+        return cls(code=exc.code, message=exc.message[:MAX_ERROR_MESSAGE_LEN])
+
+    def to_exception(self) -> ShizaError:
+        return error_from_code(self.code, self.message)
+
+
+Message = Union[
+    InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Error
+]
+MESSAGE_TYPES: dict[str, type[_Message]] = {
+    cls.TYPE: cls
+    for cls in (InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Error)
+}
+
+
+def message_to_wire(msg: Message) -> dict[str, Any]:
+    """The msgpack map of ``msg`` (tensors as memoryviews or bytes, not copied)."""
+    if not isinstance(msg, _Message):
+        raise TypeError(f"not a protocol message: {type(msg).__name__}")
+    return msg.to_wire()
+
+
+def encode_message(msg: Message) -> bytes:
+    """A complete frame (length header + msgpack) carrying ``msg``."""
+    return encode_frame(message_to_wire(msg))
+
+
+def decode_message(obj: Any) -> Message:
+    """Validate a decoded msgpack object and build its message.
+
+    Raises UnsupportedVersion, UnknownMessageType, InvalidMessage, LimitExceeded or BadShape.
+    """
+    if not isinstance(obj, dict):
+        raise InvalidMessage(f"a message must be a map, got {type(obj).__name__}")
+    if "v" not in obj:
+        raise InvalidMessage("message has no version field 'v'")
+    version = obj["v"]
+    if type(version) is not int:
+        raise InvalidMessage("version field 'v' must be an integer")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version} is not supported; this node speaks {PROTOCOL_VERSION}")
+    kind = obj.get("t")
+    if type(kind) is not str:
+        raise InvalidMessage("message has no type field 't' (a string)")
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {kind[:64]!r}")
+    return cls.from_wire(obj)  # type: ignore[no-any-return]

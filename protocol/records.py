@@ -1,0 +1,241 @@
+"""Signed capacity records: what a node publishes in the DHT under ``capacity_key(peer_id)``.
+
+Signed bytes: ``PURPOSE_CAPACITY_RECORD + canonical_pack(map without "signature")``. A record on
+the wire is the canonical msgpack map including "signature"; any other encoding of the same
+values is rejected, so one record has exactly one byte form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from ._fields import check_bytes, check_choice, check_float, check_int, check_seq, check_str, fields_of, set_field
+from .codec import canonical_pack, unpack
+from .errors import (
+    InvalidMessage,
+    KeyMismatch,
+    MalformedFrame,
+    RecordExpired,
+    StaleSequence,
+    UnsupportedVersion,
+)
+from .identity import SIGNATURE_BYTES, Identity, public_key_from_peer_id, verify
+from .ids import (
+    MAX_ADDR_LEN,
+    MAX_ADDRS,
+    MAX_CLOCK_SKEW_S,
+    MAX_ID_LEN,
+    MAX_RECORD_BYTES,
+    MAX_SPANS,
+    MAX_UINT64,
+    PROTOCOL_VERSION,
+    PURPOSE_CAPACITY_RECORD,
+    RECORD_MAX_TTL_S,
+    capacity_key,
+)
+from .messages import NODE_STATES, ServedSpan
+
+DEVICE_KINDS = ("cpu", "cuda")
+_MAX_BYTES_COUNT = 2**62  # memory sizes
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device_kind: str  # "cpu" | "cuda"
+    device_name: str
+    memory_total: int  # bytes
+    memory_free: int  # bytes
+
+    def __post_init__(self) -> None:
+        check_choice("device_kind", self.device_kind, DEVICE_KINDS)
+        check_str("device_name", self.device_name, MAX_ID_LEN)
+        check_int("memory_total", self.memory_total, 0, _MAX_BYTES_COUNT)
+        check_int("memory_free", self.memory_free, 0, _MAX_BYTES_COUNT)
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Hardware:
+        return cls(**fields_of(obj, "hardware", ("device_kind", "device_name", "memory_total", "memory_free")))
+
+
+_RECORD_FIELDS = (
+    "peer_id",
+    "addrs",
+    "spans",
+    "hardware",
+    "throughput",
+    "cache_tokens_left",
+    "state",
+    "seq",
+    "issued_at",
+    "expires_at",
+)
+
+
+@dataclass(frozen=True)
+class CapacityRecord:
+    """A node's advertisement. Times are Unix seconds; throughput is tokens/s of its spans."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+    spans: tuple[ServedSpan, ...]
+    hardware: Hardware
+    throughput: float
+    cache_tokens_left: int
+    state: str  # "joining" | "online" | "draining"
+    seq: int
+    issued_at: float
+    expires_at: float
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        check_str("peer_id", self.peer_id, MAX_ID_LEN, nonempty=True)
+        addrs = check_seq("addrs", self.addrs, MAX_ADDRS)
+        for addr in addrs:
+            check_str("addrs[]", addr, MAX_ADDR_LEN, nonempty=True)
+        set_field(self, "addrs", addrs)
+        spans = check_seq("spans", self.spans, MAX_SPANS)
+        if not all(isinstance(span, ServedSpan) for span in spans):
+            raise InvalidMessage("spans[] must be ServedSpan values")
+        set_field(self, "spans", spans)
+        if not isinstance(self.hardware, Hardware):
+            raise InvalidMessage("hardware must be a Hardware value")
+        set_field(self, "throughput", check_float("throughput", self.throughput, 0.0))
+        check_int("cache_tokens_left", self.cache_tokens_left, 0, MAX_UINT64)
+        check_choice("state", self.state, NODE_STATES)
+        check_int("seq", self.seq, 0, MAX_UINT64)
+        set_field(self, "issued_at", check_float("issued_at", self.issued_at, 0.0))
+        set_field(self, "expires_at", check_float("expires_at", self.expires_at, 0.0))
+        check_bytes("signature", self.signature, SIGNATURE_BYTES)
+
+    def unsigned_wire(self) -> dict[str, Any]:
+        """The map that is signed: every field but the signature, with "v"."""
+        return {
+            "v": PROTOCOL_VERSION,
+            "peer_id": self.peer_id,
+            "addrs": list(self.addrs),
+            "spans": [span.to_wire() for span in self.spans],
+            "hardware": self.hardware.to_wire(),
+            "throughput": self.throughput,
+            "cache_tokens_left": self.cache_tokens_left,
+            "state": self.state,
+            "seq": self.seq,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+        }
+
+    def signed_bytes(self) -> bytes:
+        """Exactly the bytes the signature covers (purpose prefix included)."""
+        return PURPOSE_CAPACITY_RECORD + canonical_pack(self.unsigned_wire())
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.unsigned_wire(), "signature": self.signature}
+
+    def to_bytes(self) -> bytes:
+        """The canonical msgpack form stored in the DHT."""
+        return canonical_pack(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> CapacityRecord:
+        got = fields_of(obj, "capacity record", ("v", *_RECORD_FIELDS, "signature"))
+        version = got.pop("v")
+        if type(version) is not int:
+            raise InvalidMessage("record version 'v' must be an integer")
+        if version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"record version {version} is not supported")
+        got["spans"] = tuple(ServedSpan.from_wire(s) for s in check_seq("spans", got["spans"], MAX_SPANS))
+        got["hardware"] = Hardware.from_wire(got["hardware"])
+        return cls(**got)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CapacityRecord:
+        """Parse and validate the fields (not the signature: see verify_record)."""
+        if len(data) > MAX_RECORD_BYTES:
+            raise InvalidMessage(f"record of {len(data)} bytes, MAX_RECORD_BYTES is {MAX_RECORD_BYTES}")
+        record = cls.from_wire(unpack(data))
+        if record.to_bytes() != bytes(data):
+            raise MalformedFrame("record is not in canonical msgpack form")
+        return record
+
+
+def sign_record(identity: Identity, record: CapacityRecord) -> CapacityRecord:
+    """A copy of ``record`` signed by ``identity``, which must be the key its peer id names."""
+    if identity.peer_id != record.peer_id:
+        raise KeyMismatch(f"record names peer {record.peer_id}, identity is {identity.peer_id}")
+    unsigned = dataclasses.replace(record, signature=b"")
+    return dataclasses.replace(unsigned, signature=identity.sign(PURPOSE_CAPACITY_RECORD, canonical_pack(unsigned.unsigned_wire())))
+
+
+def verify_record(
+    record_or_bytes: CapacityRecord | bytes,
+    *,
+    now: float,
+    key: str | None = None,
+    min_seq: int | None = None,
+) -> CapacityRecord:
+    """Return the record if every check passes, in this order:
+
+    1. bytes parse as a canonical record (MalformedFrame, InvalidMessage, LimitExceeded, ...);
+    2. ``key``, when given, is ``capacity_key(record.peer_id)`` (KeyMismatch);
+    3. the peer id inlines an Ed25519 key (InvalidMessage) and the signature verifies with it
+       (InvalidSignature);
+    4. expires_at > issued_at, expires_at - issued_at <= RECORD_MAX_TTL_S and
+       issued_at <= now + MAX_CLOCK_SKEW_S (InvalidMessage);
+    5. now < expires_at (RecordExpired);
+    6. seq >= min_seq when given (StaleSequence).
+    """
+    if isinstance(record_or_bytes, CapacityRecord):
+        record = record_or_bytes
+    elif isinstance(record_or_bytes, (bytes, bytearray, memoryview)):
+        record = CapacityRecord.from_bytes(bytes(record_or_bytes))
+    else:
+        raise TypeError("verify_record takes a CapacityRecord or its bytes")
+    if key is not None and key != capacity_key(record.peer_id):
+        raise KeyMismatch(f"record of {record.peer_id} stored under another key ({key[:100]!r})")
+    public_key = public_key_from_peer_id(record.peer_id)
+    verify(public_key, PURPOSE_CAPACITY_RECORD, canonical_pack(record.unsigned_wire()), record.signature)
+    if record.expires_at <= record.issued_at:
+        raise InvalidMessage("record expires_at must be later than issued_at")
+    if record.expires_at - record.issued_at > RECORD_MAX_TTL_S:
+        raise InvalidMessage(f"record lifetime exceeds RECORD_MAX_TTL_S ({RECORD_MAX_TTL_S} s)")
+    if record.issued_at > now + MAX_CLOCK_SKEW_S:
+        raise InvalidMessage(f"record issued {record.issued_at - now:.0f} s in the future")
+    if now >= record.expires_at:
+        raise RecordExpired(f"record of {record.peer_id} expired {now - record.expires_at:.0f} s ago")
+    if min_seq is not None and record.seq < min_seq:
+        raise StaleSequence(f"record seq {record.seq} is older than {min_seq}")
+    return record
+
+
+class SequenceTracker:
+    """The highest record seq seen per peer id, so a replayed older record is refused.
+
+    Holds at most ``max_peers`` entries, forgetting the least recently updated peer first.
+    Call it only with records that verify_record accepted.
+    """
+
+    def __init__(self, max_peers: int = 100_000) -> None:
+        self._max = max_peers
+        self._seen: OrderedDict[str, int] = OrderedDict()
+
+    def highest(self, peer_id: str) -> int | None:
+        return self._seen.get(peer_id)
+
+    def check_and_update(self, record: CapacityRecord) -> None:
+        """Raise StaleSequence if a higher seq was seen for this peer; else remember this one.
+        An equal seq is accepted (the same record read again)."""
+        last = self._seen.get(record.peer_id)
+        if last is not None and record.seq < last:
+            raise StaleSequence(f"record seq {record.seq} of {record.peer_id} is older than {last}")
+        self._seen[record.peer_id] = record.seq
+        self._seen.move_to_end(record.peer_id)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
