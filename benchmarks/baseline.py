@@ -29,7 +29,7 @@ def monolithic_greedy(model: str, prompt_ids: list[int], max_new_tokens: int,
     source = resolve_model(model)
     engine = SpanEngine.load(source, 0, source.num_layers, device=device, dtype=dtype)
     engine.open_session("baseline", 1, len(prompt_ids) + max_new_tokens,
-                        {"temperature": 0.0, "top_p": 1.0, "seed": None})
+                        {"temperature": 0.0, "top_p": 1.0, "seed": 0})
     t0 = time.perf_counter()
     ids = torch.tensor([prompt_ids], dtype=torch.int64)
     pos = torch.arange(len(prompt_ids), dtype=torch.int64)[None]
