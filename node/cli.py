@@ -42,6 +42,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                      help="default: float32 on cpu, bfloat16 on cuda")
     run.add_argument("--record-ttl", type=float, default=120.0, help="seconds a capacity record lives")
+    run.add_argument("--receipt-every", type=int, default=64,
+                     help="issue a cumulative receipt at least every N tokens of a session")
+    run.add_argument("--unit-price", type=float, default=None, help="advertised price per work unit")
 
     gen = sub.add_parser("generate", help="generate text through the swarm")
     gen.add_argument("prompt")
@@ -54,6 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.add_argument("--wait", type=float, default=60.0, help="seconds to wait for full coverage")
+    gen.add_argument("--data-dir", type=Path, default=None,
+                     help="keep this agent's identity and receipt ledger here (default: ~/.shiza/client)")
 
     demo = sub.add_parser("demo", help="start a local 3-node swarm and ask it a question")
     demo.add_argument("--model", default=DEFAULT_MODEL)
@@ -61,6 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--spans", default="0:10,10:20,20:30")
     demo.add_argument("--no-baseline", action="store_true", help="skip the one-process comparison")
+
+    from .receipts_cmd import add_parser as add_receipts
+
+    add_receipts(sub)
 
     model = sub.add_parser("model", help="prepare a model").add_subparsers(dest="model_command", required=True)
     prep = model.add_parser("prepare", help="convert/cache a model and print its content id")
@@ -82,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "receipts":
+        from .receipts_cmd import run as run_receipts
+
+        return run_receipts(args)
     if args.command == "model":
         from .engine.registry import resolve_model
 
@@ -104,6 +117,8 @@ def _node_run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=dtype,
         record_ttl_s=args.record_ttl,
+        receipt_every=args.receipt_every,
+        unit_price=args.unit_price,
     )
 
     async def main_task() -> None:

@@ -15,7 +15,8 @@ import logging
 import math
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 import trio
@@ -26,6 +27,8 @@ from protocol.identity import Identity
 from protocol.messages import (
     CloseSession,
     Closed,
+    Countersign,
+    Dispute,
     Error,
     OpenSession,
     SamplingParams,
@@ -37,24 +40,31 @@ from protocol.records import CapacityRecord
 from protocol.ids import INFERENCE_PROTOCOL
 
 from ._util import unwrap_single_groups
+from .accounting import ClientAccount, store
 from .announce import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
 from .dht import SwarmDHT, open_dht
-from .host import Host, Stream, open_host
-from .routing import Candidate, Hop, NoRoute, find_chain
+from .health import PeerHealth, RttTracker
+from .host import Host, Stream, StreamBroken, open_host
+from .ledger import Ledger
+from .routing import Candidate, Hop, NoRoute, find_chain, find_chain_between
 from .wire import int64_tensor, int64_values, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
-STEP_TIMEOUT_S = 120.0
+STEP_TIMEOUT_S = 60.0  # a hop that answers no step within this is taken for stalled
+MAX_FAILOVERS = 8  # per generation
+CLOSE_TIMEOUT_S = 10.0
+LEDGER_FILE = "ledger.sqlite"
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[list[int]]  # per batch row, new tokens only (EOS included when reached)
-    route: list[Hop]
+    route: list[Hop]  # the chain at the end (after any failover)
     ttft_s: float
     decode_s: float
     steps: int
+    failovers: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,7 +77,10 @@ class _HopSession:
     hop: Hop
     stream: Stream
     session_id: str
+    account: ClientAccount
     steps: int = 0
+    # Every input sent to this hop, so a replacement can rebuild its KV cache (failover).
+    history: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
 
 def candidates_from(records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
@@ -75,7 +88,8 @@ def candidates_from(records: Sequence[CapacityRecord], model_id: str) -> list[Ca
     for r in records:
         for span in r.spans:
             if span.model_id == model_id:
-                out.append(Candidate(r.peer_id, span.start, span.end, r.throughput, tuple(r.addrs)))
+                out.append(Candidate(r.peer_id, span.start, span.end, r.throughput, tuple(r.addrs),
+                                     cache_tokens_left=r.cache_tokens_left))
     return out
 
 
@@ -90,9 +104,22 @@ def num_layers_of(records: Sequence[CapacityRecord], model_id: str) -> int | Non
 class SwarmClient:
     """A libp2p peer that finds spans through the DHT and drives generation across them."""
 
-    def __init__(self, host: Host, dht: SwarmDHT) -> None:
+    def __init__(
+        self,
+        host: Host,
+        dht: SwarmDHT,
+        identity: Identity,
+        ledger: Ledger | None = None,
+        *,
+        step_timeout_s: float = STEP_TIMEOUT_S,
+    ) -> None:
         self.host = host
         self.dht = dht
+        self.identity = identity
+        self.ledger = ledger
+        self.step_timeout_s = step_timeout_s
+        self.health = PeerHealth()
+        self.rtt = RttTracker()
 
     @classmethod
     @asynccontextmanager
@@ -101,27 +128,40 @@ class SwarmClient:
         bootstrap: Sequence[str],
         *,
         identity: Identity | None = None,
+        data_dir: str | Path | None = None,
         listen: str = "/ip4/127.0.0.1/tcp/0",
+        step_timeout_s: float = STEP_TIMEOUT_S,
     ) -> AsyncIterator["SwarmClient"]:
+        """A client; with ``data_dir`` it keeps its identity and a receipt ledger there."""
+        ledger = None
+        if data_dir is not None:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            identity = identity or Identity.load_or_create(data_dir)
+            ledger = Ledger.open(Path(data_dir) / LEDGER_FILE)
         identity = identity or Identity.generate()
-        with unwrap_single_groups():
-            async with open_host(identity.seed, listen) as host:
-                async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
-                    yield cls(host, dht)
+        try:
+            with unwrap_single_groups():
+                async with open_host(identity.seed, listen) as host:
+                    async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
+                        yield cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s)
+        finally:
+            if ledger is not None:
+                ledger.close()
 
     # ---- discovery ----------------------------------------------------------------------
     async def records(self, model_id: str) -> list[CapacityRecord]:
         return await fetch_records(self.dht, model_id)
 
-    async def route(
-        self, model_id: str, *, num_layers: int | None = None, avoid: frozenset[str] = frozenset()
-    ) -> list[Hop]:
+    async def route(self, model_id: str, *, num_layers: int | None = None, need_tokens: int = 0) -> list[Hop]:
         """The fastest chain covering the model, from the records in the DHT now."""
         records = await self.records(model_id)
         num_layers = num_layers or num_layers_of(records, model_id)
         if num_layers is None:
             raise NoRoute(0, [], [], detail=f"no peer advertises model {model_id}")
-        return find_chain(num_layers, candidates_from(records, model_id), avoid=avoid)
+        return find_chain(
+            num_layers, self._candidates(records, model_id), avoid=self.health.avoided(time.monotonic()),
+            need_tokens=need_tokens, allow_partial=True,
+        )
 
     async def wait_for_route(
         self, model_id: str, timeout_s: float = 120.0, *, num_layers: int | None = None
@@ -149,28 +189,33 @@ class SwarmClient:
         route: list[Hop] | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> GenerationResult:
-        """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``."""
+        """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``.
+
+        A hop that fails or stalls past ``step_timeout_s`` is replaced mid-generation: another
+        chain for its layers gets the history replayed, and generation goes on (failover).
+        """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        route = route or await self.route(model_id)
         batch = len(prompts)
         width = max(len(p) for p in prompts)
+        max_length = width + max_new_tokens
+        route = route or await self.route(model_id, need_tokens=batch * max_length)
         ids = [[0] * (width - len(p)) + list(p) for p in prompts]
         mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
         positions = [[max(0, i - (width - len(p))) for i in range(width)] for p in prompts]
-        max_length = width + max_new_tokens
         eos = set(eos_token_ids)
         out: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
         t0 = time.perf_counter()
         ttft = 0.0
         steps = 0
-        async with self._open_chain(model_id, route, batch, max_length, sampling) as hops:
+        chain = _Chain(model_id, batch, max_length, sampling)
+        async with self._open_chain(chain, route):
             step_ids, step_pos, step_mask = ids, positions, mask
             for _ in range(max_new_tokens):
-                tokens = await self._step(hops, step_ids, step_pos, step_mask)
+                tokens = await self._step(chain, step_ids, step_pos, step_mask)
                 steps += 1
                 if steps == 1:
                     ttft = time.perf_counter() - t0
@@ -186,7 +231,8 @@ class SwarmClient:
                 step_pos = [[p[-1] + 1] for p in step_pos]
                 step_mask = [[1] for _ in range(batch)]
         decode_s = time.perf_counter() - t0 - ttft
-        return GenerationResult(out, route, ttft, decode_s, steps)
+        route_used = [h.hop for h in chain.hops]
+        return GenerationResult(out, route_used, ttft, decode_s, steps, chain.failovers)
 
     async def stream(
         self,
@@ -210,40 +256,93 @@ class SwarmClient:
                     yield tok
 
     @asynccontextmanager
-    async def _open_chain(
-        self, model_id: str, route: list[Hop], batch: int, max_length: int, sampling: SamplingParams
-    ) -> AsyncIterator[list[_HopSession]]:
-        hops: list[_HopSession] = []
+    async def _open_chain(self, chain: "_Chain", route: list[Hop]) -> AsyncIterator[None]:
         try:
             for hop in route:
-                for addr in hop.addrs:
-                    try:
-                        await self.host.connect(addr)
-                        break
-                    except Exception as exc:  # noqa: BLE001 - try the next address
-                        log.debug("dial %s failed: %s", addr, exc)
-                stream = await self.host.open_stream(hop.peer_id, INFERENCE_PROTOCOL)
-                await send_message(
-                    stream,
-                    OpenSession(model_id, hop.start, hop.end, max_length, batch, sampling),
-                )
-                reply = await recv_message(stream, STEP_TIMEOUT_S)
-                opened = _expect(reply, SessionOpened, hop)
-                hops.append(_HopSession(hop, stream, opened.session_id))
-            yield hops
+                try:
+                    chain.hops.append(await self._open_hop(chain, hop))
+                except HopFailed as exc:
+                    # Opening failed (busy, refused, gone): the caller sees the peer's error.
+                    raise exc.error or ShizaError(str(exc)) from None
+            yield
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                for h in hops:
-                    try:
-                        await send_message(h.stream, CloseSession())
-                        await recv_message(h.stream, 5)
-                        await h.stream.close()
-                    except Exception:  # noqa: BLE001 - closing is best effort
-                        await h.stream.reset()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                async with trio.open_nursery() as nursery:
+                    for h in chain.hops:
+                        nursery.start_soon(self._close_hop, h)
+
+    async def _open_hop(self, chain: "_Chain", hop: Hop) -> _HopSession:
+        t0 = time.perf_counter()
+        for addr in hop.addrs:
+            try:
+                await self.host.connect(addr)
+                break
+            except Exception as exc:  # noqa: BLE001 - try the next address
+                log.debug("dial %s failed: %s", addr, exc)
+        try:
+            stream = await self.host.open_stream(hop.peer_id, INFERENCE_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused: this hop failed
+            raise HopFailed(hop, f"cannot open a stream: {exc}") from None
+        try:
+            await send_message(stream, OpenSession(chain.model_id, hop.start, hop.end, chain.max_length,
+                                                   chain.batch, chain.sampling))
+            reply = await recv_message(stream, self.step_timeout_s)
+            opened = _expect(reply, SessionOpened, hop)
+        except (ShizaError, StreamBroken) as exc:
+            await stream.reset()
+            raise HopFailed(hop, str(exc), exc if isinstance(exc, ShizaError) else None) from None
+        self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
+        account = ClientAccount(self.identity, hop.peer_id, chain.model_id, hop.start, hop.end,
+                                opened.session_id)
+        return _HopSession(hop, stream, opened.session_id, account)
+
+    async def _close_hop(self, h: _HopSession) -> None:
+        """Close one hop's session and settle its final receipt (best effort)."""
+        try:
+            await send_message(h.stream, CloseSession())
+            reply = await recv_message(h.stream, CLOSE_TIMEOUT_S)
+            if isinstance(reply, Closed) and reply.receipt is not None:
+                await self._judge(h, reply.receipt)
+            await h.stream.close()
+        except Exception as exc:  # noqa: BLE001 - the peer may be gone; its checkpoints stay
+            log.info("closing session on %s: %s", h.hop.peer_id, exc)
+            await h.stream.reset()
+
+    async def _judge(self, h: _HopSession, data: bytes) -> None:
+        """Check a receipt against what we sent and received; countersign or dispute it."""
+        receipt, client_sig, reason = h.account.judge(data)
+        if receipt is None:
+            log.warning("unreadable receipt from %s: %s", h.hop.peer_id, reason)
+            return
+        if client_sig is not None:
+            await send_message(h.stream, Countersign(receipt.receipt_id, client_sig))
+            await trio.to_thread.run_sync(store, self.ledger, receipt, "countersigned", "")
+        else:
+            log.warning("disputing receipt %s from %s: %s", receipt.receipt_id, h.hop.peer_id, reason)
+            await send_message(h.stream, Dispute(receipt.receipt_id, reason[:1000]))
+            await trio.to_thread.run_sync(store, self.ledger, receipt, "disputed", reason)
+
+    async def _run(self, h: _HopSession, payload: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """One step on one hop; any failure or a stall past the deadline raises HopFailed."""
+        step = Step(h.steps, payload, pos, mask)
+        try:
+            await send_message(h.stream, step)
+            reply = await recv_message(h.stream, self.step_timeout_s)
+            result = _expect(reply, StepResult, h.hop)
+            if result.step != h.steps:
+                raise InvalidMessage(f"answered step {result.step}, expected {h.steps}")
+            h.account.record(step, result.output)
+            if result.receipt is not None:
+                await self._judge(h, result.receipt)
+        except (ShizaError, StreamBroken) as exc:
+            raise HopFailed(h.hop, str(exc)) from None
+        h.history.append((payload, pos, mask))
+        h.steps += 1
+        return result.output
 
     async def _step(
         self,
-        hops: list[_HopSession],
+        chain: "_Chain",
         ids: list[list[int]],
         positions: list[list[int]],
         mask: list[list[int]],
@@ -251,15 +350,84 @@ class SwarmClient:
         pos_t = int64_tensor(positions)
         mask_t = int64_tensor(mask)
         payload: Tensor = int64_tensor(ids)
-        for h in hops:
-            await send_message(h.stream, Step(h.steps, payload, pos_t, mask_t))
-            reply = await recv_message(h.stream, STEP_TIMEOUT_S)
-            result = _expect(reply, StepResult, h.hop)
-            if result.step != h.steps:
-                raise InvalidMessage(f"{h.hop.peer_id} answered step {result.step}, expected {h.steps}")
-            h.steps += 1
-            payload = result.output
+        i = 0
+        while i < len(chain.hops):
+            try:
+                payload = await self._run(chain.hops[i], payload, pos_t, mask_t)
+            except HopFailed as exc:
+                await self._fail_over(chain, i, exc)
+                continue  # retry this step on the replacement
+            self.health.succeeded(chain.hops[i].hop.peer_id)
+            i += 1
         return int64_values(payload)
+
+    async def _fail_over(self, chain: "_Chain", index: int, failure: "HopFailed") -> None:
+        """Replace hop ``index`` by a chain for its layers and replay its history there."""
+        failed = chain.hops[index]
+        log.warning("hop %s (layers %d:%d) failed: %s; failing over",
+                    failed.hop.peer_id, failed.hop.start, failed.hop.end, failure.reason)
+        self.health.failed(failed.hop.peer_id, time.monotonic())
+        chain.failovers += 1
+        if chain.failovers > MAX_FAILOVERS:
+            raise LayersLost(failed.hop.start, failed.hop.end, f"gave up after {MAX_FAILOVERS} failovers")
+        with trio.CancelScope(shield=True):
+            await failed.stream.reset()
+        for attempt in range(MAX_FAILOVERS):
+            records = await self.records(chain.model_id)
+            try:
+                hops = find_chain_between(
+                    failed.hop.start, failed.hop.end, self._candidates(records, chain.model_id),
+                    avoid=self.health.avoided(time.monotonic()), need_tokens=chain.batch * chain.max_length,
+                )
+            except NoRoute as exc:
+                raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
+            try:
+                replacement = [await self._open_hop(chain, hop) for hop in hops]
+                for payload, pos, mask in failed.history:  # rebuild the KV caches, step by step
+                    for h in replacement:
+                        payload = await self._run(h, payload, pos, mask)
+            except HopFailed as exc:
+                self.health.failed(exc.hop.peer_id, time.monotonic())
+                log.warning("replacement %s failed too: %s", exc.hop.peer_id, exc.reason)
+                continue
+            chain.hops[index:index + 1] = replacement
+            log.warning("failover to %s after replaying %d steps",
+                        ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement),
+                        len(failed.history))
+            return
+        raise LayersLost(failed.hop.start, failed.hop.end, "every replacement failed")
+
+    def _candidates(self, records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
+        return [replace(c, rtt_s=self.rtt.get(c.peer_id)) for c in candidates_from(records, model_id)]
+
+
+@dataclass
+class _Chain:
+    model_id: str
+    batch: int
+    max_length: int
+    sampling: SamplingParams
+    hops: list[_HopSession] = field(default_factory=list)
+    failovers: int = 0
+
+
+class HopFailed(Exception):
+    """One hop failed (internal to the client: failover handles it)."""
+
+    def __init__(self, hop: Hop, reason: str, error: ShizaError | None = None) -> None:
+        super().__init__(f"{hop.peer_id} (layers {hop.start}:{hop.end}): {reason}")
+        self.hop = hop
+        self.reason = reason
+        self.error = error
+
+
+class LayersLost(NoRoute):
+    """A hop failed mid-generation and nobody else serves its layers."""
+
+    def __init__(self, start: int, end: int, detail: str) -> None:
+        Exception.__init__(self, f"layers {start}:{end} were lost mid-generation and no peer can take "
+                                 f"them over ({detail})")
+        self.num_layers, self.missing, self.peers_seen = end, [(start, end)], []
 
 
 def _expect(reply: object, cls: type, hop: Hop):  # type: ignore[no-untyped-def]

@@ -22,11 +22,15 @@ from protocol.messages import NodeInfo, ServedSpan
 from protocol.records import Hardware
 
 from . import __version__
+from .accounting import DEFAULT_RECEIPT_EVERY
 from .announce import DHT_SELECTORS, DHT_VALIDATORS, Announcer, RecordState
 from .capacity import cached_throughput, detect_hardware
 from .dht import open_dht
 from .host import open_host
-from .server import ServerLimits, SpanServer
+from .ledger import Ledger
+from .server import Accounting, ServerLimits, SpanServer
+
+LEDGER_FILE = "ledger.sqlite"
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ class NodeConfig:
     dtype: str = "float32"
     record_ttl_s: float = 120.0
     drain_timeout_s: float = 30.0
+    receipt_every: int = DEFAULT_RECEIPT_EVERY
+    unit_price: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
@@ -112,10 +118,23 @@ async def run_node(
     log.info("peer id %s; loading %s", identity.peer_id, cfg.model)
     source, engine = await trio.to_thread.run_sync(_load_engine, cfg)
     throughput = await trio.to_thread.run_sync(_throughput, cfg, engine)
-    hw = detect_hardware(cfg.device)
-    span = ServedSpan(engine.model_id, engine.start, engine.end, source.num_layers)
     log.info("serving %s layers %d:%d at %.1f tok/s", engine.model_id, engine.start, engine.end, throughput)
 
+    ledger = Ledger.open(cfg.data_dir / LEDGER_FILE)
+    try:
+        await _serve(cfg, stop, identity, source, engine, throughput, ledger, task_status)
+    finally:
+        ledger.close()  # every receipt was committed as it was made; this releases the file
+    try:
+        (cfg.data_dir / "node.json").unlink()
+    except FileNotFoundError:
+        pass
+    log.info("node stopped")
+
+
+async def _serve(cfg, stop, identity, source, engine, throughput, ledger, task_status):  # type: ignore[no-untyped-def]
+    hw = detect_hardware(cfg.device)
+    span = ServedSpan(engine.model_id, engine.start, engine.end, source.num_layers)
     async with open_host(identity.seed, cfg.listen) as host:
         state = RecordState(
             addrs=tuple(host.addrs),
@@ -131,7 +150,8 @@ async def run_node(
             return NodeInfo(identity.peer_id, tuple(host.addrs), __version__, state.state, (span,),
                             record.to_bytes() if record else None)
 
-        server = SpanServer(engine, node_info=node_info, limits=cfg.limits)
+        accounting = Accounting(identity, ledger, cfg.receipt_every, cfg.unit_price)
+        server = SpanServer(engine, node_info=node_info, limits=cfg.limits, accounting=accounting)
         host.set_handler(INFO_PROTOCOL, server.handle_info)
         host.set_handler(INFERENCE_PROTOCOL, server.handle_inference)
         async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, cfg.bootstrap) as dht:
@@ -156,8 +176,3 @@ async def run_node(
                     if not await server.drain(cfg.drain_timeout_s):
                         log.warning("sessions still open after %.0f s; closing them", cfg.drain_timeout_s)
                 await announcer.withdraw(timeout_s=SHUTDOWN_PUBLISH_S)
-    try:
-        (cfg.data_dir / "node.json").unlink()
-    except FileNotFoundError:
-        pass
-    log.info("node stopped")

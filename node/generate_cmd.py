@@ -12,6 +12,7 @@ from protocol.errors import ShizaError
 from protocol.messages import SamplingParams
 
 from .client import SwarmClient
+from .daemon import default_data_dir
 from .routing import NoRoute
 from .textgen import TextModel, generate_text
 
@@ -21,10 +22,11 @@ def run_generate(args: argparse.Namespace) -> int:
         print("error: give at least one --bootstrap MULTIADDR of a node in the swarm", file=sys.stderr)
         return 2
     model = TextModel.load(args.model)
+    data_dir = args.data_dir or default_data_dir() / "client"
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     async def main() -> dict[str, object]:
-        async with SwarmClient.open(args.bootstrap) as client:
+        async with SwarmClient.open(args.bootstrap, data_dir=data_dir) as client:
             route = await client.wait_for_route(model.model_id, args.wait, num_layers=model.num_layers)
             on_text = None if args.json else (lambda s: print(s, end="", flush=True))
             text, prompt_ids, result = await generate_text(

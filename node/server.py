@@ -28,6 +28,8 @@ from protocol.ids import MAX_TENSOR_ELEMENTS
 from protocol.messages import (
     CloseSession,
     Closed,
+    Countersign,
+    Dispute,
     Error,
     InfoRequest,
     NodeInfo,
@@ -37,7 +39,12 @@ from protocol.messages import (
     StepResult,
 )
 
-from .host import Stream
+from protocol.identity import Identity
+from protocol.receipts import Receipt, verify_receipt
+
+from .accounting import DEFAULT_RECEIPT_EVERY, SeqAllocator, ServerAccount, store
+from .host import Stream, StreamBroken
+from .ledger import Ledger
 from .wire import recv_message, send_message
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,31 @@ class ServerStats:
     sessions_total: int = 0
     steps_total: int = 0
     errors_by_code: dict[int, int] = field(default_factory=dict)
+    receipts: dict[str, int] = field(default_factory=dict)  # by ledger status
+
+
+@dataclass
+class Accounting:
+    """What the server needs to issue receipts: who signs, where they go, how often."""
+
+    identity: Identity
+    ledger: Ledger | None
+    every_tokens: int = DEFAULT_RECEIPT_EVERY
+    unit_price: float | None = None
+    seqs: SeqAllocator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seqs = SeqAllocator(self.ledger)
+
+
+@dataclass
+class _Session:
+    session_id: str
+    start: int
+    end: int
+    account: ServerAccount | None
+    pending: Receipt | None = None  # a checkpoint receipt awaiting the client's verdict
+    final_sent: bool = False
 
 
 class SpanServer:
@@ -69,8 +101,10 @@ class SpanServer:
         *,
         node_info: Callable[[], NodeInfo],
         limits: ServerLimits | None = None,
+        accounting: Accounting | None = None,
     ) -> None:
         self.engine = engine
+        self.accounting = accounting
         self.node_info = node_info
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
@@ -94,37 +128,37 @@ class SpanServer:
 
     # ---- inference --------------------------------------------------------------------
     async def handle_inference(self, stream: Stream) -> None:
-        session_id: str | None = None
+        session: _Session | None = None
         try:
             msg = await recv_message(stream, self.limits.open_timeout_s)
             if msg is None:
                 return
             if not isinstance(msg, OpenSession):
                 raise InvalidMessage(f"expected open, got {type(msg).__name__}")
-            session_id = self._open(msg)
+            session = self._open(msg, stream.remote_peer_id)
             await send_message(
-                stream,
-                SessionOpened(session_id, self.engine.start, self.engine.end, self.engine.hidden_size),
+                stream, SessionOpened(session.session_id, msg.start, msg.end, self.engine.hidden_size)
             )
-            await self._serve_steps(stream, session_id)
+            await self._serve_steps(stream, session)
         except ShizaError as exc:
             await self._fail(stream, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except StreamBroken as exc:
             log.info("session stream broke: %s", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one stream, not the node
             log.exception("internal error in session")
             await self._fail(stream, Internal(f"internal error: {type(exc).__name__}"))
         finally:
-            if session_id is not None:
-                self._close(session_id)
+            if session is not None:
+                self._close(session.session_id)
+                await self._settle_broken(session)
 
-    def _open(self, msg: OpenSession) -> str:
+    def _open(self, msg: OpenSession, client: str) -> "_Session":
         eng = self.engine
         if not self.accepting:
             raise Busy("node is draining; open the session elsewhere")
         if msg.model_id != eng.model_id:
             raise UnknownModel(f"this node serves {eng.model_id}, not {msg.model_id}")
-        if (msg.start, msg.end) != (eng.start, eng.end):
+        if not eng.start <= msg.start < msg.end <= eng.end:
             raise SpanNotServed(f"this node serves layers {eng.start}:{eng.end}, not {msg.start}:{msg.end}")
         if not 1 <= msg.batch_size <= self.limits.max_batch_size:
             raise InvalidMessage(f"batch_size must be in 1..{self.limits.max_batch_size}")
@@ -138,18 +172,32 @@ class SpanServer:
             "top_p": msg.sampling.top_p,
             "seed": msg.sampling.seed if msg.sampling.seed is not None else 0,
         }
-        from .engine.errors import BadInput, CapacityExceeded
+        from .engine.errors import BadInput, CapacityExceeded, SessionUnknown
 
+        layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
         try:
-            eng.open_session(session_id, msg.batch_size, msg.max_length, sampling)
+            if layers is None:
+                eng.open_session(session_id, msg.batch_size, msg.max_length, sampling)
+            else:
+                eng.open_session(session_id, msg.batch_size, msg.max_length, sampling, layers=layers)
         except CapacityExceeded as exc:
             raise Busy(str(exc)) from None
+        except SessionUnknown:
+            raise InvalidMessage(f"session id {session_id!r} is already open") from None
         except BadInput as exc:
             raise InvalidMessage(str(exc)) from None
         self.stats.sessions_open += 1
         self.stats.sessions_total += 1
-        self._idle = trio.Event() if self.stats.sessions_open == 1 else self._idle
-        return session_id
+        if self.stats.sessions_open == 1:
+            self._idle = trio.Event()
+        account = None
+        if self.accounting is not None:
+            account = ServerAccount(
+                self.accounting.identity, self.accounting.seqs, eng.model_id, msg.start, msg.end,
+                client, session_id, every_tokens=self.accounting.every_tokens,
+                unit_price=self.accounting.unit_price,
+            )
+        return _Session(session_id, msg.start, msg.end, account)
 
     def _close(self, session_id: str) -> None:
         try:
@@ -160,44 +208,101 @@ class SpanServer:
         if self.stats.sessions_open == 0:
             self._idle.set()
 
-    async def _serve_steps(self, stream: Stream, session_id: str) -> None:
+    async def _store(self, receipt: Receipt, status: str, reason: str = "") -> None:
+        assert self.accounting is not None
+        await trio.to_thread.run_sync(store, self.accounting.ledger, receipt, status, reason)
+        self.stats.receipts[status] = self.stats.receipts.get(status, 0) + 1
+
+    async def _await_verdict(self, stream: Stream, pending: Receipt, msg: object) -> bool:
+        """Store ``pending`` as the client's message decides; True if ``msg`` was consumed."""
+        if isinstance(msg, Countersign) and msg.receipt_id == pending.receipt_id:
+            try:
+                signed = verify_receipt(pending.with_client_sig(msg.client_sig), require_countersigned=True)
+            except ShizaError as exc:
+                await self._store(pending, "server_only", f"bad countersignature: {exc}")
+                raise
+            await self._store(signed, "countersigned")
+            return True
+        if isinstance(msg, Dispute) and msg.receipt_id == pending.receipt_id:
+            log.warning("client disputes receipt %s: %s", pending.receipt_id, msg.reason)
+            await self._store(pending, "disputed", msg.reason)
+            return True
+        await self._store(pending, "server_only", "no countersignature before the next message")
+        if msg is None or isinstance(msg, CloseSession):
+            return False  # the client left, or closes now: the final receipt follows
+        raise InvalidMessage(f"expected cosign or dispute for receipt {pending.receipt_id}")
+
+    async def _serve_steps(self, stream: Stream, session: "_Session") -> None:
         from .engine.errors import BadInput, EngineError
         from .engine.tensors import from_torch, to_torch
 
+        account = session.account
         expected_step = 0
         while True:
             msg = await recv_message(stream, self.limits.idle_timeout_s)
+            if session.pending is not None:
+                pending, session.pending = session.pending, None
+                if await self._await_verdict(stream, pending, msg):
+                    continue
             if msg is None:
-                return  # the client went away; the finally clause frees the cache
+                return  # the client went away; handle_inference settles what was done
             if isinstance(msg, CloseSession):
-                await send_message(stream, Closed())
+                final = account.issue(final=True) if account is not None else None
+                await send_message(stream, Closed(final.to_bytes() if final else None))
+                if final is not None:
+                    session.final_sent = True
+                    try:
+                        verdict = await recv_message(stream, self.limits.open_timeout_s)
+                    except ShizaError:
+                        verdict = None
+                    await self._await_verdict(stream, final, verdict)
                 await stream.close()
                 return
             if not isinstance(msg, Step):
                 raise InvalidMessage(f"expected step or close, got {type(msg).__name__}")
             if msg.step != expected_step:
                 raise InvalidMessage(f"expected step {expected_step}, got {msg.step}")
-            self._check_step(msg)
+            self._check_step(msg, session)
             inputs = to_torch(msg.input)
             positions = to_torch(msg.positions)
             mask = to_torch(msg.mask) if msg.mask is not None else None
             try:
                 async with self._compute:
                     out = await trio.to_thread.run_sync(
-                        self.engine.step, session_id, inputs, positions, mask
+                        self.engine.step, session.session_id, inputs, positions, mask
                     )
             except BadInput as exc:
                 raise BadShape(str(exc)) from None
             except EngineError as exc:
                 raise SessionClosed(str(exc)) from None
             self.stats.steps_total += 1
-            await send_message(stream, StepResult(msg.step, from_torch(out)))
+            output = from_torch(out)
+            receipt_bytes = None
+            if account is not None:
+                account.record(msg, output)
+                if account.checkpoint_due():
+                    session.pending = account.issue(final=False)
+                    receipt_bytes = session.pending.to_bytes()
+            await send_message(stream, StepResult(msg.step, output, receipt_bytes))
             expected_step += 1
 
-    def _check_step(self, msg: Step) -> None:
+    async def _settle_broken(self, session: "_Session") -> None:
+        """After a stream ended without a countersigned final receipt, keep what was done."""
+        account = session.account
+        if account is None:
+            return
+        with trio.CancelScope(shield=True):
+            if session.pending is not None:
+                await self._store(session.pending, "server_only", "stream ended before countersignature")
+                session.pending = None
+            if not session.final_sent and account.unreceipted():
+                receipt = account.issue(final=True)
+                await self._store(receipt, "server_only", "session ended by failure")
+
+    def _check_step(self, msg: Step, session: "_Session") -> None:
         eng = self.engine
         shape = msg.input.shape
-        if eng.is_first:
+        if session.start == 0:
             if msg.input.dtype not in ("int64", "int32") or len(shape) != 2:
                 raise BadShape(f"the first span takes token ids [B, T], got {msg.input.dtype} {shape}")
         else:

@@ -11,9 +11,12 @@ from .codec import (
     pack,
     unpack,
 )
+from .documents import VerifyReport, decode_document, encode_document, verify_documents
 from .errors import (
+    BadProof,
     BadShape,
     Busy,
+    DuplicateReceipt,
     FrameTooLarge,
     Internal,
     InvalidMessage,
@@ -21,6 +24,7 @@ from .errors import (
     KeyMismatch,
     LimitExceeded,
     MalformedFrame,
+    ReceiptMismatch,
     RecordExpired,
     ServiceError,
     SessionClosed,
@@ -45,6 +49,7 @@ from .identity import (
 )
 from .ids import (
     CAPACITY_NAMESPACE,
+    DEFAULT_SWARM_ID,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
     MAX_ADDRS,
@@ -52,15 +57,19 @@ from .ids import (
     MAX_LIST_LEN,
     MAX_MAP_LEN,
     MAX_NESTING,
+    MAX_RECEIPTS_PER_DOCUMENT,
     MAX_SPANS,
     MAX_STR_LEN,
     MAX_TENSOR_DIMS,
     MAX_TENSOR_ELEMENTS,
     PROTOCOL_VERSION,
     PURPOSE_CAPACITY_RECORD,
+    PURPOSE_IO_DIGEST,
     PURPOSE_RECEIPT,
     PURPOSE_RECEIPT_COUNTERSIGN,
+    PURPOSE_RECEIPT_ID,
     PURPOSE_STATEMENT,
+    PURPOSE_STATEMENT_COUNTERSIGN,
     RECORD_MAX_TTL_S,
     capacity_key,
     model_provider_key,
@@ -69,6 +78,8 @@ from .messages import (
     NODE_STATES,
     Closed,
     CloseSession,
+    Countersign,
+    Dispute,
     Error,
     InfoRequest,
     Message,
@@ -85,7 +96,29 @@ from .messages import (
     message_to_wire,
 )
 from .models import model_id, parse_model_id
+from .receipts import (
+    IoDigest,
+    Receipt,
+    check_receipt,
+    count_step_tokens,
+    countersign_receipt,
+    latest_per_session,
+    receipt_id_for,
+    sign_receipt,
+    verify_receipt,
+)
 from .records import CapacityRecord, Hardware, SequenceTracker, sign_record, verify_record
+from .settlement import (
+    Statement,
+    build_statement,
+    cosign_statement,
+    merkle_proof,
+    merkle_root,
+    receipt_leaf,
+    settleable,
+    verify_proof,
+    verify_statement,
+)
 
 __all__ = [
     # ids
@@ -99,6 +132,11 @@ __all__ = [
     "PURPOSE_RECEIPT",
     "PURPOSE_RECEIPT_COUNTERSIGN",
     "PURPOSE_STATEMENT",
+    "PURPOSE_STATEMENT_COUNTERSIGN",
+    "PURPOSE_IO_DIGEST",
+    "PURPOSE_RECEIPT_ID",
+    "DEFAULT_SWARM_ID",
+    "MAX_RECEIPTS_PER_DOCUMENT",
     "MAX_FRAME_BYTES",
     "MAX_NESTING",
     "MAX_STR_LEN",
@@ -124,6 +162,9 @@ __all__ = [
     "KeyMismatch",
     "RecordExpired",
     "StaleSequence",
+    "ReceiptMismatch",
+    "DuplicateReceipt",
+    "BadProof",
     "UnknownModel",
     "SpanNotServed",
     "BadShape",
@@ -155,6 +196,8 @@ __all__ = [
     "StepResult",
     "CloseSession",
     "Closed",
+    "Countersign",
+    "Dispute",
     "Error",
     "SessionState",
     "NODE_STATES",
@@ -176,4 +219,29 @@ __all__ = [
     # models
     "model_id",
     "parse_model_id",
+    # receipts
+    "Receipt",
+    "receipt_id_for",
+    "sign_receipt",
+    "countersign_receipt",
+    "verify_receipt",
+    "check_receipt",
+    "IoDigest",
+    "count_step_tokens",
+    "latest_per_session",
+    # settlement
+    "Statement",
+    "settleable",
+    "build_statement",
+    "cosign_statement",
+    "verify_statement",
+    "receipt_leaf",
+    "merkle_root",
+    "merkle_proof",
+    "verify_proof",
+    # documents
+    "encode_document",
+    "decode_document",
+    "verify_documents",
+    "VerifyReport",
 ]

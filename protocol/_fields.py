@@ -16,6 +16,12 @@ def check_int(name: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise InvalidMessage(f"{name} must be a boolean, got {type(value).__name__}")
+    return value
+
+
 def check_float(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
     """Accepts int or float (not bool); returns a finite float within [lo, hi]."""
     if type(value) not in (int, float):
@@ -42,11 +48,21 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_bytes(name: str, value: Any, max_len: int) -> bytes:
+def check_bytes(name: str, value: Any, max_len: int, *, exact: bool = False) -> bytes:
+    """At most ``max_len`` bytes, or exactly ``max_len`` when ``exact``."""
     if type(value) is not bytes:
         raise InvalidMessage(f"{name} must be bytes, got {type(value).__name__}")
+    if exact and len(value) != max_len:
+        raise InvalidMessage(f"{name} must be {max_len} bytes, got {len(value)}")
     if len(value) > max_len:
         raise LimitExceeded(f"{name} longer than {max_len} bytes")
+    return value
+
+
+def check_hex(name: str, value: Any, length: int) -> str:
+    """Exactly ``length`` lowercase hex characters."""
+    if type(value) is not str or len(value) != length or value.strip("0123456789abcdef"):
+        raise InvalidMessage(f"{name} must be {length} lowercase hex characters")
     return value
 
 

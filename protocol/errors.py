@@ -12,7 +12,10 @@
     │   ├── InvalidSignature      10
     │   ├── KeyMismatch           11  signed by, or stored under, another key than the peer id names
     │   ├── RecordExpired         12
-    │   └── StaleSequence         13
+    │   ├── StaleSequence         13
+    │   ├── ReceiptMismatch       14  a receipt disagrees with what was observed, or its arithmetic
+    │   ├── DuplicateReceipt      15  a receipt id or (server, client, seq) seen twice
+    │   └── BadProof              16  Merkle root or proof mismatch; statement totals wrong
     ├── ServiceError              the request was well formed but cannot be served
     │   ├── UnknownModel          20
     │   ├── SpanNotServed         21
@@ -118,6 +121,21 @@ class StaleSequence(TrustError):
     name = "stale_sequence"
 
 
+class ReceiptMismatch(TrustError):
+    code = 14
+    name = "receipt_mismatch"
+
+
+class DuplicateReceipt(TrustError):
+    code = 15
+    name = "duplicate_receipt"
+
+
+class BadProof(TrustError):
+    code = 16
+    name = "bad_proof"
+
+
 class UnknownModel(ServiceError):
     code = 20
     name = "unknown_model"
@@ -171,6 +189,9 @@ ERROR_CLASSES: dict[int, type[ShizaError]] = {
         KeyMismatch,
         RecordExpired,
         StaleSequence,
+        ReceiptMismatch,
+        DuplicateReceipt,
+        BadProof,
         UnknownModel,
         SpanNotServed,
         BadShape,

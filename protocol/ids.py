@@ -36,12 +36,19 @@ PURPOSE_CAPACITY_RECORD: Final = b"shiza/capacity-record/v0\x00"
 PURPOSE_RECEIPT: Final = b"shiza/receipt/v0\x00"
 PURPOSE_RECEIPT_COUNTERSIGN: Final = b"shiza/receipt-countersign/v0\x00"
 PURPOSE_STATEMENT: Final = b"shiza/statement/v0\x00"
+PURPOSE_STATEMENT_COUNTERSIGN: Final = b"shiza/statement-countersign/v0\x00"
 PURPOSES: Final = (
     PURPOSE_CAPACITY_RECORD,
     PURPOSE_RECEIPT,
     PURPOSE_RECEIPT_COUNTERSIGN,
     PURPOSE_STATEMENT,
+    PURPOSE_STATEMENT_COUNTERSIGN,
 )
+
+# Hash domains (never signed directly): the running digest of a session's inputs and outputs,
+# and the derivation of receipt ids.
+PURPOSE_IO_DIGEST: Final = b"shiza/io-digest/v0\x00"
+PURPOSE_RECEIPT_ID: Final = b"shiza/receipt-id/v0\x00"
 
 # Framing and msgpack limits.
 FRAME_HEADER_BYTES: Final = 4
@@ -71,3 +78,12 @@ MAX_TEMPERATURE: Final = 10.0
 RECORD_MAX_TTL_S: Final = 3600
 MAX_CLOCK_SKEW_S: Final = 300
 MAX_RECORD_BYTES: Final = 64 * 2**10
+
+# Receipts and settlement.
+DEFAULT_SWARM_ID: Final = "public"
+RECEIPT_ID_LEN: Final = 32  # lowercase hex characters
+IO_DIGEST_BYTES: Final = 32
+MAX_RECEIPT_BYTES: Final = 4096  # one receipt in canonical msgpack
+MAX_STATEMENT_BYTES: Final = 4096  # one statement in canonical msgpack
+MAX_RECEIPTS_PER_DOCUMENT: Final = 1_000_000
+MAX_DOCUMENT_BYTES: Final = 2**30  # one export, statement or receipt document (JSON or msgpack)

@@ -11,12 +11,13 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Union
 
-from ._fields import check_bytes, check_choice, check_float, check_int, check_seq, check_str, fields_of, set_field
+from ._fields import check_bytes, check_choice, check_hex, check_int, check_seq, check_str, fields_of, set_field
+from ._values import SamplingParams, ServedSpan, span_bounds
 from .codec import FLOAT_DTYPES, Tensor, encode_frame
 from .errors import BadShape, Internal, InvalidMessage, ShizaError, UnknownMessageType, UnsupportedVersion, error_from_code
 from .ids import (
-    MAX_ADDR_LEN, MAX_ADDRS, MAX_BATCH_SIZE, MAX_ERROR_MESSAGE_LEN, MAX_ID_LEN, MAX_LAYERS, MAX_RECORD_BYTES,
-    MAX_SESSION_LENGTH, MAX_SPANS, MAX_STR_LEN, MAX_TEMPERATURE, MAX_UINT64, PROTOCOL_VERSION,
+    MAX_ADDR_LEN, MAX_ADDRS, MAX_BATCH_SIZE, MAX_ERROR_MESSAGE_LEN, MAX_ID_LEN, MAX_RECEIPT_BYTES, MAX_RECORD_BYTES,
+    MAX_SESSION_LENGTH, MAX_SPANS, MAX_STR_LEN, PROTOCOL_VERSION, RECEIPT_ID_LEN,
 )
 
 #: What a node says about itself (NodeInfo.state, CapacityRecord.state).
@@ -25,68 +26,12 @@ _MAX_STEP = 2**63 - 1
 
 
 class SessionState(enum.Enum):
-    """Server-side state of an inference session; SPEC.md has the transition table."""
+    """Server-side state of an inference session; SPEC.md 9.4 has the transition table."""
 
     OPENING = "opening"  # stream accepted, waiting for OpenSession
     OPEN = "open"  # SessionOpened sent; Step frames are served
     CLOSED = "closed"  # CloseSession answered with Closed
     FAILED = "failed"  # an Error frame was sent, or the stream ended or broke; cache freed
-
-
-def _span_bounds(start: int, end: int) -> None:
-    check_int("start", start, 0, MAX_LAYERS - 1)
-    check_int("end", end, 1, MAX_LAYERS)
-    if end <= start:
-        raise InvalidMessage(f"span end ({end}) must be greater than start ({start})")
-
-
-# Nested values -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServedSpan:
-    """Layers [start, end) of ``model_id``, a model of ``num_layers`` decoder layers."""
-
-    model_id: str
-    start: int
-    end: int
-    num_layers: int
-
-    def __post_init__(self) -> None:
-        check_str("model_id", self.model_id, MAX_ID_LEN, nonempty=True)
-        _span_bounds(self.start, self.end)
-        check_int("num_layers", self.num_layers, self.end, MAX_LAYERS)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "start": self.start, "end": self.end, "num_layers": self.num_layers}
-
-    @classmethod
-    def from_wire(cls, obj: Any) -> ServedSpan:
-        return cls(**fields_of(obj, "span", ("model_id", "start", "end", "num_layers")))
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the last span picks the next token. temperature 0 means greedy (argmax)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        set_field(self, "temperature", check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
-        set_field(self, "top_p", check_float("top_p", self.top_p, 0.0, 1.0))
-        if self.top_p <= 0.0:
-            raise InvalidMessage("top_p must be greater than 0")
-        if self.seed is not None:
-            check_int("seed", self.seed, 0, MAX_UINT64)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
-
-    @classmethod
-    def from_wire(cls, obj: Any) -> SamplingParams:
-        return cls(**fields_of(obj, "sampling", (), {"temperature": 0.0, "top_p": 1.0, "seed": None}))
 
 
 # Messages ------------------------------------------------------------------------------
@@ -183,7 +128,7 @@ class OpenSession(_Message):
 
     def __post_init__(self) -> None:
         check_str("model_id", self.model_id, MAX_ID_LEN, nonempty=True)
-        _span_bounds(self.start, self.end)
+        span_bounds(self.start, self.end)
         check_int("max_length", self.max_length, 1, MAX_SESSION_LENGTH)
         check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         if self.sampling is None:
@@ -210,7 +155,7 @@ class SessionOpened(_Message):
 
     def __post_init__(self) -> None:
         check_str("session_id", self.session_id, MAX_ID_LEN, nonempty=True)
-        _span_bounds(self.start, self.end)
+        span_bounds(self.start, self.end)
         check_int("hidden_size", self.hidden_size, 1, 2**20)
 
 
@@ -266,14 +211,19 @@ class Step(_Message):
 @dataclass(frozen=True)
 class StepResult(_Message):
     """Answer to Step with the same step number. output: hidden states [B, T, H] in a float
-    dtype, or for the last span the sampled token ids, int64 [B]."""
+    dtype, or for the last span the sampled token ids, int64 [B]. ``receipt``: at a checkpoint,
+    the bytes of a server-signed cumulative receipt (protocol.receipts) to countersign."""
 
     TYPE: ClassVar[str] = "result"
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"receipt": None}
     step: int
     output: Tensor
+    receipt: bytes | None = None
 
     def __post_init__(self) -> None:
         check_int("step", self.step, 0, _MAX_STEP)
+        if self.receipt is not None:
+            check_bytes("receipt", self.receipt, MAX_RECEIPT_BYTES)
         out = self.output
         if not isinstance(out, Tensor):
             raise InvalidMessage("output must be a tensor")
@@ -300,7 +250,41 @@ class CloseSession(_Message):
 
 @dataclass(frozen=True)
 class Closed(_Message):
+    """Answer to CloseSession; ``receipt`` is the session's final server-signed receipt."""
+
     TYPE: ClassVar[str] = "closed"
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"receipt": None}
+    receipt: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.receipt is not None:
+            check_bytes("receipt", self.receipt, MAX_RECEIPT_BYTES)
+
+
+@dataclass(frozen=True)
+class Countersign(_Message):
+    """Client to server: it accepts receipt ``receipt_id``; client_sig is its countersignature."""
+
+    TYPE: ClassVar[str] = "cosign"
+    receipt_id: str
+    client_sig: bytes
+
+    def __post_init__(self) -> None:
+        check_hex("receipt_id", self.receipt_id, RECEIPT_ID_LEN)
+        check_bytes("client_sig", self.client_sig, 64, exact=True)
+
+
+@dataclass(frozen=True)
+class Dispute(_Message):
+    """Client to server: it refuses receipt ``receipt_id`` and says why (<= 4,096 bytes)."""
+
+    TYPE: ClassVar[str] = "dispute"
+    receipt_id: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_hex("receipt_id", self.receipt_id, RECEIPT_ID_LEN)
+        check_str("reason", self.reason, MAX_ERROR_MESSAGE_LEN)
 
 
 @dataclass(frozen=True)
@@ -328,11 +312,15 @@ class Error(_Message):
 
 
 Message = Union[
-    InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Error
+    InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Countersign, Dispute,
+    Error,
 ]
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     cls.TYPE: cls
-    for cls in (InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Error)
+    for cls in (
+        InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Countersign,
+        Dispute, Error,
+    )
 }
 
 

@@ -7,6 +7,18 @@ from the safetensors files and renumbered 0..n-1. The first span keeps the embed
 the final norm and the head (the embedding matrix when they are tied); a middle span has
 neither, and its final norm is an identity so hidden states pass through unnormalised.
 
+A session may run only a sub-range ``[a, b)`` of the span (``open_session(layers=...)``), so a
+client can cross from one node to another where their spans overlap. Such a session runs the
+model's own forward with the layers outside ``[a, b)`` swapped for pass-throughs (and the final
+norm for an identity unless ``b`` is the model's last layer), under the forward lock, and
+restores them after. Why this rather than a loop of our own over the decoder layers: the
+model's forward keeps each architecture's choice of masks (full, sliding, per-layer types) and
+rotary embedding, which a hand-written loop would have to copy per architecture. The session's
+cache keeps the span's layer numbering (the attention modules index it by their own
+``layer_idx``); the slots of the layers it does not run alias a slot it does run, of the same
+kind (sliding or not), because the mask functions size the mask from slot 0 or the first
+full-attention slot, which such a session never fills.
+
 Cancellation / threads: ``step`` is synchronous and CPU/GPU bound; callers run it in a worker
 thread. A lock serialises forwards, so distinct sessions may be stepped from several threads.
 A step that fails inside the forward leaves its cache half-updated: that session is closed.
@@ -43,6 +55,10 @@ class _Session:
     cache: DynamicCache
     mask: torch.Tensor  # (B, L) int64: 1 for a real token, 0 for padding, one column per cache slot
     generator: torch.Generator | None
+    layers: tuple[int, int]  # global [a, b) this session runs, inside the span
+    is_first: bool  # a == 0: takes token ids and embeds them
+    is_last: bool  # b == num_layers: applies the final norm, the head and sampling
+    view: nn.ModuleList | None  # the span's layers with those outside [a, b) skipped; None: all
 
     @property
     def length(self) -> int:
@@ -59,6 +75,10 @@ class SpanEngine:
         self._start, self._end = start, end
         self._model = model
         self._base = model.base_model
+        # The real decoder layers and final norm; a sub-range session swaps them for the
+        # length of its forward, so read them from here, never from self._base, outside one.
+        self._layers: nn.ModuleList = self._base.layers
+        self._norm: nn.Module | None = getattr(self._base, "norm", None)
         self._config = config
         self._device = device
         self._dtype = dtype
@@ -165,11 +185,16 @@ class SpanEngine:
     # --- sessions ---------------------------------------------------------------------------
 
     def open_session(self, session_id: str, batch_size: int, max_length: int,
-                     sampling: dict[str, Any] | None = None) -> None:
+                     sampling: dict[str, Any] | None = None,
+                     layers: tuple[int, int] | None = None) -> None:
         """Reserve a cache for ``batch_size`` rows of up to ``max_length`` tokens.
 
         ``sampling``: ``temperature`` (0 = greedy, the default), ``top_p`` (default 1.0),
-        ``seed`` (default 0); used only by the last span.
+        ``seed`` (default 0); used only by a session that ends at the model's last layer.
+        ``layers``: the global layers ``[a, b)`` this session runs, inside ``[start, end)``;
+        None (the default) runs the whole span. The session embeds tokens only if ``a == 0``
+        and applies the final norm, the head and sampling only if ``b == num_layers``.
+        The cache budget counts ``batch_size * max_length`` whatever the sub-range.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise BadInput(f"batch_size must be a positive int, got {batch_size!r}")
@@ -189,10 +214,20 @@ class SpanEngine:
             raise BadInput(f"temperature must be >= 0, got {temperature}")
         if not 0.0 < top_p <= 1.0:
             raise BadInput(f"top_p must be in (0, 1], got {top_p}")
+        a, b = self._check_layers(layers)
+        is_first, is_last = a == 0, b == self.source.num_layers
         from transformers import DynamicCache
 
+        cache = DynamicCache(config=self._config)
+        view = None
+        if (a, b) != (self._start, self._end):
+            lo, hi = a - self._start, b - self._start  # span-local indices
+            _alias_unused_slots(cache, lo, hi)
+            skip = _Skip()
+            view = nn.ModuleList([layer if lo <= i < hi else skip
+                                  for i, layer in enumerate(self._layers)])
         generator = None
-        if self.is_last and temperature > 0:
+        if is_last and temperature > 0:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(seed)
         with self._lock:
@@ -206,10 +241,34 @@ class SpanEngine:
                         f"session asks {batch_size * max_length}")
             self._sessions[session_id] = _Session(
                 batch_size=batch_size, max_length=max_length, temperature=temperature,
-                top_p=top_p, seed=seed, cache=DynamicCache(config=self._config),
+                top_p=top_p, seed=seed, cache=cache,
                 mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
-                generator=generator,
+                generator=generator, layers=(a, b), is_first=is_first, is_last=is_last,
+                view=view,
             )
+
+    def _check_layers(self, layers: Any) -> tuple[int, int]:
+        if layers is None:
+            return self._start, self._end
+        if not isinstance(layers, (tuple, list)) or len(layers) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise BadInput(f"layers must be a pair of ints (start, end), got {layers!r}")
+        a, b = layers
+        if not self._start <= a < b <= self._end:
+            raise BadInput(f"layers {a}:{b} are not a non-empty part of this span "
+                           f"{self._start}:{self._end}")
+        if b != self.source.num_layers and self.is_last and self._norm is None:
+            raise BadInput(f"{self.source.architecture}: no final norm named 'norm' to skip; "
+                           f"this span serves only sessions that end at layer {self._end}")
+        return a, b
+
+    def session_layers(self, session_id: str) -> tuple[int, int]:
+        """The global layers ``[a, b)`` an open session runs (for receipts: tokens x layers)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionUnknown(f"no open session {session_id!r}")
+        return session.layers
 
     def close_session(self, session_id: str) -> None:
         """Free the session's cache. Raises ``SessionUnknown`` if it is not open."""
@@ -274,12 +333,26 @@ class SpanEngine:
             past_key_values=session.cache,  # 5.19's keyword; `cache=` would be swallowed
             use_cache=True,
         )
-        if self.is_first:
-            out = self._base(input_ids=inputs, **kwargs)
+        if session.is_first:
+            kwargs["input_ids"] = inputs
         else:
-            out = self._base(inputs_embeds=inputs, **kwargs)
+            kwargs["inputs_embeds"] = inputs
+        if session.view is None:
+            out = self._base(**kwargs)
+        else:
+            # Caller holds self._lock: no other forward sees the swapped modules.
+            base = self._base
+            base.layers = session.view
+            if not session.is_last and self._norm is not None:
+                base.norm = nn.Identity()
+            try:
+                out = base(**kwargs)
+            finally:
+                base.layers = self._layers
+                if self._norm is not None:
+                    base.norm = self._norm
         hidden = out.last_hidden_state  # (B, T, H)
-        if not self.is_last:
+        if not session.is_last:
             return hidden
         head = self._model.get_output_embeddings()
         logits = head(hidden[:, -1, :]).float()  # (B, V)
@@ -292,7 +365,7 @@ class SpanEngine:
             raise BadInput(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
         if not isinstance(positions, torch.Tensor):
             raise BadInput(f"positions must be a torch.Tensor, got {type(positions).__name__}")
-        if self.is_first:
+        if session.is_first:
             if inputs.dtype != torch.int64 or inputs.dim() != 2:
                 raise BadInput(f"the first span takes int64 token ids (B, T); got "
                                f"{inputs.dtype} {tuple(inputs.shape)}")
@@ -302,7 +375,8 @@ class SpanEngine:
         else:
             h = self.hidden_size
             if not inputs.dtype.is_floating_point or inputs.dim() != 3 or inputs.shape[2] != h:
-                raise BadInput(f"span {self.start}:{self.end} takes hidden states (B, T, {h}) "
+                a, b = session.layers
+                raise BadInput(f"layers {a}:{b} take hidden states (B, T, {h}) "
                                f"as floats; got {inputs.dtype} {tuple(inputs.shape)}")
             inputs = inputs.to(self._dtype)
         bt = tuple(inputs.shape[:2])
@@ -324,6 +398,33 @@ class SpanEngine:
             raise BadInput("mask must hold only 0 and 1")
         dev = self._device
         return inputs.to(dev), positions.to(dev), mask.to(dev)
+
+
+class _Skip(nn.Module):
+    """Stands in for a decoder layer a sub-range session does not run: hidden states pass."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def _alias_unused_slots(cache: DynamicCache, lo: int, hi: int) -> None:
+    """Point the cache slots outside ``[lo, hi)`` at a used slot of the same kind.
+
+    The mask functions read the cached length from slot 0 (or the first full-attention slot);
+    a session running local layers ``lo..hi-1`` fills only those slots, so without this the
+    mask would ignore every cached token. The aliased slots are never written: their decoder
+    layers are skipped.
+    """
+    slots = cache.layers
+    if len(slots) <= hi - 1:
+        raise EngineError(f"cache has {len(slots)} layer slots; expected one per span layer")
+    used = slots[lo:hi]
+    for j in range(len(slots)):
+        if lo <= j < hi:
+            continue
+        kind = getattr(slots[j], "is_sliding", False)
+        same = [s for s in used if getattr(s, "is_sliding", False) == kind]
+        slots[j] = (same or used)[0]
 
 
 # --- sampling -------------------------------------------------------------------------------

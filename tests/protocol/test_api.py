@@ -23,6 +23,13 @@ PUBLIC = {
     "encode_message", "decode_message", "message_to_wire", "Identity", "IdentityFileError", "verify",
     "peer_id_from_public_key", "public_key_from_peer_id", "CapacityRecord", "Hardware", "sign_record",
     "verify_record", "SequenceTracker", "model_id", "parse_model_id",
+    # receipts and settlement
+    "PURPOSE_STATEMENT_COUNTERSIGN", "PURPOSE_IO_DIGEST", "PURPOSE_RECEIPT_ID", "DEFAULT_SWARM_ID",
+    "MAX_RECEIPTS_PER_DOCUMENT", "ReceiptMismatch", "DuplicateReceipt", "BadProof", "Countersign", "Dispute",
+    "Receipt", "receipt_id_for", "sign_receipt", "countersign_receipt", "verify_receipt", "check_receipt",
+    "IoDigest", "count_step_tokens", "latest_per_session", "Statement", "settleable", "build_statement",
+    "cosign_statement", "verify_statement", "receipt_leaf", "merkle_root", "merkle_proof", "verify_proof",
+    "encode_document", "decode_document", "verify_documents", "VerifyReport",
 }
 
 

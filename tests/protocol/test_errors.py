@@ -7,7 +7,8 @@ from protocol.errors import ERROR_CLASSES
 EXPECTED = {
     "MalformedFrame": 1, "FrameTooLarge": 2, "UnsupportedVersion": 3, "UnknownMessageType": 4,
     "LimitExceeded": 5, "InvalidMessage": 6, "InvalidSignature": 10, "KeyMismatch": 11,
-    "RecordExpired": 12, "StaleSequence": 13, "UnknownModel": 20, "SpanNotServed": 21,
+    "RecordExpired": 12, "StaleSequence": 13, "ReceiptMismatch": 14, "DuplicateReceipt": 15,
+    "BadProof": 16, "UnknownModel": 20, "SpanNotServed": 21,
     "BadShape": 22, "SessionNotFound": 23, "SessionClosed": 24, "Busy": 25, "Timeout": 26,
     "Internal": 99,
 }
