@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 STEP_TIMEOUT_S = 60.0  # a hop that answers no step within this is taken for stalled
 MAX_FAILOVERS = 8  # per generation
+FAILOVER_LOOKUP_S = 15.0  # bound on a fresh DHT lookup during failover
 CLOSE_TIMEOUT_S = 10.0
 LEDGER_FILE = "ledger.sqlite"
 
@@ -120,6 +121,7 @@ class SwarmClient:
         self.step_timeout_s = step_timeout_s
         self.health = PeerHealth()
         self.rtt = RttTracker()
+        self._known: dict[str, list[CapacityRecord]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -150,7 +152,15 @@ class SwarmClient:
 
     # ---- discovery ----------------------------------------------------------------------
     async def records(self, model_id: str) -> list[CapacityRecord]:
-        return await fetch_records(self.dht, model_id)
+        """The valid records of the model's peers, asked of the DHT now (and remembered)."""
+        records = await fetch_records(self.dht, model_id)
+        self._known[model_id] = records
+        return records
+
+    def known_records(self, model_id: str) -> list[CapacityRecord]:
+        """Records from the last lookup that have not expired: no network, for failover."""
+        now = time.time()
+        return [r for r in self._known.get(model_id, []) if r.expires_at > now]
 
     async def route(self, model_id: str, *, num_layers: int | None = None, need_tokens: int = 0) -> list[Hop]:
         """The fastest chain covering the model, from the records in the DHT now."""
@@ -373,14 +383,24 @@ class SwarmClient:
         with trio.CancelScope(shield=True):
             await failed.stream.reset()
         for attempt in range(MAX_FAILOVERS):
-            records = await self.records(chain.model_id)
-            try:
-                hops = find_chain_between(
-                    failed.hop.start, failed.hop.end, self._candidates(records, chain.model_id),
-                    avoid=self.health.avoided(time.monotonic()), need_tokens=chain.batch * chain.max_length,
-                )
-            except NoRoute as exc:
-                raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
+            # Records already known first: asking the DHT can wait on the very peer that stalled.
+            hops = None
+            for fresh in (False, True):
+                if fresh:
+                    with trio.move_on_after(FAILOVER_LOOKUP_S):
+                        await self.records(chain.model_id)
+                records = self.known_records(chain.model_id)
+                try:
+                    hops = find_chain_between(
+                        failed.hop.start, failed.hop.end, self._candidates(records, chain.model_id),
+                        avoid=self.health.avoided(time.monotonic()),
+                        need_tokens=chain.batch * chain.max_length,
+                    )
+                    break
+                except NoRoute as exc:
+                    if fresh:
+                        raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
+            assert hops is not None
             try:
                 replacement = [await self._open_hop(chain, hop) for hop in hops]
                 for payload, pos, mask in failed.history:  # rebuild the KV caches, step by step
