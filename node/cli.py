@@ -34,7 +34,13 @@ def _build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="run a serving node").add_subparsers(dest="node_command", required=True)
     run = node.add_parser("run", help="serve a span of a model's layers")
     run.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m or a local checkpoint directory")
-    run.add_argument("--layers", type=parse_layers, default=None, help="START:END (default: all layers)")
+    run.add_argument("--layers", type=parse_layers, default=None,
+                     help="START:END (default: chosen from the swarm, the weakest layers first)")
+    run.add_argument("--max-layers", type=int, default=None,
+                     help="cap on a chosen span (default: as many as memory allows)")
+    run.add_argument("--rebalance-interval", type=float, default=60.0,
+                     help="seconds between re-checks of the swarm for a node without --layers")
+    run.add_argument("--throttle-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     run.add_argument("--data-dir", type=Path, default=None, help="identity, caches and node.json (default ~/.shiza)")
     run.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0", help="multiaddr to listen on")
     run.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a peer to join through (repeatable)")
@@ -111,6 +117,9 @@ def _node_run(args: argparse.Namespace) -> int:
     cfg = NodeConfig(
         model=args.model,
         layers=args.layers,
+        max_layers=args.max_layers,
+        rebalance_interval_s=args.rebalance_interval,
+        throttle_s=args.throttle_ms / 1000.0,
         data_dir=args.data_dir or default_data_dir(),
         listen=args.listen,
         bootstrap=list(args.bootstrap),

@@ -102,9 +102,11 @@ class SpanServer:
         node_info: Callable[[], NodeInfo],
         limits: ServerLimits | None = None,
         accounting: Accounting | None = None,
+        throttle_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.accounting = accounting
+        self.throttle_s = throttle_s
         self.node_info = node_info
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
@@ -275,6 +277,8 @@ class SpanServer:
                 raise BadShape(str(exc)) from None
             except EngineError as exc:
                 raise SessionClosed(str(exc)) from None
+            if self.throttle_s:
+                await trio.sleep(self.throttle_s)  # a deliberately slow node (tests, demos)
             self.stats.steps_total += 1
             output = from_torch(out)
             receipt_bytes = None
