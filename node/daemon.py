@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -64,6 +64,9 @@ class NodeConfig:
     unit_price: float | None = None
     throttle_s: float = 0.0  # extra delay per step (testing and demonstrations: a slow node)
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # Extra services run in the node's nursery once it serves (HTTP surfaces and the like):
+    # ``await service(node, task_status=...)``; each calls task_status.started() when ready.
+    services: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
 
 
 @dataclass
@@ -182,6 +185,8 @@ class Node:
             await nursery.start(self.announcer.serve)
             if cfg.layers is None:
                 nursery.start_soon(self.rebalance)
+            for service in cfg.services:
+                await nursery.start(service, self)
             ready = ReadyInfo(self.identity.peer_id, list(self.host.addrs), self.source.model_id,
                               start, end, self.source.num_layers)
             write_json_atomic(cfg.data_dir / "node.json", ready.to_json())
