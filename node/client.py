@@ -47,7 +47,7 @@ from .health import PeerHealth, RttTracker
 from .host import Host, Stream, StreamBroken, open_host
 from .ledger import Ledger
 from .routing import Candidate, Hop, NoRoute, find_chain, find_chain_between
-from .wire import int64_tensor, int64_values, recv_message, send_message
+from .wire import concat_steps, int64_tensor, int64_values, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ STEP_TIMEOUT_S = 60.0  # a hop that answers no step within this is taken for sta
 MAX_FAILOVERS = 8  # per generation
 FAILOVER_LOOKUP_S = 15.0  # bound on a fresh DHT lookup during failover
 CLOSE_TIMEOUT_S = 10.0
+PREFILL_CHUNK = 256  # prompt tokens per prefill step; longer prompts go in several steps
 LEDGER_FILE = "ledger.sqlite"
 
 
@@ -66,6 +67,7 @@ class GenerationResult:
     decode_s: float
     steps: int
     failovers: int = 0
+    receipts: list[str] = field(default_factory=list)  # ids of the receipts stored for it
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,7 +115,11 @@ class SwarmClient:
         ledger: Ledger | None = None,
         *,
         step_timeout_s: float = STEP_TIMEOUT_S,
+        replay: str = "exact",
     ) -> None:
+        if replay not in ("exact", "merged"):
+            raise ValueError("replay must be 'exact' (step by step) or 'merged' (one prefill)")
+        self.replay = replay
         self.host = host
         self.dht = dht
         self.identity = identity
@@ -122,6 +128,7 @@ class SwarmClient:
         self.health = PeerHealth()
         self.rtt = RttTracker()
         self._known: dict[str, list[CapacityRecord]] = {}
+        self.failovers_total = 0  # over the client's life (node/metrics.py exports it)
 
     @classmethod
     @asynccontextmanager
@@ -133,6 +140,7 @@ class SwarmClient:
         data_dir: str | Path | None = None,
         listen: str = "/ip4/127.0.0.1/tcp/0",
         step_timeout_s: float = STEP_TIMEOUT_S,
+        replay: str = "exact",
     ) -> AsyncIterator["SwarmClient"]:
         """A client; with ``data_dir`` it keeps its identity and a receipt ledger there."""
         ledger = None
@@ -145,7 +153,7 @@ class SwarmClient:
             with unwrap_single_groups():
                 async with open_host(identity.seed, listen) as host:
                     async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
-                        yield cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s)
+                        yield cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s, replay=replay)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -198,6 +206,7 @@ class SwarmClient:
         eos_token_ids: Sequence[int] = (),
         route: list[Hop] | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
+        until: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``.
 
@@ -224,6 +233,13 @@ class SwarmClient:
         chain = _Chain(model_id, batch, max_length, sampling)
         async with self._open_chain(chain, route):
             step_ids, step_pos, step_mask = ids, positions, mask
+            # A long prompt goes in chunks (bounded memory per step); each chunk keeps >= 2
+            # tokens so receipts count it as prefill. Only the last chunk's token is used.
+            while len(step_ids[0]) > PREFILL_CHUNK + 1:
+                c = min(PREFILL_CHUNK, len(step_ids[0]) - 2)
+                await self._step(chain, [r[:c] for r in step_ids], [r[:c] for r in step_pos],
+                                 [r[:c] for r in step_mask])
+                step_ids, step_pos, step_mask = ([r[c:] for r in x] for x in (step_ids, step_pos, step_mask))
             for _ in range(max_new_tokens):
                 tokens = await self._step(chain, step_ids, step_pos, step_mask)
                 steps += 1
@@ -235,14 +251,15 @@ class SwarmClient:
                         done[row] = tok in eos
                 if on_tokens is not None:
                     on_tokens(tokens)
-                if all(done):
+                if all(done) or (until is not None and until()):  # until: e.g. a stop sequence
                     break
                 step_ids = [[t] for t in tokens]
                 step_pos = [[p[-1] + 1] for p in step_pos]
                 step_mask = [[1] for _ in range(batch)]
         decode_s = time.perf_counter() - t0 - ttft
         route_used = [h.hop for h in chain.hops]
-        return GenerationResult(out, route_used, ttft, decode_s, steps, chain.failovers)
+        receipts = [r.receipt_id for h in chain.retired + chain.hops for r, _, _ in h.account.receipts]
+        return GenerationResult(out, route_used, ttft, decode_s, steps, chain.failovers, receipts)
 
     async def stream(
         self,
@@ -378,6 +395,7 @@ class SwarmClient:
                     failed.hop.peer_id, failed.hop.start, failed.hop.end, failure.reason)
         self.health.failed(failed.hop.peer_id, time.monotonic())
         chain.failovers += 1
+        self.failovers_total += 1
         if chain.failovers > MAX_FAILOVERS:
             raise LayersLost(failed.hop.start, failed.hop.end, f"gave up after {MAX_FAILOVERS} failovers")
         with trio.CancelScope(shield=True):
@@ -401,15 +419,22 @@ class SwarmClient:
                     if fresh:
                         raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
             assert hops is not None
+            history = failed.history
+            sampled = failed.hop.end == hops[-1].end and chain.sampling.temperature > 0
+            if self.replay == "merged" and len(history) > 1 and not sampled:
+                # One prefill of the whole history: much faster, equal up to float rounding
+                # (greedy text may differ in rare near-ties, hence not the default).
+                history = [tuple(concat_steps([h[k] for h in history]) for k in range(3))]  # type: ignore[misc]
             try:
                 replacement = [await self._open_hop(chain, hop) for hop in hops]
-                for payload, pos, mask in failed.history:  # rebuild the KV caches, step by step
+                for payload, pos, mask in history:  # rebuild the KV caches
                     for h in replacement:
                         payload = await self._run(h, payload, pos, mask)
             except HopFailed as exc:
                 self.health.failed(exc.hop.peer_id, time.monotonic())
                 log.warning("replacement %s failed too: %s", exc.hop.peer_id, exc.reason)
                 continue
+            chain.retired.append(failed)
             chain.hops[index:index + 1] = replacement
             log.warning("failover to %s after replaying %d steps",
                         ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement),
@@ -428,6 +453,7 @@ class _Chain:
     max_length: int
     sampling: SamplingParams
     hops: list[_HopSession] = field(default_factory=list)
+    retired: list[_HopSession] = field(default_factory=list)  # replaced by failover
     failovers: int = 0
 
 

@@ -64,3 +64,19 @@ def int64_values(t: Tensor) -> list[int]:
         raise MalformedFrame(f"expected int64 tensor, got {t.dtype}")
     n = len(t.data) // 8
     return list(struct.unpack(f"<{n}q", bytes(t.data)))
+
+
+def concat_steps(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate [B, T_i, ...] tensors of one dtype along T (row-major bytes, no torch)."""
+    first = tensors[0]
+    batch, rest = first.shape[0], first.shape[2:]
+    if any(t.dtype != first.dtype or t.shape[0] != batch or t.shape[2:] != rest for t in tensors):
+        raise MalformedFrame("tensors to concatenate differ in dtype, batch or inner shape")
+    inner = len(first.data) // (batch * first.shape[1]) if first.shape[1] else 0
+    rows = []
+    for b in range(batch):
+        for t in tensors:
+            row = t.shape[1] * inner
+            rows.append(bytes(memoryview(t.data)[b * row:(b + 1) * row]))
+    total = sum(t.shape[1] for t in tensors)
+    return Tensor(first.dtype, (batch, total, *rest), b"".join(rows))
