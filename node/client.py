@@ -17,7 +17,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
 
 import trio
 
@@ -37,7 +37,7 @@ from protocol.messages import (
     StepResult,
 )
 from protocol.records import CapacityRecord
-from protocol.ids import INFERENCE_PROTOCOL
+from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL
 
 from ._util import unwrap_single_groups
 from .accounting import ClientAccount, store
@@ -47,6 +47,10 @@ from .health import PeerHealth, RttTracker
 from .host import Host, Stream, StreamBroken, open_host
 from .ledger import Ledger
 from .routing import Candidate, Hop, NoRoute, find_chain, find_chain_between
+from .swarmkey import SwarmKey, check_admitted, open_admission
+
+if TYPE_CHECKING:
+    from .spotcheck import SpotChecker
 from .wire import concat_steps, int64_tensor, int64_values, recv_message, send_message
 
 log = logging.getLogger(__name__)
@@ -129,6 +133,10 @@ class SwarmClient:
         self.rtt = RttTracker()
         self._known: dict[str, list[CapacityRecord]] = {}
         self.failovers_total = 0  # over the client's life (node/metrics.py exports it)
+        self.swarm_id = DEFAULT_SWARM_ID  # the private swarm's, with a swarm key
+        self.bootstrap_addrs: list[str] = []
+        self._admission_checked = False
+        self.spot_checker: SpotChecker | None = None  # verify sampled steps (node/spotcheck.py)
 
     @classmethod
     @asynccontextmanager
@@ -141,8 +149,12 @@ class SwarmClient:
         listen: str = "/ip4/127.0.0.1/tcp/0",
         step_timeout_s: float = STEP_TIMEOUT_S,
         replay: str = "exact",
+        swarm_key: "str | Path | SwarmKey | None" = None,
     ) -> AsyncIterator["SwarmClient"]:
-        """A client; with ``data_dir`` it keeps its identity and a receipt ledger there."""
+        """A client; with ``data_dir`` it keeps its identity and a receipt ledger there.
+        With ``swarm_key`` (a key file or a SwarmKey) it joins that private swarm."""
+        if swarm_key is not None and not isinstance(swarm_key, SwarmKey):
+            swarm_key = SwarmKey.load(swarm_key)
         ledger = None
         if data_dir is not None:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
@@ -151,9 +163,13 @@ class SwarmClient:
         identity = identity or Identity.generate()
         try:
             with unwrap_single_groups():
-                async with open_host(identity.seed, listen) as host:
+                async with open_host(identity.seed, listen) as host, open_admission(host, swarm_key):
                     async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
-                        yield cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s, replay=replay)
+                        client = cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s, replay=replay)
+                        client.bootstrap_addrs = list(bootstrap)
+                        if swarm_key is not None:
+                            client.swarm_id = swarm_key.swarm_id
+                        yield client
         finally:
             if ledger is not None:
                 ledger.close()
@@ -173,6 +189,9 @@ class SwarmClient:
     async def route(self, model_id: str, *, num_layers: int | None = None, need_tokens: int = 0) -> list[Hop]:
         """The fastest chain covering the model, from the records in the DHT now."""
         records = await self.records(model_id)
+        if not records and not self._admission_checked:  # a private swarm's node says so
+            self._admission_checked = True
+            await check_admitted(self.host, self.bootstrap_addrs)
         num_layers = num_layers or num_layers_of(records, model_id)
         if num_layers is None:
             raise NoRoute(0, [], [], detail=f"no peer advertises model {model_id}")
@@ -320,7 +339,7 @@ class SwarmClient:
             raise HopFailed(hop, str(exc), exc if isinstance(exc, ShizaError) else None) from None
         self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
         account = ClientAccount(self.identity, hop.peer_id, chain.model_id, hop.start, hop.end,
-                                opened.session_id)
+                                opened.session_id, swarm_id=self.swarm_id)
         return _HopSession(hop, stream, opened.session_id, account)
 
     async def _close_hop(self, h: _HopSession) -> None:
@@ -381,6 +400,8 @@ class SwarmClient:
         while i < len(chain.hops):
             try:
                 payload = await self._run(chain.hops[i], payload, pos_t, mask_t)
+                if self.spot_checker is not None:
+                    payload = await self.spot_checker.check(self, chain, i, payload)
             except HopFailed as exc:
                 await self._fail_over(chain, i, exc)
                 continue  # retry this step on the replacement

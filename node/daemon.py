@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from protocol.identity import Identity
-from protocol.ids import INFERENCE_PROTOCOL, INFO_PROTOCOL
+from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from protocol.messages import NodeInfo, ServedSpan
 from protocol.records import Hardware
 
@@ -30,6 +30,7 @@ from .announce import DHT_SELECTORS, DHT_VALIDATORS, Announcer, RecordState, fet
 from .capacity import HardwareInfo, cached_throughput, detect_hardware
 from .dht import SwarmDHT, open_dht
 from .host import Host, open_host
+from .swarmkey import SwarmKey, open_admission
 from .ledger import Ledger
 from .placement import choose_span, estimate_layer_bytes, layers_that_fit, should_move
 from .server import Accounting, ServerLimits, SpanServer
@@ -63,7 +64,13 @@ class NodeConfig:
     receipt_every: int = DEFAULT_RECEIPT_EVERY
     unit_price: float | None = None
     throttle_s: float = 0.0  # extra delay per step (testing and demonstrations: a slow node)
+    # "span" (transformers, any span) or "vllm" (the whole model through a managed vLLM server).
+    engine: str = "span"
+    tensor_parallel: int | None = None  # vllm: GPUs to shard over (None: all visible; CPU: 1)
+    vllm_python: str | None = None  # vllm: its venv's python (None: .venv-vllm, else this one)
     limits: ServerLimits = field(default_factory=ServerLimits)
+    swarm_key: Path | None = None  # --swarm-key: a private swarm (node/swarmkey.py)
+    corrupt_outputs: float = 0.0  # testing only: noise added to outputs (spot checks catch it)
     # Extra services run in the node's nursery once it serves (HTTP surfaces and the like):
     # ``await service(node, task_status=...)``; each calls task_status.started() when ready.
     services: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
@@ -111,6 +118,7 @@ class Node:
         self.state: RecordState | None = None
         self.announcer: Announcer | None = None
         self.server: SpanServer | None = None
+        self.swarm_id = DEFAULT_SWARM_ID  # a private swarm's id when it has a swarm key
 
     # ---- span and engine --------------------------------------------------------------------
     def max_layers(self) -> int:
@@ -143,9 +151,29 @@ class Node:
         from .engine.span import SpanEngine, measure_throughput
 
         cfg = self.cfg
+        if cfg.engine == "vllm":
+            from .engine import vllm_engine
+
+            def load_vllm() -> tuple[Any, float]:
+                engine = vllm_engine.VllmEngine.load(
+                    self.source, vllm_python=cfg.vllm_python, device=cfg.device, dtype=cfg.dtype,
+                    tensor_parallel=cfg.tensor_parallel, max_model_len=cfg.limits.max_length,
+                    log_path=cfg.data_dir / "vllm.log")
+                key = {"engine": "vllm", "model": engine.model_id, "device": cfg.device,
+                       "dtype": cfg.dtype, "tp": engine.server.tensor_parallel}
+                try:
+                    tps = cached_throughput(cfg.data_dir / "throughput.json", key,
+                                            lambda: vllm_engine.measure_throughput(engine))
+                except BaseException:
+                    engine.close()
+                    raise
+                return engine, tps
+
+            return await trio.to_thread.run_sync(load_vllm)
 
         def load_and_measure() -> tuple[Any, float]:
-            engine = SpanEngine.load(self.source, start, end, device=cfg.device, dtype=cfg.dtype)
+            engine = SpanEngine.load(self.source, start, end, device=cfg.device, dtype=cfg.dtype,
+                                     max_cache_tokens=cfg.limits.max_sessions * cfg.limits.max_length)
             key = {"model": engine.model_id, "start": start, "end": end, "device": cfg.device, "dtype": cfg.dtype}
             tps = cached_throughput(cfg.data_dir / "throughput.json", key, lambda: measure_throughput(engine))
             if cfg.throttle_s > 0:  # advertise what clients will really get
@@ -174,9 +202,18 @@ class Node:
             hardware=Hardware(hw.device_kind, hw.device_name, hw.memory_total, hw.memory_free),
             throughput=throughput, cache_tokens_left=cfg.limits.max_sessions * cfg.limits.max_length,
         )
-        accounting = Accounting(self.identity, self.ledger, cfg.receipt_every, cfg.unit_price)
+        accounting = Accounting(self.identity, self.ledger, cfg.receipt_every, cfg.unit_price,
+                                swarm_id=self.swarm_id)
         self.server = SpanServer(self.engine, node_info=self.node_info, limits=cfg.limits,
                                  accounting=accounting, throttle_s=cfg.throttle_s)
+        state = self.state
+
+        def cache_changed(left: int | None) -> None:  # the announcer republishes it periodically
+            if left is not None:
+                state.cache_tokens_left = left
+
+        self.server.admission.on_change = cache_changed
+        self.server.corrupt_outputs = cfg.corrupt_outputs
         self.host.set_handler(INFO_PROTOCOL, self.server.handle_info)
         self.host.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         self.announcer = Announcer(self.identity, self.dht, self.state, ttl_s=cfg.record_ttl_s,
@@ -185,6 +222,10 @@ class Node:
             await nursery.start(self.announcer.serve)
             if cfg.layers is None:
                 nursery.start_soon(self.rebalance)
+            if cfg.engine == "vllm":
+                from .engine.vllm_engine import supervise
+
+                nursery.start_soon(supervise, self)
             for service in cfg.services:
                 await nursery.start(service, self)
             ready = ReadyInfo(self.identity.peer_id, list(self.host.addrs), self.source.model_id,
@@ -246,14 +287,24 @@ async def run_node(
     identity = Identity.load_or_create(cfg.data_dir)
     log.info("peer id %s; preparing %s", identity.peer_id, cfg.model)
     source = await trio.to_thread.run_sync(resolve_model, cfg.model)
+    if cfg.engine == "vllm":
+        cfg.layers = (0, source.num_layers)  # vLLM serves the whole model, never a span
     if cfg.layers is not None and not 0 <= cfg.layers[0] < cfg.layers[1] <= source.num_layers:
         raise ValueError(f"--layers {cfg.layers[0]}:{cfg.layers[1]} is outside the model's 0:{source.num_layers}")
+    swarm_key = SwarmKey.load(cfg.swarm_key) if cfg.swarm_key is not None else None  # before any I/O
     ledger = Ledger.open(cfg.data_dir / LEDGER_FILE)
     try:
-        async with open_host(identity.seed, cfg.listen) as host:
+        async with open_host(identity.seed, cfg.listen) as host, open_admission(host, swarm_key):
             async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, cfg.bootstrap) as dht:
                 node = Node(cfg, identity, source, ledger, host, dht, detect_hardware(cfg.device))
-                await node.serve(stop, task_status)
+                if swarm_key is not None:
+                    node.swarm_id = swarm_key.swarm_id
+                try:
+                    await node.serve(stop, task_status)
+                finally:
+                    close = getattr(node.engine, "close", None)  # the vLLM engine's server process
+                    if close is not None:
+                        close()
     finally:
         ledger.close()  # every receipt was committed as it was made; this releases the file
         try:

@@ -26,7 +26,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     async def main() -> dict[str, object]:
-        async with SwarmClient.open(args.bootstrap, data_dir=data_dir) as client:
+        async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=getattr(args, "swarm_key", None)) as client:
             route = await client.wait_for_route(model.model_id, args.wait, num_layers=model.num_layers)
             on_text = None if args.json else (lambda s: print(s, end="", flush=True))
             text, prompt_ids, result = await generate_text(

@@ -34,6 +34,11 @@ class PeerHealth:
         self._until[peer_id] = now + delay
         return self._until[peer_id]
 
+    def distrust(self, peer_id: str, now: float, seconds: float) -> None:
+        """Avoid ``peer_id`` for ``seconds`` from ``now`` (caught misbehaving: node/spotcheck.py)."""
+        self._failures[peer_id] = max(self._failures.get(peer_id, 0), 64)
+        self._until[peer_id] = max(self._until.get(peer_id, 0.0), now + seconds)
+
     def succeeded(self, peer_id: str) -> None:
         self._failures.pop(peer_id, None)
         self._until.pop(peer_id, None)

@@ -27,6 +27,7 @@ class NodeProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     info: dict[str, object] = field(default_factory=dict)
+    terminated: bool = False
 
     @property
     def peer_id(self) -> str:
@@ -56,9 +57,9 @@ class NodeProcess:
         raise NodeFailed(f"node not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM, wait for the graceful exit; SIGKILL only past ``timeout_s``."""
+        """SIGTERM (once), wait for the graceful exit; SIGKILL only past ``timeout_s``."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -67,8 +68,10 @@ class NodeProcess:
         return int(self.proc.returncode)
 
     def terminate(self) -> None:
-        if self.proc.poll() is None:
+        # A second SIGTERM could land after the node restored the default handler on its way out.
+        if self.proc.poll() is None and not self.terminated:
             self.proc.send_signal(signal.SIGTERM)
+            self.terminated = True
 
     def kill(self) -> None:
         if self.proc.poll() is None:

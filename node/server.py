@@ -19,12 +19,13 @@ from protocol.errors import (
     Busy,
     Internal,
     InvalidMessage,
+    NotAllowed,
     SessionClosed,
     ShizaError,
     SpanNotServed,
     UnknownModel,
 )
-from protocol.ids import MAX_TENSOR_ELEMENTS
+from protocol.ids import DEFAULT_SWARM_ID, MAX_TENSOR_ELEMENTS
 from protocol.messages import (
     CloseSession,
     Closed,
@@ -44,7 +45,9 @@ from protocol.receipts import Receipt, verify_receipt
 
 from .accounting import DEFAULT_RECEIPT_EVERY, SeqAllocator, ServerAccount, store
 from .host import Stream, StreamBroken
+from .limits import PeerLimiter, PeerLimits
 from .ledger import Ledger
+from .scheduler import CacheAdmission, StepScheduler
 from .wire import recv_message, send_message
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class ServerLimits:
     max_length: int = 4096
     open_timeout_s: float = 30.0  # from stream open to OpenSession
     idle_timeout_s: float = 300.0  # between two steps of a session
+    peer: PeerLimits = field(default_factory=PeerLimits)  # per remote peer (node/limits.py)
+    allow_peers: frozenset[str] | None = None  # --allow-peers: only these may open sessions
 
 
 @dataclass
@@ -66,6 +71,10 @@ class ServerStats:
     steps_total: int = 0
     errors_by_code: dict[int, int] = field(default_factory=dict)
     receipts: dict[str, int] = field(default_factory=dict)  # by ledger status
+    # Tokens through the span: the first step of a session is its prefill, the rest decode.
+    tokens_prefill: int = 0
+    tokens_decode: int = 0
+    work_units: int = 0  # tokens times layers, as receipts count them
 
 
 @dataclass
@@ -76,6 +85,7 @@ class Accounting:
     ledger: Ledger | None
     every_tokens: int = DEFAULT_RECEIPT_EVERY
     unit_price: float | None = None
+    swarm_id: str = DEFAULT_SWARM_ID  # a private swarm's id (node/swarmkey.py)
     seqs: SeqAllocator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +100,8 @@ class _Session:
     account: ServerAccount | None
     pending: Receipt | None = None  # a checkpoint receipt awaiting the client's verdict
     final_sent: bool = False
+    client: str = ""
+    kv_tokens: int = 0  # reserved against the client's per-peer limit
 
 
 class SpanServer:
@@ -107,18 +119,24 @@ class SpanServer:
         self.engine = engine
         self.accounting = accounting
         self.throttle_s = throttle_s
+        self.corrupt_outputs = 0.0  # testing only (--corrupt-outputs): noise relative to max |output|
         self.node_info = node_info
         self.limits = limits or ServerLimits()
         self.stats = ServerStats()
+        self.peers = PeerLimiter(self.limits.peer)
+        # Called after each engine step with (prefill?, batch size, seconds): node/metrics.py.
+        self.on_step: Callable[[bool, int, float], None] | None = None
         self.accepting = True
-        # One forward pass at a time: the engine uses every core for each step.
-        self._compute = trio.CapacityLimiter(1)
+        # Steps of concurrent sessions run as batched forwards; opens wait for cache room.
+        self.scheduler = StepScheduler()
+        self.admission = CacheAdmission()
         self._idle = trio.Event()
         self._idle.set()
 
     # ---- info -------------------------------------------------------------------------
     async def handle_info(self, stream: Stream) -> None:
         try:
+            self.peers.check_banned(stream.remote_peer_id)  # refused at once, before reading
             msg = await recv_message(stream, self.limits.open_timeout_s)
             if not isinstance(msg, InfoRequest):
                 raise InvalidMessage("expected info_req")
@@ -132,12 +150,13 @@ class SpanServer:
     async def handle_inference(self, stream: Stream) -> None:
         session: _Session | None = None
         try:
+            self._admit(stream.remote_peer_id)  # banned or not allowed: refused before reading
             msg = await recv_message(stream, self.limits.open_timeout_s)
             if msg is None:
                 return
             if not isinstance(msg, OpenSession):
                 raise InvalidMessage(f"expected open, got {type(msg).__name__}")
-            session = self._open(msg, stream.remote_peer_id)
+            session = await self._open(msg, stream.remote_peer_id)
             await send_message(
                 stream, SessionOpened(session.session_id, msg.start, msg.end, self.engine.hidden_size)
             )
@@ -151,10 +170,17 @@ class SpanServer:
             await self._fail(stream, Internal(f"internal error: {type(exc).__name__}"))
         finally:
             if session is not None:
+                self.peers.close_session(session.client, session.kv_tokens)
                 self._close(session.session_id)
                 await self._settle_broken(session)
 
-    def _open(self, msg: OpenSession, client: str) -> "_Session":
+    def _admit(self, peer_id: str) -> None:
+        allow = self.limits.allow_peers
+        if allow is not None and peer_id not in allow:
+            raise NotAllowed("this node serves only the peers on its allow list")
+        self.peers.check_banned(peer_id)
+
+    async def _open(self, msg: OpenSession, client: str) -> "_Session":
         eng = self.engine
         if not self.accepting:
             raise Busy("node is draining; open the session elsewhere")
@@ -177,17 +203,25 @@ class SpanServer:
         from .engine.errors import BadInput, CapacityExceeded, SessionUnknown
 
         layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
-        try:
+        kv_tokens = msg.batch_size * msg.max_length
+        self.peers.open_session(client, kv_tokens)  # RateLimited past the per-peer limits
+        def open_in_engine() -> None:
             if layers is None:
                 eng.open_session(session_id, msg.batch_size, msg.max_length, sampling)
             else:
                 eng.open_session(session_id, msg.batch_size, msg.max_length, sampling, layers=layers)
-        except CapacityExceeded as exc:
-            raise Busy(str(exc)) from None
-        except SessionUnknown:
-            raise InvalidMessage(f"session id {session_id!r} is already open") from None
-        except BadInput as exc:
-            raise InvalidMessage(str(exc)) from None
+
+        try:  # waits (bounded) for KV-cache room, then Busy: node/scheduler.py
+            await self.admission.open(eng, open_in_engine, kv_tokens)
+        except BaseException as exc:
+            self.peers.close_session(client, kv_tokens)
+            if isinstance(exc, CapacityExceeded):
+                raise Busy(str(exc)) from None
+            if isinstance(exc, SessionUnknown):
+                raise InvalidMessage(f"session id {session_id!r} is already open") from None
+            if isinstance(exc, BadInput):
+                raise InvalidMessage(str(exc)) from None
+            raise
         self.stats.sessions_open += 1
         self.stats.sessions_total += 1
         if self.stats.sessions_open == 1:
@@ -197,15 +231,16 @@ class SpanServer:
             account = ServerAccount(
                 self.accounting.identity, self.accounting.seqs, eng.model_id, msg.start, msg.end,
                 client, session_id, every_tokens=self.accounting.every_tokens,
-                unit_price=self.accounting.unit_price,
+                unit_price=self.accounting.unit_price, swarm_id=self.accounting.swarm_id,
             )
-        return _Session(session_id, msg.start, msg.end, account)
+        return _Session(session_id, msg.start, msg.end, account, client=client, kv_tokens=kv_tokens)
 
     def _close(self, session_id: str) -> None:
         try:
             self.engine.close_session(session_id)
         except Exception:  # noqa: BLE001 - already gone
             pass
+        self.admission.released(self.engine)
         self.stats.sessions_open -= 1
         if self.stats.sessions_open == 0:
             self._idle.set()
@@ -265,14 +300,15 @@ class SpanServer:
             if msg.step != expected_step:
                 raise InvalidMessage(f"expected step {expected_step}, got {msg.step}")
             self._check_step(msg, session)
+            nbytes = len(msg.input.data) + len(msg.positions.data) + (len(msg.mask.data) if msg.mask else 0)
+            self.peers.step(session.client, int(msg.input.shape[0]) * int(msg.input.shape[1]), nbytes)
             inputs = to_torch(msg.input)
             positions = to_torch(msg.positions)
             mask = to_torch(msg.mask) if msg.mask is not None else None
             try:
-                async with self._compute:
-                    out = await trio.to_thread.run_sync(
-                        self.engine.step, session.session_id, inputs, positions, mask
-                    )
+                t0 = trio.current_time()
+                out = await self.scheduler.step(self.engine, session.session_id, inputs, positions, mask)
+                step_s = trio.current_time() - t0
             except BadInput as exc:
                 raise BadShape(str(exc)) from None
             except EngineError as exc:
@@ -280,6 +316,18 @@ class SpanServer:
             if self.throttle_s:
                 await trio.sleep(self.throttle_s)  # a deliberately slow node (tests, demos)
             self.stats.steps_total += 1
+            tokens = int(msg.input.shape[0]) * int(msg.input.shape[1])
+            if msg.step == 0:
+                self.stats.tokens_prefill += tokens
+            else:
+                self.stats.tokens_decode += tokens
+            self.stats.work_units += tokens * (session.end - session.start)
+            if self.on_step is not None:
+                self.on_step(msg.step == 0, int(msg.input.shape[0]), step_s)
+            if self.corrupt_outputs and out.is_floating_point():  # a lying node (spot-check tests)
+                import torch
+
+                out = out + torch.randn_like(out) * (self.corrupt_outputs * float(out.abs().max()))
             output = from_torch(out)
             receipt_bytes = None
             if account is not None:

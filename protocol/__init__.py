@@ -11,6 +11,7 @@ from .codec import (
     pack,
     unpack,
 )
+from .disputes import PURPOSE_DISPUTE, DisputeRecord, output_digest, sign_dispute, verify_dispute
 from .documents import VerifyReport, decode_document, encode_document, verify_documents
 from .errors import (
     BadProof,
@@ -24,6 +25,8 @@ from .errors import (
     KeyMismatch,
     LimitExceeded,
     MalformedFrame,
+    NotAllowed,
+    RateLimited,
     ReceiptMismatch,
     RecordExpired,
     ServiceError,
@@ -168,6 +171,8 @@ __all__ = [
     "UnknownModel",
     "SpanNotServed",
     "BadShape",
+    "RateLimited",
+    "NotAllowed",
     "SessionNotFound",
     "SessionClosed",
     "Busy",
@@ -244,4 +249,10 @@ __all__ = [
     "decode_document",
     "verify_documents",
     "VerifyReport",
+    # disputes (spot checks)
+    "PURPOSE_DISPUTE",
+    "DisputeRecord",
+    "output_digest",
+    "sign_dispute",
+    "verify_dispute",
 ]

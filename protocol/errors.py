@@ -23,7 +23,9 @@
     │   ├── SessionNotFound       23
     │   ├── SessionClosed         24
     │   ├── Busy                  25  no room now (KV cache, sessions); retry elsewhere or later
-    │   └── Timeout               26
+    │   ├── Timeout               26
+    │   ├── RateLimited           27  this peer exceeded its per-peer limits, or is banned for a while
+    │   └── NotAllowed            28  this peer is not admitted to the swarm or not on the allow list
     └── Internal                  99  a bug or an unexpected failure on the sender's side
 
 Errors raised by msgpack or pynacl are converted inside this package: callers see only these.
@@ -171,6 +173,16 @@ class Timeout(ServiceError):
     name = "timeout"
 
 
+class RateLimited(ServiceError):
+    code = 27
+    name = "rate_limited"
+
+
+class NotAllowed(ServiceError):
+    code = 28
+    name = "not_allowed"
+
+
 class Internal(ShizaError):
     code = 99
     name = "internal"
@@ -199,6 +211,8 @@ ERROR_CLASSES: dict[int, type[ShizaError]] = {
         SessionClosed,
         Busy,
         Timeout,
+        RateLimited,
+        NotAllowed,
         Internal,
     )
 }

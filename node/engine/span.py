@@ -327,7 +327,7 @@ class SpanEngine:
         return out
 
     def _forward(self, session: _Session, inputs: torch.Tensor, positions: torch.Tensor,
-                 full_mask: torch.Tensor) -> torch.Tensor:
+                 full_mask: torch.Tensor, sample: bool = True) -> torch.Tensor:
         kwargs: dict[str, Any] = dict(
             attention_mask=full_mask, position_ids=positions,
             past_key_values=session.cache,  # 5.19's keyword; `cache=` would be swallowed
@@ -352,11 +352,142 @@ class SpanEngine:
                 if self._norm is not None:
                     base.norm = self._norm
         hidden = out.last_hidden_state  # (B, T, H)
-        if not session.is_last:
+        if not session.is_last or not sample:
             return hidden
         head = self._model.get_output_embeddings()
         logits = head(hidden[:, -1, :]).float()  # (B, V)
         return _sample(logits, session.temperature, session.top_p, session.generator)
+
+    # --- batched decode -----------------------------------------------------------------------
+
+    def step_batch(self, items: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                   ) -> list[torch.Tensor | Exception]:
+        """Run the steps of several sessions; decode steps share one forward where they can.
+
+        ``items``: ``(session_id, inputs, positions, mask)`` as for ``step``. Returns one entry
+        per item, in order: what ``step`` would have returned, or the exception it would have
+        raised (one session's bad input fails that session only).
+
+        Steps of one token (T == 1) of sessions with a non-empty cache and the same layers
+        ``[a, b)`` run as one forward: each session's cached keys and values are left-padded
+        to the longest, the 2-D mask hides the padding, and the new key/value column is split
+        back into each session's own cache. Every other step (a prefill, a lone session) runs
+        alone through ``step``. Each session samples its own rows with its own settings and
+        generator, so a batched session gets exactly the tokens it would get alone (up to
+        float rounding of batched matrix products; greedy tests compare them).
+        """
+        results: list[torch.Tensor | Exception | None] = [None] * len(items)
+        groups: dict[tuple[int, int], list[tuple[int, _Session, tuple]]] = {}
+        alone: list[int] = []
+        for i, (sid, inputs, positions, mask) in enumerate(items):
+            with self._lock:
+                session = self._sessions.get(sid)
+            if session is None:
+                alone.append(i)  # step() raises SessionUnknown for it
+                continue
+            try:
+                prepared = self._validate(session, inputs, positions, mask)
+            except Exception as e:  # noqa: BLE001 - reported to that session only
+                results[i] = e
+                continue
+            if prepared[1].shape[1] != 1 or session.length == 0 or not self._window_ok(session):
+                alone.append(i)
+                continue
+            groups.setdefault(session.layers, []).append((i, session, prepared))
+        for members in groups.values():
+            if len(members) == 1:
+                alone.append(members[0][0])
+                continue
+            try:
+                outs = self._step_group([(s, p) for _, s, p in members])
+            except Exception as e:  # noqa: BLE001 - every member shares the failure
+                for i, _, _ in members:
+                    results[i] = e
+                continue
+            for (i, _, _), out in zip(members, outs):
+                results[i] = out
+        for i in sorted(alone):
+            try:
+                results[i] = self.step(*items[i])
+            except Exception as e:  # noqa: BLE001 - reported to that session only
+                results[i] = e
+        return results  # type: ignore[return-value]
+
+    def _window_ok(self, session: _Session) -> bool:
+        """Left-padding a sliding-window cache is exact only while it has not wrapped."""
+        window = getattr(self._config, "sliding_window", None)
+        return not window or session.length + 1 < int(window)
+
+    def _step_group(self, members: list[tuple[_Session, tuple[torch.Tensor, ...]]]
+                    ) -> list[torch.Tensor]:
+        """One forward for decode steps (T == 1) of sessions running the same layers."""
+        from transformers import DynamicCache
+
+        sessions = [s for s, _ in members]
+        for s in sessions:
+            if s.length + 1 > s.max_length:
+                raise CapacityExceeded(f"session holds {s.length} of {s.max_length} tokens; "
+                                       "1 more does not fit")
+        longest = max(s.length for s in sessions)
+        inputs = torch.cat([p[0] for _, p in members], dim=0)  # (R, 1) or (R, 1, H)
+        positions = torch.cat([p[1] for _, p in members], dim=0)  # (R, 1)
+        new_mask = [p[2] for _, p in members]
+        # Each session's past, left-padded to the longest, then its new column: (R, longest + 1)
+        full_mask = torch.cat([
+            torch.cat([nn.functional.pad(s.mask, (longest - s.length, 0)), m], dim=1)
+            for s, m in zip(sessions, new_mask)], dim=0)
+        a, b = sessions[0].layers
+        lo, hi = a - self._start, b - self._start  # span-local slots this group fills
+        cache = DynamicCache(config=self._config)
+        for j in range(lo, hi):
+            slots = [s.cache.layers[j] for s in sessions]
+            # (R, kv_heads, longest, head_dim), zeros where a session is shorter
+            keys = torch.cat([nn.functional.pad(x.keys, (0, 0, longest - x.keys.shape[-2], 0))
+                              for x in slots], dim=0)
+            values = torch.cat([nn.functional.pad(x.values, (0, 0, longest - x.values.shape[-2], 0))
+                                for x in slots], dim=0)
+            layer = cache.layers[j]
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = longest
+        if sessions[0].view is not None:
+            _alias_unused_slots(cache, lo, hi)
+        batch = _Session(
+            batch_size=int(inputs.shape[0]), max_length=longest + 1, temperature=0.0, top_p=1.0,
+            seed=0, cache=cache, mask=full_mask, generator=None, layers=(a, b),
+            is_first=sessions[0].is_first, is_last=sessions[0].is_last, view=sessions[0].view)
+        with self._lock:
+            for s in sessions:
+                if all(s is not live for live in self._sessions.values()):
+                    raise SessionUnknown("a session was closed during the step")
+            try:
+                with torch.inference_mode():
+                    hidden = self._forward(batch, inputs, positions, full_mask, sample=False)  # (R, 1, H)
+                    outs: list[torch.Tensor] = []
+                    row = 0
+                    for s, m in zip(sessions, new_mask):
+                        rows = slice(row, row + s.batch_size)
+                        row += s.batch_size
+                        for j in range(lo, hi):
+                            new = cache.layers[j]
+                            s.cache.layers[j].update(new.keys[rows, :, -1:, :],
+                                                     new.values[rows, :, -1:, :])
+                        s.mask = torch.cat([s.mask, m], dim=1)
+                        if s.is_last:
+                            logits = self._model.get_output_embeddings()(
+                                hidden[rows, -1, :]).float()  # (B, V)
+                            outs.append(_sample(logits, s.temperature, s.top_p, s.generator))
+                        else:
+                            outs.append(hidden[rows])
+            except Exception as e:
+                for s in sessions:  # caches may be half-updated
+                    for sid, live in list(self._sessions.items()):
+                        if live is s:
+                            self._sessions.pop(sid)
+                raise EngineError(f"batched forward failed, {len(sessions)} sessions closed: "
+                                  f"{e}") from e
+        return outs
 
     def _validate(self, session: _Session, inputs: Any, positions: Any,
                   mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

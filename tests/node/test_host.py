@@ -194,3 +194,27 @@ async def test_latency_figures(capsys: pytest.CaptureFixture[str]) -> None:
             f"100 B round trip median {1e3 * rtts[len(rtts) // 2]:.2f} ms "
             f"p90 {1e3 * rtts[int(len(rtts) * 0.9)]:.2f} ms"
         )
+
+
+@pytest.mark.parametrize("transport", ["tls", "secio"])
+async def test_tls_or_secio_dialer_is_refused(transport: str) -> None:
+    """A dialer offering only /tls/1.0.0 or only /secio/1.0.0 gets no connection."""
+    with trio.fail_after(TIMEOUT):
+        async with open_host(seed(f"noise-only-{transport}")) as ours:
+            ours.set_handler(ECHO, echo)
+            key_pair = create_identity_from_seed(seed(f"{transport}-dialer"))
+            if transport == "tls":
+                from libp2p.security.tls.transport import PROTOCOL_ID, TLSTransport
+
+                sec = {TProtocol(PROTOCOL_ID): TLSTransport(key_pair)}
+            else:
+                from libp2p.security.secio.transport import ID as SECIO_ID
+                from libp2p.security.secio.transport import Transport as SecioTransport
+
+                sec = {TProtocol(SECIO_ID): SecioTransport(key_pair)}
+            other = new_host(key_pair=key_pair, sec_opt=sec)
+            async with other.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                with pytest.raises(Exception):
+                    await other.connect(info_from_p2p_addr(multiaddr.Multiaddr(ours.addrs[0])))
+                assert ID.from_base58(ours.peer_id) not in other.get_connected_peers()
+                assert other.get_id() not in ours.libp2p.get_connected_peers()

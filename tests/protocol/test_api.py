@@ -16,7 +16,7 @@ PUBLIC = {
     "ShizaError", "WireError", "TrustError", "ServiceError", "MalformedFrame", "FrameTooLarge",
     "UnsupportedVersion", "UnknownMessageType", "LimitExceeded", "InvalidMessage", "InvalidSignature",
     "KeyMismatch", "RecordExpired", "StaleSequence", "UnknownModel", "SpanNotServed", "BadShape",
-    "SessionNotFound", "SessionClosed", "Busy", "Timeout", "Internal", "error_from_code",
+    "SessionNotFound", "SessionClosed", "Busy", "Timeout", "RateLimited", "NotAllowed", "Internal", "error_from_code",
     "encode_frame", "FrameDecoder", "pack", "unpack", "canonical_pack", "Tensor", "itemsize", "DTYPES",
     "FLOAT_DTYPES", "Message", "InfoRequest", "NodeInfo", "ServedSpan", "SamplingParams", "OpenSession",
     "SessionOpened", "Step", "StepResult", "CloseSession", "Closed", "Error", "SessionState", "NODE_STATES",
@@ -30,6 +30,8 @@ PUBLIC = {
     "IoDigest", "count_step_tokens", "latest_per_session", "Statement", "settleable", "build_statement",
     "cosign_statement", "verify_statement", "receipt_leaf", "merkle_root", "merkle_proof", "verify_proof",
     "encode_document", "decode_document", "verify_documents", "VerifyReport",
+    # disputes
+    "PURPOSE_DISPUTE", "DisputeRecord", "output_digest", "sign_dispute", "verify_dispute",
 }
 
 

@@ -10,6 +10,7 @@ EXPECTED = {
     "RecordExpired": 12, "StaleSequence": 13, "ReceiptMismatch": 14, "DuplicateReceipt": 15,
     "BadProof": 16, "UnknownModel": 20, "SpanNotServed": 21,
     "BadShape": 22, "SessionNotFound": 23, "SessionClosed": 24, "Busy": 25, "Timeout": 26,
+    "RateLimited": 27, "NotAllowed": 28,
     "Internal": 99,
 }
 

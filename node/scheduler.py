@@ -1,0 +1,212 @@
+"""Batching the steps of many sessions, and admission by KV-cache budget.
+
+``StepScheduler`` turns the steps that wait at one moment into one ``engine.step_batch`` call
+(continuous batching: a session joins the next batch when its step arrives and leaves when it
+stops sending). The engine decides what shares a forward (decode steps, T == 1, of sessions on
+the same layers); prefills run alone inside the same call.
+
+How it runs without a task of its own: the first step to arrive when nothing computes becomes
+the *leader*. It takes every pending step of its engine (up to ``max_rows`` rows), runs them in
+one worker thread, hands each result back, and passes the leadership to the oldest step that
+arrived meanwhile. So every task that runs a batch is a session handler that wanted a step
+anyway: nothing runs in the background that the server's handlers do not own, and a server
+used without a nursery (tests) batches just the same. One batch computes at a time: the engine
+uses every core for each forward.
+
+Cancellation: a step cancelled while it waits is dropped from the queue (it never reached the
+engine). Once its batch has started, the forward runs to its end (shielded: the other sessions
+of the batch need their results) and the cancelled session's result is discarded; its cache has
+advanced, which is fine because a cancelled step ends its session. A leader cancelled before it
+starts its batch hands the leadership on.
+
+``CacheAdmission`` reserves a session's KV-cache room (``batch_size * max_length`` tokens) at
+open time against the engine's ``max_cache_tokens``. When the budget is full an open waits,
+bounded by ``wait_s``, for room to be freed, then fails with ``Busy`` (wire code 25) and a hint
+of when to retry: a full node never runs out of memory, it says no.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from protocol.errors import Busy
+
+DEFAULT_MAX_ROWS = 64
+DEFAULT_ADMISSION_WAIT_S = 10.0
+
+
+@dataclass
+class SchedulerStats:
+    batches: int = 0  # engine calls
+    steps: int = 0  # session steps run
+    max_steps_per_batch: int = 0
+    compute_s: float = 0.0  # wall time inside engine calls
+    by_size: dict[int, int] = field(default_factory=dict)  # steps per batch -> batches
+
+
+@dataclass(eq=False)
+class _Request:
+    engine: Any
+    item: tuple[Any, ...]  # (session_id, inputs, positions, mask)
+    rows: int
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    lead: bool = False  # woken to lead the next batch, not with a result
+    taken: bool = False  # in a batch that has started
+
+
+class StepScheduler:
+    """Runs the steps of concurrent sessions as batched engine calls (see the module doc)."""
+
+    def __init__(self, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        self.max_rows = max_rows
+        self.stats = SchedulerStats()
+        self._pending: list[_Request] = []
+        self._busy = False  # a leader exists (computing, or woken to compute)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def step(self, engine: Any, session_id: str, inputs: Any, positions: Any,
+                   mask: Any) -> Any:
+        """The engine's output for this step, or the engine's exception raised here."""
+        req = _Request(engine, (session_id, inputs, positions, mask), int(inputs.shape[0]))
+        self._pending.append(req)
+        if self._busy:
+            try:
+                await req.done.wait()
+            except BaseException:
+                if req.lead:
+                    self._hand_off()
+                elif not req.taken and req in self._pending:
+                    self._pending.remove(req)
+                raise
+            if not req.lead:
+                return self._outcome(req)
+        self._busy = True
+        try:
+            await trio.sleep(0)  # steps that arrive in this same tick join the batch
+            batch = self._take(req.engine)
+            with trio.CancelScope(shield=True):
+                await self._run(req.engine, batch)
+        finally:
+            self._hand_off()
+        return self._outcome(req)
+
+    def _take(self, engine: Any) -> list[_Request]:
+        batch: list[_Request] = []
+        rows = 0
+        for r in list(self._pending):
+            if r.engine is not engine or (batch and rows + r.rows > self.max_rows):
+                continue
+            batch.append(r)
+            rows += r.rows
+            r.taken = True
+            self._pending.remove(r)
+        return batch
+
+    async def _run(self, engine: Any, batch: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        try:
+            run = getattr(engine, "step_batch", None) or (lambda items: _one_by_one(engine, items))
+            results = await trio.to_thread.run_sync(run, [r.item for r in batch])
+        except Exception as exc:  # noqa: BLE001 - a bug fails this batch, not the node
+            results = [exc] * len(batch)
+        st = self.stats
+        st.batches += 1
+        st.steps += len(batch)
+        st.max_steps_per_batch = max(st.max_steps_per_batch, len(batch))
+        st.by_size[len(batch)] = st.by_size.get(len(batch), 0) + 1
+        st.compute_s += time.perf_counter() - t0
+        for r, res in zip(batch, results):
+            r.result = res
+            r.done.set()
+
+    def _hand_off(self) -> None:
+        """Wake the oldest waiting step to lead the next batch, or mark the scheduler idle."""
+        self._busy = False
+        for r in self._pending:
+            if not r.done.is_set():
+                r.lead = True
+                self._busy = True
+                r.done.set()
+                return
+
+    @staticmethod
+    def _outcome(req: _Request) -> Any:
+        if isinstance(req.result, BaseException):
+            raise req.result
+        return req.result
+
+
+def _one_by_one(engine: Any, items: list[tuple[Any, ...]]) -> list[Any]:
+    """For an engine without ``step_batch``: its steps in turn, each failure kept apart."""
+    out: list[Any] = []
+    for item in items:
+        try:
+            out.append(engine.step(*item))
+        except Exception as exc:  # noqa: BLE001 - reported to that session only
+            out.append(exc)
+    return out
+
+
+class CacheAdmission:
+    """Opens sessions against the engine's KV-cache budget, waiting (bounded) for room.
+
+    ``on_change(tokens_left)`` is called after every open and close (the node puts it in its
+    capacity record). ``tokens_left`` is None for an engine without a budget.
+    """
+
+    def __init__(self, wait_s: float = DEFAULT_ADMISSION_WAIT_S,
+                 on_change: Callable[[int | None], None] | None = None) -> None:
+        self.wait_s = wait_s
+        self.on_change = on_change
+        self._freed = trio.Event()
+        self.refused = 0  # opens answered Busy
+
+    @staticmethod
+    def tokens_left(engine: Any) -> int | None:
+        budget = getattr(engine, "_max_cache_tokens", None)
+        if budget is None:
+            return None
+        return max(0, int(budget) - int(engine.cache_tokens_reserved()))
+
+    async def open(self, engine: Any, open_session: Callable[[], None], tokens: int) -> None:
+        """Run ``open_session`` (which raises CapacityExceeded when the budget is full),
+        retrying as room is freed for up to ``wait_s``; then ``Busy`` with a retry hint."""
+        from .engine.errors import CapacityExceeded
+
+        budget = getattr(engine, "_max_cache_tokens", None)
+        if budget is not None and tokens > budget:
+            self.refused += 1
+            raise Busy(f"session asks {tokens} cache tokens, this node holds at most {budget}; "
+                       "use a node with more room or a shorter max_length")
+        deadline = trio.current_time() + self.wait_s
+        while True:
+            try:
+                open_session()
+                break
+            except CapacityExceeded as exc:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    self.refused += 1
+                    raise Busy(f"KV-cache budget full ({exc}); waited {self.wait_s:g} s; "
+                               f"retry in {max(1.0, self.wait_s):g} s or use another node") from None
+                with trio.move_on_after(left):
+                    await self._freed.wait()
+        self._changed(engine)
+
+    def released(self, engine: Any) -> None:
+        """A session closed: wake every open that waits for room."""
+        self._freed.set()
+        self._freed = trio.Event()
+        self._changed(engine)
+
+    def _changed(self, engine: Any) -> None:
+        if self.on_change is not None:
+            self.on_change(self.tokens_left(engine))

@@ -1,0 +1,125 @@
+"""Signed dispute records: a client's statement that a node's output disagreed with witnesses.
+
+A client spot-checks a step by running the same inputs for the same layers on independent
+witness nodes (SPEC.md, section 19). When the node's output differs from the witnesses'
+beyond the tolerance, the client signs a ``DisputeRecord`` naming the accused node, the
+witnesses, the step and the digests of the outputs. One record is one reporter's word: readers
+weigh disputes by the number of *distinct* reporters, never by the number of records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from ._fields import check_bytes, check_float, check_int, check_seq, check_str, fields_of, set_field
+from .codec import Tensor, canonical_pack, unpack
+from .errors import InvalidMessage, InvalidSignature, MalformedFrame, UnsupportedVersion
+from .identity import SIGNATURE_BYTES, Identity, public_key_from_peer_id, verify
+from .ids import MAX_ID_LEN, MAX_LAYERS, MAX_UINT64, PROTOCOL_VERSION
+
+__all__ = [
+    "PURPOSE_DISPUTE",
+    "DisputeRecord",
+    "output_digest",
+    "sign_dispute",
+    "verify_dispute",
+]
+
+PURPOSE_DISPUTE = b"shiza/dispute/v0\x00"
+MAX_WITNESSES = 8
+MAX_DISPUTE_BYTES = 4096
+_DIGEST = 32
+_FIELDS = (
+    "swarm_id", "model_id", "start", "end", "step", "session_id", "accused", "witnesses", "reporter",
+    "input_digest", "accused_digest", "witness_digest", "max_abs_diff", "tolerance", "created_at",
+)
+
+
+def output_digest(t: Tensor) -> bytes:
+    """sha256 of the canonical tensor map (dtype, shape, data), as in the IoDigest."""
+    return hashlib.sha256(canonical_pack(t.to_wire())).digest()
+
+
+@dataclass(frozen=True)
+class DisputeRecord:
+    swarm_id: str
+    model_id: str
+    start: int
+    end: int
+    step: int  # the step number within the accused's session
+    session_id: str  # the accused's session
+    accused: str  # peer id of the node whose output disagreed
+    witnesses: tuple[str, ...]  # peer ids of the nodes whose outputs agreed with each other
+    reporter: str  # peer id of the client that signs
+    input_digest: bytes  # sha256 of the canonical Step map sent
+    accused_digest: bytes  # output_digest of the accused's output
+    witness_digest: bytes  # output_digest of the witnesses' (first witness's) output
+    max_abs_diff: float
+    tolerance: float
+    created_at: float
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        check_str("swarm_id", self.swarm_id, MAX_ID_LEN, nonempty=True)
+        check_str("model_id", self.model_id, MAX_ID_LEN, nonempty=True)
+        check_int("start", self.start, 0, MAX_LAYERS - 1)
+        check_int("end", self.end, self.start + 1, MAX_LAYERS)
+        check_int("step", self.step, 0, MAX_UINT64)
+        check_str("session_id", self.session_id, MAX_ID_LEN, nonempty=True)
+        for name in ("accused", "reporter"):
+            public_key_from_peer_id(check_str(name, getattr(self, name), MAX_ID_LEN, nonempty=True))
+        witnesses = check_seq("witnesses", self.witnesses, MAX_WITNESSES)
+        for w in witnesses:
+            public_key_from_peer_id(check_str("witness", w, MAX_ID_LEN, nonempty=True))
+        if not witnesses or self.accused in witnesses or self.reporter == self.accused:
+            raise InvalidMessage("a dispute needs witnesses other than the accused, and a reporter other than it")
+        set_field(self, "witnesses", witnesses)
+        for name in ("input_digest", "accused_digest", "witness_digest"):
+            check_bytes(name, getattr(self, name), _DIGEST, exact=True)
+        check_float("max_abs_diff", self.max_abs_diff, 0.0)
+        check_float("tolerance", self.tolerance, 0.0)
+        check_float("created_at", self.created_at, 0.0)
+        if self.signature:
+            check_bytes("signature", self.signature, SIGNATURE_BYTES, exact=True)
+
+    def body_wire(self) -> dict[str, Any]:
+        body = {name: getattr(self, name) for name in _FIELDS}
+        body["witnesses"] = list(self.witnesses)
+        return {"v": PROTOCOL_VERSION, **body}
+
+    def to_bytes(self) -> bytes:
+        return canonical_pack({**self.body_wire(), "signature": self.signature})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DisputeRecord:
+        """Parse and validate the fields (not the signature: see verify_dispute)."""
+        if len(data) > MAX_DISPUTE_BYTES:
+            raise InvalidMessage(f"dispute of {len(data)} bytes, limit is {MAX_DISPUTE_BYTES}")
+        got = fields_of(unpack(data), "dispute", ("v", *_FIELDS, "signature"))
+        version = got.pop("v")
+        if type(version) is not int:
+            raise InvalidMessage("dispute version 'v' must be an integer")
+        if version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"dispute version {version} is not supported")
+        record = cls(**got)
+        if record.to_bytes() != bytes(data):
+            raise MalformedFrame("dispute is not in canonical msgpack form")
+        return record
+
+
+def sign_dispute(identity: Identity, record: DisputeRecord) -> DisputeRecord:
+    if record.reporter != identity.peer_id:
+        raise InvalidMessage("the reporter of a dispute signs it")
+    body = canonical_pack(record.body_wire())
+    return DisputeRecord(**{**{n: getattr(record, n) for n in _FIELDS}, "signature": identity.sign(PURPOSE_DISPUTE, body)})
+
+
+def verify_dispute(record: DisputeRecord) -> DisputeRecord:
+    """The record if its reporter's signature verifies; InvalidSignature otherwise."""
+    if not record.signature:
+        raise InvalidSignature("dispute is not signed")
+    verify(public_key_from_peer_id(record.reporter), PURPOSE_DISPUTE, canonical_pack(record.body_wire()),
+           record.signature)
+    return record
