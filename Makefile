@@ -40,7 +40,7 @@ test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not vllm"
 
 bench: $(STAMP)
 	$(BIN)/shiza bench --quick --out bench-out

@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                    help="a peer of the swarm (repeatable)")
+    p.add_argument("--swarm-key", type=Path, default=None, metavar="FILE", help="join a private swarm")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the gateway's identity and receipt ledger (default: ~/.shiza/gateway)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or default_data_dir() / "gateway"
 
     async def main() -> None:
-        async with SwarmClient.open(args.bootstrap, data_dir=data_dir) as client:
+        async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=args.swarm_key) as client:
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(functools.partial(
                     serve_gateway, client, models, host=args.host, port=args.port, api_keys=args.api_key))

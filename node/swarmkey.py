@@ -34,7 +34,7 @@ from libp2p.custom_types import TProtocol
 
 from protocol.messages import Error, encode_message
 
-from .host import Host, Stream, StreamBroken
+from .host import FrameTooLong, Host, Stream, StreamBroken
 
 __all__ = [
     "ADMIT_PROTOCOL",
@@ -191,15 +191,18 @@ class Admission:
         """The ``/shiza/admit/0.1.0`` handler: prove ourselves, check the initiator's proof."""
         peer, me = stream.remote_peer_id, self.host.peer_id
         ok = False
-        with trio.move_on_after(ADMIT_TIMEOUT_S):
-            nonce_i = await stream.read_frame(NONCE_LEN)
-            if nonce_i is None or len(nonce_i) != NONCE_LEN:
-                return
-            nonce_r = secrets.token_bytes(NONCE_LEN)
-            await stream.send_frame(nonce_r + self.key.mac(b"R", peer, me, nonce_i, nonce_r))
-            mac_i = await stream.read_frame(MAC_LEN)
-            ok = mac_i is not None and hmac.compare_digest(mac_i, self.key.mac(b"I", peer, me, nonce_i, nonce_r))
-            await stream.send_frame(b"\x01" if ok else b"\x00")
+        try:
+            with trio.move_on_after(ADMIT_TIMEOUT_S):
+                nonce_i = await stream.read_frame(NONCE_LEN)
+                if nonce_i is None or len(nonce_i) != NONCE_LEN:
+                    return
+                nonce_r = secrets.token_bytes(NONCE_LEN)
+                await stream.send_frame(nonce_r + self.key.mac(b"R", peer, me, nonce_i, nonce_r))
+                mac_i = await stream.read_frame(MAC_LEN)
+                ok = mac_i is not None and hmac.compare_digest(mac_i, self.key.mac(b"I", peer, me, nonce_i, nonce_r))
+                await stream.send_frame(b"\x01" if ok else b"\x00")
+        except (StreamBroken, FrameTooLong):  # a peer that does not follow the exchange
+            ok = False
         if ok:
             self._decide(peer, True)
         elif not self.is_admitted(peer):
