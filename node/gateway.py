@@ -37,7 +37,7 @@ from protocol.ids import MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
 from .client import GenerationResult, SwarmClient
-from .http import read_body, send_json, serve_asgi
+from .http import lifespan, read_body, send_json, serve_asgi
 from .routing import Hop, NoRoute
 from .textgen import TextModel, _Detokenizer
 
@@ -230,7 +230,7 @@ class Gateway:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -494,14 +494,6 @@ async def _with_disconnect(receive: Receive, work: Callable[[trio.CancelScope], 
         await work(nursery.cancel_scope)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 # ---- running it --------------------------------------------------------------------------------

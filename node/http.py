@@ -58,6 +58,18 @@ async def serve_asgi(
             shutdown.set()
 
 
+async def lifespan(receive: Callable[[], Awaitable[dict[str, Any]]],
+                   send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """Answer the ASGI lifespan protocol (nothing to set up or tear down)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: object,
                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     data = json.dumps(body).encode()

@@ -29,7 +29,7 @@ from protocol.messages import InfoRequest, NodeInfo
 from protocol.records import CapacityRecord
 
 from .announce import fetch_records
-from .http import send_bytes, send_json, serve_asgi
+from .http import lifespan, send_bytes, send_json, serve_asgi
 from .wire import recv_message, send_message
 
 log = logging.getLogger(__name__)
@@ -174,13 +174,8 @@ def make_app(watcher: SwarmWatcher) -> Callable[..., Any]:
 
     async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         if scope["path"] in ("/", "/index.html"):
