@@ -22,6 +22,7 @@ from protocol.records import CapacityRecord, Hardware, sign_record, verify_recor
 from protocol.messages import ServedSpan
 
 from .dht import SwarmDHT
+from .disputes import DISPUTE_NAMESPACE, select_dispute, validate_dispute
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ def select_capacity(key: str, values: list[bytes]) -> int:
     return best
 
 
-DHT_VALIDATORS = {CAPACITY_NAMESPACE: validate_capacity}
-DHT_SELECTORS = {CAPACITY_NAMESPACE: select_capacity}
+DHT_VALIDATORS = {CAPACITY_NAMESPACE: validate_capacity, DISPUTE_NAMESPACE: validate_dispute}
+DHT_SELECTORS = {CAPACITY_NAMESPACE: select_capacity, DISPUTE_NAMESPACE: select_dispute}
 
 
 @dataclass

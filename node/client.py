@@ -43,6 +43,7 @@ from ._util import unwrap_single_groups
 from .accounting import ClientAccount, store
 from .announce import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
 from .dht import SwarmDHT, open_dht
+from .disputes import DisputeWatch, publish_dispute
 from .health import PeerHealth, RttTracker
 from .host import Host, Stream, StreamBroken, open_host
 from .ledger import Ledger
@@ -137,6 +138,7 @@ class SwarmClient:
         self.bootstrap_addrs: list[str] = []
         self._admission_checked = False
         self.spot_checker: SpotChecker | None = None  # verify sampled steps (node/spotcheck.py)
+        self.disputes = DisputeWatch(dht)  # peers disputed by enough reporters (node/disputes.py)
 
     @classmethod
     @asynccontextmanager
@@ -195,6 +197,7 @@ class SwarmClient:
         num_layers = num_layers or num_layers_of(records, model_id)
         if num_layers is None:
             raise NoRoute(0, [], [], detail=f"no peer advertises model {model_id}")
+        await self.disputes.refresh(r.peer_id for r in records)  # bounded; _candidates drops the excluded
         return find_chain(
             num_layers, self._candidates(records, model_id), avoid=self.health.avoided(time.monotonic()),
             need_tokens=need_tokens, allow_partial=True,
@@ -401,7 +404,10 @@ class SwarmClient:
             try:
                 payload = await self._run(chain.hops[i], payload, pos_t, mask_t)
                 if self.spot_checker is not None:
+                    accused = len(self.spot_checker.disputes)
                     payload = await self.spot_checker.check(self, chain, i, payload)
+                    for record in self.spot_checker.disputes[accused:]:
+                        await publish_dispute(self.dht, record)  # bounded, best effort, never raises
             except HopFailed as exc:
                 await self._fail_over(chain, i, exc)
                 continue  # retry this step on the replacement
@@ -464,7 +470,9 @@ class SwarmClient:
         raise LayersLost(failed.hop.start, failed.hop.end, "every replacement failed")
 
     def _candidates(self, records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
-        return [replace(c, rtt_s=self.rtt.get(c.peer_id)) for c in candidates_from(records, model_id)]
+        excluded = self.disputes.excluded()
+        return [replace(c, rtt_s=self.rtt.get(c.peer_id)) for c in candidates_from(records, model_id)
+                if c.peer_id not in excluded]
 
 
 @dataclass

@@ -24,6 +24,7 @@ from node.client import SwarmClient
 from node.engine.reference import reference_greedy
 from node.health import PeerHealth
 from node.routing import Hop
+from node.disputes import fetch_disputes
 from node.spotcheck import SpotChecker
 from node.swarmkey import SwarmKey, write_swarm_key
 from protocol.disputes import DisputeRecord, verify_dispute
@@ -379,6 +380,11 @@ async def test_spot_check_catches_a_node_that_corrupts_its_outputs(three_full_no
             assert liar.peer_id in client.health.avoided(time.monotonic()) or not against_liar
             assert liar.peer_id not in [h.peer_id for h in result.route]  # failed over
     assert caught == 2
+    # The disputes were published (node/disputes.py): another client finds one reporter's.
+    async with SwarmClient.open([honest_c.addr]) as reader:
+        with trio.fail_after(20):
+            found = await fetch_disputes(reader.dht, liar.peer_id)
+    assert list(found) == [client.identity.peer_id]
 
 
 async def test_spot_checks_never_accuse_honest_nodes(three_full_nodes, model_id, tiny_model):
