@@ -6,10 +6,11 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from ._util import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,5 @@ def cached_throughput(
         return cache[name]
     value = float(measure())
     cache[name] = value
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".throughput.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(cache, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, cache_file)
+    write_atomic(cache_file, json.dumps(cache, indent=1, sort_keys=True).encode())
     return value

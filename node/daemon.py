@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -25,6 +24,7 @@ from protocol.messages import NodeInfo, ServedSpan
 from protocol.records import Hardware
 
 from . import __version__
+from ._util import write_atomic
 from .accounting import DEFAULT_RECEIPT_EVERY
 from .announce import DHT_SELECTORS, DHT_VALIDATORS, Announcer, RecordState, fetch_records
 from .capacity import HardwareInfo, cached_throughput, detect_hardware
@@ -90,18 +90,7 @@ class ReadyInfo:
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

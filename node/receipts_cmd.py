@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from protocol.errors import ShizaError
 from protocol.identity import Identity
-from protocol.receipts import Receipt
 from protocol.documents import decode_document, encode_document, verify_documents
+from protocol.receipts import Receipt
 from protocol.settlement import Statement, build_statement, cosign_statement, settleable
+
+from ._util import write_atomic
 
 LEDGER_FILE = "ledger.sqlite"
 
@@ -71,21 +71,6 @@ def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Ledger.open(path)
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomically: an interrupted write never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _fmt(path: Path) -> str:
     return "msgpack" if path.suffix in (".msgpack", ".mp", ".bin") else "json"
 
@@ -121,7 +106,7 @@ def _export(args: argparse.Namespace) -> int:
         receipts = _receipts(ledger)
     doc = {"v": 0, "kind": "receipts", "owner": identity.peer_id, "exported_at": time.time(),
            "receipts": [r.to_wire() for r in receipts]}
-    _write(args.out, encode_document(doc, _fmt(args.out)))
+    write_atomic(args.out, encode_document(doc, _fmt(args.out)))
     print(f"exported {len(receipts)} receipts to {args.out}")
     return 0
 
@@ -136,7 +121,7 @@ def _settle(args: argparse.Namespace) -> int:
     statement = build_statement(identity, args.counterparty, receipts, period_start=start, period_end=until)
     doc = {"v": 0, "kind": "statement", "statement": statement.to_wire(),
            "receipts": [r.to_wire() for r in covered]}
-    _write(args.out, encode_document(doc, _fmt(args.out)))
+    write_atomic(args.out, encode_document(doc, _fmt(args.out)))
     print(f"statement over {statement.count} receipts, {statement.work_units} work units, "
           f"root {statement.merkle_root.hex()[:16]}..., written to {args.out}")
     return 0
@@ -155,7 +140,7 @@ def _cosign(args: argparse.Namespace) -> int:
     signed = cosign_statement(identity, statement, mine)
     doc["statement"] = signed.to_wire()
     out = args.out or args.file
-    _write(out, encode_document(doc, _fmt(out)))
+    write_atomic(out, encode_document(doc, _fmt(out)))
     print(f"countersigned statement over {signed.count} receipts, written to {out}")
     return 0
 
