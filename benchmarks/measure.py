@@ -6,15 +6,17 @@ just their union. Everything runs on loopback; pipelines use real node processes
 
 from __future__ import annotations
 
-import statistics
+import socket
 import tempfile
 import time
+import urllib.request
 from contextlib import AsyncExitStack
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
+
+from . import roundtrip
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 5140, 30, 9690, 198, 28, 7]
 
@@ -47,32 +49,93 @@ def monolithic(model: str, new_tokens: int) -> dict[str, Any]:
 # ---- 2. pipelines of real node processes -----------------------------------------------------
 
 def pipeline(model: str, hops: int, new_tokens: int, concurrency: list[int],
-             root: Path) -> dict[str, Any]:
-    """Start ``hops`` nodes splitting the model, then one session and c concurrent ones."""
+             root: Path, libp2p_single: bool = False) -> dict[str, Any]:
+    """Start ``hops`` nodes splitting the model, then one session and c concurrent ones.
+
+    Sessions use direct activation channels (the client's default). Each node serves its
+    Prometheus metrics, so the single session's engine time is known; with ``libp2p_single``
+    one more single session runs with ``direct=False`` (frames on the libp2p streams)."""
     from node.engine.registry import resolve_model
     from node.localswarm import start_chain, stop_all
 
     source = resolve_model(model, progress=False)
+    ports = [_free_port() for _ in range(hops)]
     nodes = start_chain(root / f"pipeline{hops}", _spans(source.num_layers, hops), model=model,
-                        timeout_s=300)
+                        timeout_s=300, metrics_ports=ports)
     try:
         return trio.run(_drive, nodes[0].addr, source.model_id, source.num_layers, new_tokens,
-                        concurrency)
+                        concurrency, ports, libp2p_single)
     finally:
         stop_all(nodes)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _decode_engine_s(ports: list[int]) -> list[tuple[float, float]]:
+    """Per node, (sum, count) of its ``shiza_step_duration_seconds`` decode observations."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = []
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        total = {"_sum": 0.0, "_count": 0.0}
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "shiza_step_duration_seconds":
+                for s in fam.samples:
+                    suffix = s.name[len(fam.name):]
+                    if suffix in total and s.labels.get("phase") == "decode":
+                        total[suffix] += s.value
+        out.append((total["_sum"], total["_count"]))
+    return out
+
+
+async def _timed_single(client: Any, model_id: str, route: Any, new_tokens: int,
+                        ports: list[int]) -> tuple[Any, float | None]:
+    """One session, and the engine time per decode token summed over the nodes (mean of
+    each node's decode steps during that session, from its metrics; None if unreadable)."""
+    try:
+        before = await trio.to_thread.run_sync(_decode_engine_s, ports)
+    except OSError:
+        before = None
+    one = await client.generate(model_id, [PROMPT], max_new_tokens=new_tokens, route=route)
+    try:
+        after = await trio.to_thread.run_sync(_decode_engine_s, ports)
+    except OSError:
+        return one, None
+    if before is None or any(a[1] <= b[1] for a, b in zip(after, before)):
+        return one, None
+    return one, sum((a[0] - b[0]) / (a[1] - b[1]) for a, b in zip(after, before))
+
+
 async def _drive(addr: str, model_id: str, num_layers: int, new_tokens: int,
-                 concurrency: list[int]) -> dict[str, Any]:
+                 concurrency: list[int], ports: list[int], libp2p_single: bool) -> dict[str, Any]:
     from node.client import SwarmClient
 
     out: dict[str, Any] = {}
     async with SwarmClient.open([addr]) as client:
         route = await client.wait_for_route(model_id, 120, num_layers=num_layers)
         await client.generate(model_id, [PROMPT], max_new_tokens=3, route=route)  # warm-up
-        one = await client.generate(model_id, [PROMPT], max_new_tokens=new_tokens, route=route)
+        one, compute = await _timed_single(client, model_id, route, new_tokens, ports)
         out["single_tok_s"] = one.tokens_per_s
         out["ttft_s"] = one.ttft_s
+        # Client wall time per decode token (each a step through every hop), and the part of
+        # it the nodes' engines spent computing: the rest is protocol and transport.
+        out["client_step_s"] = one.decode_s / (one.steps - 1) if one.steps > 1 else None
+        out["node_compute_per_token_s"] = compute
+        out["direct_fallbacks"] = len(client.direct_failed)  # hops that fell back to libp2p
+        if libp2p_single:
+            async with SwarmClient.open([addr], direct=False) as plain:
+                route2 = await plain.wait_for_route(model_id, 120, num_layers=num_layers)
+                await plain.generate(model_id, [PROMPT], max_new_tokens=3, route=route2)
+                two, compute2 = await _timed_single(plain, model_id, route2, new_tokens, ports)
+            out["single_tok_s_libp2p"] = two.tokens_per_s
+            out["client_step_s_libp2p"] = two.decode_s / (two.steps - 1) if two.steps > 1 else None
+            out["node_compute_per_token_s_libp2p"] = compute2
         out["aggregate_tok_s"] = {}
         # Nodes cap open sessions per peer (8): many sessions come from several client peers.
         clients = [client]
@@ -107,73 +170,9 @@ async def _concurrent(clients: list[Any], model_id: str, route: Any, new_tokens:
     out["aggregate_tok_s"][str(c)] = total / (time.perf_counter() - t0)
 
 
-# ---- 3. per-hop overhead: plain TCP and libp2p round trips of the same payload ----------------
+# ---- 3. one decode hop: round trips (benchmarks/roundtrip.py) and the step's own costs ------
 
-def _median_rtt(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
-async def _tcp_rtt(payload: int, rounds: int) -> float:
-    """Median round trip of ``payload`` bytes over a trio TCP socket pair on loopback."""
-    async def echo(stream: trio.SocketStream) -> None:
-        while True:
-            data = await stream.receive_some(1 << 20)
-            if not data:
-                return
-            await stream.send_all(data)
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        blob = b"x" * payload
-        samples = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            await client.send_all(blob)
-            got = 0
-            while got < payload:
-                got += len(await client.receive_some(1 << 20))
-            samples.append(time.perf_counter() - t0)
-        await client.aclose()
-        nursery.cancel_scope.cancel()
-    return _median_rtt(samples)
-
-
-async def _libp2p_rtt(payload: int, rounds: int) -> float:
-    """Median framed round trip of ``payload`` bytes between two in-process libp2p hosts."""
-    from node.host import open_host
-    from protocol.identity import Identity
-
-    proto = "/shiza/bench-echo/1.0.0"
-
-    async def echo(stream: Any) -> None:
-        while True:
-            data = await stream.read_frame(1 << 24)
-            if data is None:
-                return
-            await stream.send_frame(data)
-
-    async with AsyncExitStack() as stack:
-        a = await stack.enter_async_context(open_host(Identity.generate().seed))
-        b = await stack.enter_async_context(open_host(Identity.generate().seed))
-        b.set_handler(proto, echo)
-        await a.connect(b.addrs[0])
-        stream = await a.open_stream(b.peer_id, proto)
-        blob = b"x" * payload
-        samples = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            await stream.send_frame(blob)
-            await stream.read_frame(1 << 24)
-            samples.append(time.perf_counter() - t0)
-        await stream.close()
-    return _median_rtt(samples)
-
-
-def round_trips(payload: int, rounds: int) -> dict[str, float]:
-    return {"tcp_rtt_s": trio.run(_tcp_rtt, payload, rounds),
-            "libp2p_rtt_s": trio.run(_libp2p_rtt, payload, rounds)}
+round_trips = roundtrip.round_trips
 
 
 def step_profile(model: str, rounds: int) -> dict[str, float]:

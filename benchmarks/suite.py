@@ -84,7 +84,8 @@ def run_suite(plan: Plan, out: Path, mode: str = "quick") -> dict[str, Any]:
     stages: list[tuple[str, Callable[[], None]]] = [
         ("monolithic", lambda: r.update(monolithic=measure.monolithic(model, plan.new_tokens))),
         *[(f"pipeline {h}", (lambda h=h: r.setdefault("pipeline", {}).update(
-            {str(h): measure.pipeline(model, h, plan.new_tokens, list(plan.concurrency), out)})))
+            {str(h): measure.pipeline(model, h, plan.new_tokens, list(plan.concurrency), out,
+                                      libp2p_single=h == max(plan.hops))})))
           for h in plan.hops],
         ("round trips", lambda: r.update(round_trip=measure.round_trips(
             source.hidden_size * 4 + 120, plan.rounds))),
@@ -106,13 +107,26 @@ def run_suite(plan: Plan, out: Path, mode: str = "quick") -> dict[str, Any]:
     return r
 
 
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _ratios(r: dict[str, Any]) -> None:
-    """Every figure against its baseline from the same run."""
+    """Every figure against its baseline from the same run.
+
+    Per pipeline: ``per_hop_overhead_s`` is the protocol's cost of one hop of a decode step:
+    the client's time per decode token minus the nodes' engine time for it (their metrics),
+    over the hops; it is set beside the round trip of one activation over plain TCP, the
+    direct channel and libp2p. ``per_hop_split_cost_s`` is the client's time per token minus
+    the monolithic one, over the hops: the overhead plus any engine slowdown from splitting
+    the model over processes that share this machine's cores."""
     mono = r["monolithic"]
     mono_tok_s = mono["monolithic_b1_tok_s"]
     mono_step_s = 1.0 / mono_tok_s
     rt = r["round_trip"]
     rt["libp2p_vs_tcp_rtt_ratio"] = rt["libp2p_rtt_s"] / rt["tcp_rtt_s"]
+    rt["direct_vs_tcp_rtt_ratio"] = rt["direct_rtt_s"] / rt["tcp_rtt_s"]
+    rt["libp2p_vs_direct_rtt_ratio"] = rt["libp2p_rtt_s"] / rt["direct_rtt_s"]
     for h, p in r.get("pipeline", {}).items():
         hops = int(h)
         p[f"pipeline{h}_vs_monolithic_ratio"] = p["single_tok_s"] / mono_tok_s
@@ -120,12 +134,23 @@ def _ratios(r: dict[str, Any]) -> None:
         single_agg = p["aggregate_tok_s"].get("1") or p["single_tok_s"]
         p["aggregate_vs_single_session_ratio"] = {
             c: v / single_agg for c, v in p["aggregate_tok_s"].items()}
-        step_s = 1.0 / p["single_tok_s"] if p["single_tok_s"] else float("nan")
-        per_hop = (step_s - mono_step_s) / hops
+        step_s = p.get("client_step_s") or _div(1.0, p["single_tok_s"])
+        compute = p.get("node_compute_per_token_s")
         p["time_per_token_s"] = step_s
-        p["per_hop_overhead_s"] = per_hop
-        p["per_hop_overhead_vs_tcp_rtt_ratio"] = per_hop / rt["tcp_rtt_s"]
-        p["per_hop_overhead_vs_libp2p_rtt_ratio"] = per_hop / rt["libp2p_rtt_s"]
+        overhead = (step_s - compute) / hops if step_s is not None and compute is not None else None
+        p["per_hop_overhead_s"] = overhead
+        for side in ("tcp", "direct", "libp2p"):
+            p[f"per_hop_overhead_vs_{side}_rtt_ratio"] = _div(overhead, rt[f"{side}_rtt_s"])
+        split = (step_s - mono_step_s) / hops if step_s is not None else None
+        p["per_hop_split_cost_s"] = split
+        p["per_hop_split_cost_vs_tcp_rtt_ratio"] = _div(split, rt["tcp_rtt_s"])
+        p["node_compute_vs_monolithic_step_ratio"] = _div(compute, mono_step_s)
+        if "single_tok_s_libp2p" in p:
+            p["direct_vs_libp2p_single_session_ratio"] = _div(p["single_tok_s"],
+                                                              p["single_tok_s_libp2p"])
+            step2, compute2 = p["client_step_s_libp2p"], p["node_compute_per_token_s_libp2p"]
+            p["per_hop_overhead_libp2p_s"] = (
+                (step2 - compute2) / hops if step2 is not None and compute2 is not None else None)
     sp = r["step_profile"]
     sp["scheduler_overhead_vs_direct_step_ratio"] = (
         sp["one_layer_step_scheduled_s"] / sp["one_layer_step_direct_s"])
@@ -150,6 +175,10 @@ def _fmt(v: Any, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _ms(v: float | None) -> str:
+    return _fmt(v * 1e3 if v is not None else None)
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["monolithic"]
     lines = [f"# shiza bench ({r['mode']})", "",
@@ -164,22 +193,40 @@ def markdown(r: dict[str, Any]) -> str:
     pipes = r.get("pipeline", {})
     if pipes:
         concs = list(next(iter(pipes.values()))["aggregate_tok_s"])
-        lines += ["| nodes | tok/s (1 session) | vs monolithic | TTFT ms | per-hop overhead ms "
-                  "| vs TCP RTT | " + " | ".join(f"{c} sessions tok/s (x single)" for c in concs)
-                  + " |", "| --- " * (6 + len(concs)) + "|"]
+        lines += ["| nodes | tok/s (1 session) | vs monolithic | TTFT ms | engine ms/token "
+                  "| per-hop overhead ms | vs TCP RTT | split cost per hop ms | "
+                  + " | ".join(f"{c} sessions tok/s (x single)" for c in concs)
+                  + " |", "| --- " * (8 + len(concs)) + "|"]
         for h, p in pipes.items():
             aggs = " | ".join(f"{_fmt(p['aggregate_tok_s'][c])} "
                               f"({_fmt(p['aggregate_vs_single_session_ratio'][c])}x)" for c in concs)
             lines.append(f"| {h} | {_fmt(p['single_tok_s'])} | "
                          f"{_fmt(p[f'pipeline{h}_vs_monolithic_ratio'])} | {_fmt(p['ttft_s'] * 1e3)} | "
-                         f"{_fmt(p['per_hop_overhead_s'] * 1e3)} | "
-                         f"{_fmt(p['per_hop_overhead_vs_tcp_rtt_ratio'])}x | {aggs} |")
-        lines.append("")
+                         f"{_ms(p['node_compute_per_token_s'])} | {_ms(p['per_hop_overhead_s'])} | "
+                         f"{_fmt(p['per_hop_overhead_vs_tcp_rtt_ratio'])}x | "
+                         f"{_ms(p['per_hop_split_cost_s'])} | {aggs} |")
+        lines += ["", "Engine ms/token: the nodes' own engine time per decode token (their "
+                  "`shiza_step_duration_seconds`), summed over the chain. Per-hop overhead: the "
+                  "client's time per decode token minus that, over the hops (protocol and "
+                  "transport). Split cost: the client's time per token minus one process's, over "
+                  "the hops (the overhead plus slower engines when processes share cores).", ""]
+        for h, p in pipes.items():
+            if "single_tok_s_libp2p" in p:
+                lines += [f"{h} nodes, one session on libp2p streams instead (`direct=False`): "
+                          f"{_fmt(p['single_tok_s_libp2p'])} tok/s, per-hop overhead "
+                          f"{_ms(p['per_hop_overhead_libp2p_s'])} ms; the direct channel gives "
+                          f"{_fmt(p['direct_vs_libp2p_single_session_ratio'])}x the tokens/s.", ""]
+            if p.get("direct_fallbacks"):
+                lines += [f"Warning: {p['direct_fallbacks']} hop(s) of the {h}-node pipeline fell "
+                          "back to libp2p streams (the direct channel failed).", ""]
     rt, sp = r["round_trip"], r["step_profile"]
     lines += ["| one decode hop, where the time goes | value |", "| --- | --- |",
               f"| plain TCP round trip ({sp['frame_bytes']} B) | {_fmt(rt['tcp_rtt_s'] * 1e3)} ms |",
+              f"| direct channel round trip (sealed TCP), same payload | "
+              f"{_fmt(rt['direct_rtt_s'] * 1e3)} ms ({_fmt(rt['direct_vs_tcp_rtt_ratio'])}x TCP) |",
               f"| libp2p round trip, same payload | {_fmt(rt['libp2p_rtt_s'] * 1e3)} ms "
-              f"({_fmt(rt['libp2p_vs_tcp_rtt_ratio'])}x TCP) |",
+              f"({_fmt(rt['libp2p_vs_tcp_rtt_ratio'])}x TCP, "
+              f"{_fmt(rt['libp2p_vs_direct_rtt_ratio'])}x direct) |",
               f"| encode Step | {_fmt(sp['encode_step_s'] * 1e6)} us |",
               f"| decode Step | {_fmt(sp['decode_step_s'] * 1e6)} us |",
               f"| one-layer engine step, direct | {_fmt(sp['one_layer_step_direct_s'] * 1e3)} ms |",
@@ -233,8 +280,16 @@ def _plots(r: dict[str, Any], out: Path) -> None:
     ax.plot([0] + hops, [1e3 / mono["monolithic_b1_tok_s"]]
             + [p["time_per_token_s"] * 1e3 for p in pipes.values()], marker="o",
             label="time per token (0 = one process)")
-    ax.plot(hops, [1e3 / mono["monolithic_b1_tok_s"] + h * r["round_trip"]["tcp_rtt_s"] * 1e3
-                   for h in hops], ls="--", marker="x", label="one process + plain TCP RTT per hop")
+    measured = [(int(h), p["node_compute_per_token_s"]) for h, p in pipes.items()
+                if p.get("node_compute_per_token_s") is not None]
+    if measured:
+        rt = r["round_trip"]
+        ax.plot([h for h, _ in measured], [c * 1e3 for _, c in measured], marker="s",
+                label="nodes' engine time per token")
+        for side, style in (("tcp", "--"), ("direct", ":")):
+            ax.plot([h for h, _ in measured], [(c + h * rt[f"{side}_rtt_s"]) * 1e3
+                                               for h, c in measured], ls=style, marker="x",
+                    label=f"engine time + one {'plain TCP' if side == 'tcp' else 'direct'} RTT per hop")
     ax.set_xlabel("nodes in the pipeline (hops)")
     ax.set_ylabel("ms per token, one session")
     ax.set_title("Time per token against hops")

@@ -61,6 +61,11 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="vllm: GPUs to shard the model over (default: all visible; 1 on cpu)")
     run.add_argument("--vllm-python", default=None,
                      help="vllm: the python of vLLM's venv (default: .venv-vllm/bin/python if it exists)")
+    run.add_argument("--direct-port", type=int, default=0,
+                     help="TCP port of the direct activation channel, on --listen's address "
+                          "(default: any free port; SPEC 9.5)")
+    run.add_argument("--no-direct", action="store_true",
+                     help="serve sessions over libp2p streams only (no direct channel)")
     run.add_argument("--metrics-port", type=int, default=None,
                      help="serve Prometheus /metrics, /healthz and /readyz on this port")
     run.add_argument("--monitor-port", type=int, default=None, help="serve the swarm map on this port")
@@ -183,6 +188,7 @@ def _node_run(args: argparse.Namespace) -> int:
         engine=args.engine,
         tensor_parallel=args.tensor_parallel,
         vllm_python=args.vllm_python,
+        direct_port=None if args.no_direct else args.direct_port,
     )
     if args.metrics_port is not None:
         from .metrics import metrics_service

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
 
 import trio
 
+from protocol import direct as direct_wire
 from protocol.codec import Tensor
 from protocol.errors import InvalidMessage, ShizaError
 from protocol.identity import Identity
@@ -43,6 +44,7 @@ from ._util import unwrap_single_groups
 from .accounting import ClientAccount, store
 from .announce import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
 from .dht import SwarmDHT, open_dht
+from .direct import DirectChannel, connect as connect_direct
 from .disputes import DisputeWatch, publish_dispute
 from .health import PeerHealth, RttTracker
 from .host import Host, Stream, StreamBroken, open_host
@@ -83,9 +85,10 @@ class GenerationResult:
 @dataclass
 class _HopSession:
     hop: Hop
-    stream: Stream
+    stream: "Stream | DirectChannel"  # the session's frames: its libp2p stream or direct channel
     session_id: str
     account: ClientAccount
+    anchor: Stream | None = None  # the libp2p stream the session was opened on, if it moved
     steps: int = 0
     # Every input sent to this hop, so a replacement can rebuild its KV cache (failover).
     history: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
@@ -121,10 +124,16 @@ class SwarmClient:
         *,
         step_timeout_s: float = STEP_TIMEOUT_S,
         replay: str = "exact",
+        direct: bool = True,
     ) -> None:
         if replay not in ("exact", "merged"):
             raise ValueError("replay must be 'exact' (step by step) or 'merged' (one prefill)")
         self.replay = replay
+        # Ask nodes for a direct activation channel (SPEC 9.5); peers where connecting it
+        # failed are asked no more (their sessions stay on libp2p streams).
+        self.direct = direct
+        self.direct_failed: set[str] = set()
+        self.direct_sessions = 0  # hop sessions that ran over a direct channel
         self.host = host
         self.dht = dht
         self.identity = identity
@@ -152,6 +161,7 @@ class SwarmClient:
         step_timeout_s: float = STEP_TIMEOUT_S,
         replay: str = "exact",
         swarm_key: "str | Path | SwarmKey | None" = None,
+        direct: bool = True,
     ) -> AsyncIterator["SwarmClient"]:
         """A client; with ``data_dir`` it keeps its identity and a receipt ledger there.
         With ``swarm_key`` (a key file or a SwarmKey) it joins that private swarm."""
@@ -167,7 +177,8 @@ class SwarmClient:
             with unwrap_single_groups():
                 async with open_host(identity.seed, listen) as host, open_admission(host, swarm_key):
                     async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
-                        client = cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s, replay=replay)
+                        client = cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s,
+                                     replay=replay, direct=direct)
                         client.bootstrap_addrs = list(bootstrap)
                         if swarm_key is not None:
                             client.swarm_id = swarm_key.swarm_id
@@ -321,6 +332,17 @@ class SwarmClient:
                         nursery.start_soon(self._close_hop, h)
 
     async def _open_hop(self, chain: "_Chain", hop: Hop) -> _HopSession:
+        """Open the hop's session; over a direct channel where the node offers one and it
+        connects, else (or when it fails to connect: once more without asking) over libp2p."""
+        if self.direct and hop.peer_id not in self.direct_failed:
+            try:
+                return await self._open_hop_once(chain, hop, direct=True)
+            except _DirectFailed as exc:
+                log.info("direct channel to %s failed (%s); using its libp2p stream", hop.peer_id, exc)
+                self.direct_failed.add(hop.peer_id)
+        return await self._open_hop_once(chain, hop, direct=False)
+
+    async def _open_hop_once(self, chain: "_Chain", hop: Hop, *, direct: bool) -> _HopSession:
         t0 = time.perf_counter()
         for addr in hop.addrs:
             try:
@@ -332,18 +354,33 @@ class SwarmClient:
             stream = await self.host.open_stream(hop.peer_id, INFERENCE_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - unreachable, refused: this hop failed
             raise HopFailed(hop, f"cannot open a stream: {exc}") from None
+        public, secret = direct_wire.keypair() if direct else (None, None)
         try:
             await send_message(stream, OpenSession(chain.model_id, hop.start, hop.end, chain.max_length,
-                                                   chain.batch, chain.sampling))
+                                                   chain.batch, chain.sampling, direct_key=public))
             reply = await recv_message(stream, self.step_timeout_s)
             opened = _expect(reply, SessionOpened, hop)
+            if opened.direct_port is not None and public is None:
+                raise InvalidMessage("the node offered a direct channel nobody asked for")
         except (ShizaError, StreamBroken) as exc:
             await stream.reset()
             raise HopFailed(hop, str(exc), exc if isinstance(exc, ShizaError) else None) from None
         self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
         account = ClientAccount(self.identity, hop.peer_id, chain.model_id, hop.start, hop.end,
                                 opened.session_id, swarm_id=self.swarm_id)
-        return _HopSession(hop, stream, opened.session_id, account)
+        if opened.direct_port is None or public is None or secret is None:
+            return _HopSession(hop, stream, opened.session_id, account)
+        remote = stream.libp2p.get_remote_address()
+        try:
+            if remote is None:
+                raise StreamBroken("no IP address for this peer's connection")
+            channel = await connect_direct(remote[0], opened.direct_port, opened.direct_key or b"",
+                                           hop.peer_id, public, secret, self.step_timeout_s)
+        except StreamBroken as exc:
+            await stream.reset()
+            raise _DirectFailed(str(exc)) from None
+        self.direct_sessions += 1
+        return _HopSession(hop, channel, opened.session_id, account, anchor=stream)
 
     async def _close_hop(self, h: _HopSession) -> None:
         """Close one hop's session and settle its final receipt (best effort)."""
@@ -353,9 +390,13 @@ class SwarmClient:
             if isinstance(reply, Closed) and reply.receipt is not None:
                 await self._judge(h, reply.receipt)
             await h.stream.close()
+            if h.anchor is not None:
+                await h.anchor.close()
         except Exception as exc:  # noqa: BLE001 - the peer may be gone; its checkpoints stay
             log.info("closing session on %s: %s", h.hop.peer_id, exc)
             await h.stream.reset()
+            if h.anchor is not None:
+                await h.anchor.reset()
 
     async def _judge(self, h: _HopSession, data: bytes) -> None:
         """Check a receipt against what we sent and received; countersign or dispute it."""
@@ -427,6 +468,8 @@ class SwarmClient:
             raise LayersLost(failed.hop.start, failed.hop.end, f"gave up after {MAX_FAILOVERS} failovers")
         with trio.CancelScope(shield=True):
             await failed.stream.reset()
+            if failed.anchor is not None:
+                await failed.anchor.reset()
         for attempt in range(MAX_FAILOVERS):
             # Records already known first: asking the DHT can wait on the very peer that stalled.
             hops = None
@@ -484,6 +527,11 @@ class _Chain:
     hops: list[_HopSession] = field(default_factory=list)
     retired: list[_HopSession] = field(default_factory=list)  # replaced by failover
     failovers: int = 0
+
+
+class _DirectFailed(Exception):
+    """The node offered a direct channel but connecting it failed (the client retries once
+    over libp2p)."""
 
 
 class HopFailed(Exception):

@@ -33,6 +33,7 @@ from .host import Host, open_host
 from .swarmkey import SwarmKey, open_admission
 from .ledger import Ledger
 from .placement import choose_span, estimate_layer_bytes, layers_that_fit, should_move
+from .direct import DirectListener
 from .server import Accounting, ServerLimits, SpanServer
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class NodeConfig:
     # Extra services run in the node's nursery once it serves (HTTP surfaces and the like):
     # ``await service(node, task_status=...)``; each calls task_status.started() when ready.
     services: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
+    # The direct activation channel's TCP port (SPEC 9.5): 0 picks a free one, None disables it.
+    direct_port: int | None = 0
 
 
 @dataclass
@@ -207,6 +210,17 @@ class Node:
         self.host.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         self.announcer = Announcer(self.identity, self.dht, self.state, ttl_s=cfg.record_ttl_s,
                                    provide_keys=(self.source.model_id,))
+        async with trio.open_nursery() as channels:  # outlives the drain: sessions finish on it
+            if cfg.direct_port is not None:
+                self.server.direct = DirectListener(_listen_host(cfg.listen), cfg.direct_port)
+                await channels.start(self.server.direct.serve)
+            await self._serve(start, end, stop, task_status)
+            channels.cancel_scope.cancel()
+
+    async def _serve(self, start: int, end: int, stop: trio.Event,
+                     task_status: trio.TaskStatus[ReadyInfo]) -> None:
+        cfg = self.cfg
+        assert self.announcer is not None
         async with trio.open_nursery() as nursery:
             await nursery.start(self.announcer.serve)
             if cfg.layers is None:
@@ -301,3 +315,12 @@ async def run_node(
         except FileNotFoundError:
             pass
     log.info("node stopped")
+
+
+def _listen_host(listen: str) -> str:
+    """The IP address of a listen multiaddr (/ip4/A/tcp/P or /ip6/A/tcp/P); the direct
+    channel listens on the same address as libp2p."""
+    parts = listen.split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return "127.0.0.1"

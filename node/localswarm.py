@@ -116,16 +116,25 @@ def start_chain(
     model: str = "smollm2-135m",
     extra_args: Sequence[str] = (),
     timeout_s: float = 300.0,
+    metrics_ports: Sequence[int] | None = None,
 ) -> list[NodeProcess]:
-    """Start one node per span; the first is the bootstrap of the others. Ready on return."""
+    """Start one node per span; the first is the bootstrap of the others. Ready on return.
+    With ``metrics_ports`` (one per span) node i serves its Prometheus metrics on port i."""
+    if metrics_ports is not None and len(metrics_ports) != len(spans):
+        raise ValueError("metrics_ports needs one port per span")
+
+    def args_of(i: int) -> list[str]:
+        own = ["--metrics-port", str(metrics_ports[i])] if metrics_ports is not None else []
+        return [*extra_args, *own]
+
     nodes: list[NodeProcess] = []
     try:
-        first = start_node(root / "node0", model=model, layers=spans[0], extra_args=extra_args)
+        first = start_node(root / "node0", model=model, layers=spans[0], extra_args=args_of(0))
         nodes.append(first)
         first.wait_ready(timeout_s)
         for i, span in enumerate(spans[1:], start=1):
             nodes.append(start_node(root / f"node{i}", model=model, layers=span,
-                                    bootstrap=[first.addr], extra_args=extra_args))
+                                    bootstrap=[first.addr], extra_args=args_of(i)))
         for n in nodes[1:]:
             n.wait_ready(timeout_s)
     except BaseException:

@@ -55,6 +55,7 @@ class _Request:
     rows: int
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
+    engine_s: float = 0.0  # seconds of the engine call this step ran in (measured in the worker)
     lead: bool = False  # woken to lead the next batch, not with a result
     taken: bool = False  # in a batch that has started
 
@@ -75,6 +76,12 @@ class StepScheduler:
     async def step(self, engine: Any, session_id: str, inputs: Any, positions: Any,
                    mask: Any) -> Any:
         """The engine's output for this step, or the engine's exception raised here."""
+        return (await self.step_timed(engine, session_id, inputs, positions, mask))[0]
+
+    async def step_timed(self, engine: Any, session_id: str, inputs: Any, positions: Any,
+                         mask: Any) -> tuple[Any, float]:
+        """``(output, seconds)``: seconds is the engine call's own time, measured in the
+        worker thread (no queueing, no thread hand-off), shared by every step of its batch."""
         req = _Request(engine, (session_id, inputs, positions, mask), int(inputs.shape[0]))
         self._pending.append(req)
         if self._busy:
@@ -87,7 +94,7 @@ class StepScheduler:
                     self._pending.remove(req)
                 raise
             if not req.lead:
-                return self._outcome(req)
+                return self._outcome(req), req.engine_s
         self._busy = True
         try:
             await trio.sleep(0)  # steps that arrive in this same tick join the batch
@@ -96,7 +103,7 @@ class StepScheduler:
                 await self._run(req.engine, batch)
         finally:
             self._hand_off()
-        return self._outcome(req)
+        return self._outcome(req), req.engine_s
 
     def _take(self, engine: Any) -> list[_Request]:
         batch: list[_Request] = []
@@ -112,9 +119,16 @@ class StepScheduler:
 
     async def _run(self, engine: Any, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
+        run = getattr(engine, "step_batch", None) or (lambda items: _one_by_one(engine, items))
+
+        def timed(items: list[tuple[Any, ...]]) -> tuple[list[Any], float]:
+            t = time.perf_counter()
+            out = run(items)
+            return out, time.perf_counter() - t
+
+        engine_s = 0.0
         try:
-            run = getattr(engine, "step_batch", None) or (lambda items: _one_by_one(engine, items))
-            results = await trio.to_thread.run_sync(run, [r.item for r in batch])
+            results, engine_s = await trio.to_thread.run_sync(timed, [r.item for r in batch])
         except Exception as exc:  # noqa: BLE001 - a bug fails this batch, not the node
             results = [exc] * len(batch)
         st = self.stats
@@ -125,6 +139,7 @@ class StepScheduler:
         st.compute_s += time.perf_counter() - t0
         for r, res in zip(batch, results):
             r.result = res
+            r.engine_s = engine_s
             r.done.set()
 
     def _hand_off(self) -> None:

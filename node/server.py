@@ -23,6 +23,7 @@ from protocol.errors import (
     SessionClosed,
     ShizaError,
     SpanNotServed,
+    Timeout,
     UnknownModel,
 )
 from protocol.ids import DEFAULT_SWARM_ID, MAX_TENSOR_ELEMENTS
@@ -127,6 +128,8 @@ class SpanServer:
         # Called after each engine step with (prefill?, batch size, seconds): node/metrics.py.
         self.on_step: Callable[[bool, int, float], None] | None = None
         self.accepting = True
+        # A DirectListener (node/direct.py) lets clients move sessions off libp2p (SPEC 9.5).
+        self.direct: Any = None
         # Steps of concurrent sessions run as batched forwards; opens wait for cache room.
         self.scheduler = StepScheduler()
         self.admission = CacheAdmission()
@@ -149,6 +152,7 @@ class SpanServer:
     # ---- inference --------------------------------------------------------------------
     async def handle_inference(self, stream: Stream) -> None:
         session: _Session | None = None
+        io: Any = stream  # where the session's frames go: this stream, or its direct channel
         try:
             self._admit(stream.remote_peer_id)  # banned or not allowed: refused before reading
             msg = await recv_message(stream, self.limits.open_timeout_s)
@@ -157,22 +161,58 @@ class SpanServer:
             if not isinstance(msg, OpenSession):
                 raise InvalidMessage(f"expected open, got {type(msg).__name__}")
             session = await self._open(msg, stream.remote_peer_id)
-            await send_message(
-                stream, SessionOpened(session.session_id, msg.start, msg.end, self.engine.hidden_size)
-            )
-            await self._serve_steps(stream, session)
+            offer = None
+            if msg.direct_key is not None and self.direct is not None:
+                try:
+                    offer = self.direct.offer(msg.direct_key, stream.remote_peer_id)
+                except ValueError as exc:
+                    raise InvalidMessage(f"direct_key: {exc}") from None
+            try:
+                await send_message(stream, SessionOpened(
+                    session.session_id, msg.start, msg.end, self.engine.hidden_size,
+                    offer.port if offer else None, offer.public if offer else None))
+                if offer is not None:  # SPEC 9.5: the session goes on over the direct channel
+                    io = await self._await_channel(stream, offer)
+                    if io is None:
+                        io = stream
+                        raise Timeout("the client did not connect the direct channel it asked for")
+            finally:
+                if offer is not None:
+                    self.direct.withdraw(offer)  # type: ignore[union-attr]
+            await self._serve_steps(io, session)
         except ShizaError as exc:
-            await self._fail(stream, exc)
+            await self._fail(io, exc)
         except StreamBroken as exc:
             log.info("session stream broke: %s", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one stream, not the node
             log.exception("internal error in session")
-            await self._fail(stream, Internal(f"internal error: {type(exc).__name__}"))
+            await self._fail(io, Internal(f"internal error: {type(exc).__name__}"))
         finally:
+            if io is not stream:
+                await io.close()
+                with trio.move_on_after(2):
+                    await stream.close()
             if session is not None:
                 self.peers.close_session(session.client, session.kv_tokens)
                 self._close(session.session_id)
                 await self._settle_broken(session)
+
+    async def _await_channel(self, stream: Stream, offer: Any) -> Any:
+        """The offer's direct channel, or None past the open timeout. A client that closes or
+        resets the libp2p stream meanwhile gave up: StreamBroken ends the session at once.
+        (The watch read is cancelled when the channel arrives, which resets the libp2p
+        stream: from then on the channel alone carries the session.)"""
+        channel = None
+
+        async def watch() -> None:
+            await stream.read_frame(64)
+            raise StreamBroken("the client left before connecting its direct channel")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            channel = await offer.wait(self.limits.open_timeout_s)
+            nursery.cancel_scope.cancel()
+        return channel
 
     def _admit(self, peer_id: str) -> None:
         allow = self.limits.allow_peers
@@ -306,9 +346,8 @@ class SpanServer:
             positions = to_torch(msg.positions)
             mask = to_torch(msg.mask) if msg.mask is not None else None
             try:
-                t0 = trio.current_time()
-                out = await self.scheduler.step(self.engine, session.session_id, inputs, positions, mask)
-                step_s = trio.current_time() - t0
+                out, step_s = await self.scheduler.step_timed(
+                    self.engine, session.session_id, inputs, positions, mask)
             except BadInput as exc:
                 raise BadShape(str(exc)) from None
             except EngineError as exc:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Union
 from ._fields import check_bytes, check_choice, check_hex, check_int, check_seq, check_str, fields_of, set_field
 from ._values import SamplingParams, ServedSpan, span_bounds
 from .codec import FLOAT_DTYPES, Tensor, encode_frame
+from .direct import KEY_BYTES as DIRECT_KEY_BYTES
 from .errors import BadShape, Internal, InvalidMessage, ShizaError, UnknownMessageType, UnsupportedVersion, error_from_code
 from .ids import (
     MAX_ADDR_LEN, MAX_ADDRS, MAX_BATCH_SIZE, MAX_ERROR_MESSAGE_LEN, MAX_ID_LEN, MAX_RECEIPT_BYTES, MAX_RECORD_BYTES,
@@ -117,7 +118,8 @@ class OpenSession(_Message):
     server choose one."""
 
     TYPE: ClassVar[str] = "open"
-    _OPTIONAL: ClassVar[dict[str, Any]] = {"batch_size": 1, "sampling": None, "session_id": ""}
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"batch_size": 1, "sampling": None, "session_id": "",
+                                           "direct_key": None}
     model_id: str
     start: int
     end: int
@@ -125,6 +127,7 @@ class OpenSession(_Message):
     batch_size: int = 1
     sampling: SamplingParams = field(default_factory=SamplingParams)
     session_id: str = ""
+    direct_key: bytes | None = None  # the client's X25519 key: asks for a direct channel (9.5)
 
     def __post_init__(self) -> None:
         check_str("model_id", self.model_id, MAX_ID_LEN, nonempty=True)
@@ -136,6 +139,8 @@ class OpenSession(_Message):
         elif not isinstance(self.sampling, SamplingParams):
             raise InvalidMessage("sampling must be SamplingParams")
         check_str("session_id", self.session_id, MAX_ID_LEN)
+        if self.direct_key is not None:
+            check_bytes("direct_key", self.direct_key, DIRECT_KEY_BYTES, exact=True)
 
     @classmethod
     def from_wire(cls, obj: Any) -> OpenSession:
@@ -147,16 +152,27 @@ class OpenSession(_Message):
 
 @dataclass(frozen=True)
 class SessionOpened(_Message):
+    """``direct_port`` and ``direct_key`` (both or neither): the node's offer of a direct
+    channel for this session's later frames (SPEC.md 9.5)."""
+
     TYPE: ClassVar[str] = "opened"
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"direct_port": None, "direct_key": None}
     session_id: str
     start: int
     end: int
     hidden_size: int
+    direct_port: int | None = None
+    direct_key: bytes | None = None
 
     def __post_init__(self) -> None:
         check_str("session_id", self.session_id, MAX_ID_LEN, nonempty=True)
         span_bounds(self.start, self.end)
         check_int("hidden_size", self.hidden_size, 1, 2**20)
+        if (self.direct_port is None) != (self.direct_key is None):
+            raise InvalidMessage("direct_port and direct_key come together")
+        if self.direct_port is not None:
+            check_int("direct_port", self.direct_port, 1, 65535)
+            check_bytes("direct_key", self.direct_key, DIRECT_KEY_BYTES, exact=True)
 
 
 def _check_bt(name: str, t: Tensor, batch: int, length: int) -> None:

@@ -56,6 +56,8 @@ EXAMPLES = [
     OpenSession(MODEL, 0, 10, 2048),
     OpenSession(MODEL, 10, 30, 512, batch_size=4, sampling=SamplingParams(0.7, 0.9, 42), session_id="abc"),
     SessionOpened("abc", 0, 10, 576),
+    OpenSession(MODEL, 0, 10, 64, direct_key=b"k" * 32),
+    SessionOpened("abc", 0, 10, 576, direct_port=40123, direct_key=b"n" * 32),
     Step(0, ids(2, 5), ids(2, 5)),
     Step(3, hidden(2, 1, 8), ids(2, 1), ids(2, 1)),
     Step(4, hidden(1, 2, 4, "bfloat16"), ids(1, 2)),
@@ -142,6 +144,8 @@ GOOD_OPEN = {"v": 0, "t": "open", "model_id": MODEL, "start": 0, "end": 2, "max_
         {"sampling": [1]},
         {"session_id": 3},
         {"unknown_field": 1},
+        {"direct_key": b"short"},
+        {"direct_key": "k" * 32},
     ],
 )
 def test_open_session_field_rejections(change: dict) -> None:
@@ -243,3 +247,17 @@ def test_local_construction_normalises() -> None:
     assert isinstance(SamplingParams(1, 1).temperature, float)
     with pytest.raises(TypeError):
         message_to_wire("not a message")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields", [
+    {"direct_port": 1234},  # a port without a key
+    {"direct_key": b"n" * 32},  # a key without a port
+    {"direct_port": 0, "direct_key": b"n" * 32},
+    {"direct_port": 70000, "direct_key": b"n" * 32},
+    {"direct_port": 1234, "direct_key": b"n" * 31},
+])
+def test_direct_offer_rejections(fields: dict) -> None:
+    wire = {**message_to_wire(SessionOpened("abc", 0, 10, 576)), **fields}
+    with pytest.raises(InvalidMessage):
+        decode_message(wire)
+
