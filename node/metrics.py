@@ -141,7 +141,7 @@ class NodeMetrics:
             f"{PREFIX}_step_duration_seconds", "Engine time of one step (prefill or decode).",
             ["span", "phase"], buckets=STEP_BUCKETS, registry=self.registry)
         self.batch_size = Histogram(
-            f"{PREFIX}_step_batch_size", "Rows per engine step.", ["span"], buckets=BATCH_BUCKETS,
+            f"{PREFIX}_step_batch_size", "Rows in the engine call (batch) each step ran in.", ["span"], buckets=BATCH_BUCKETS,
             registry=self.registry)
         self.dht_seconds = Histogram(
             f"{PREFIX}_dht_operation_duration_seconds", "Time of one DHT operation.", ["operation"],

@@ -346,7 +346,7 @@ class SpanServer:
             positions = to_torch(msg.positions)
             mask = to_torch(msg.mask) if msg.mask is not None else None
             try:
-                out, step_s = await self.scheduler.step_timed(
+                out, step_s, batch_rows = await self.scheduler.step_timed(
                     self.engine, session.session_id, inputs, positions, mask)
             except BadInput as exc:
                 raise BadShape(str(exc)) from None
@@ -362,7 +362,7 @@ class SpanServer:
                 self.stats.tokens_decode += tokens
             self.stats.work_units += tokens * (session.end - session.start)
             if self.on_step is not None:
-                self.on_step(msg.step == 0, int(msg.input.shape[0]), step_s)
+                self.on_step(msg.step == 0, batch_rows, step_s)
             if self.corrupt_outputs and out.is_floating_point():  # a lying node (spot-check tests)
                 import torch
 

@@ -68,6 +68,9 @@ class _Session:
 class SpanEngine:
     """Layers [start, end) of one model; construct with ``SpanEngine.load``."""
 
+    #: Decode batches are short forwards: the scheduler runs them in the event loop's thread.
+    inline_decode = True
+
     def __init__(self, source: ModelSource, start: int, end: int, model: nn.Module,
                  config: Any, device: torch.device, dtype: torch.dtype,
                  max_cache_tokens: int | None) -> None:
@@ -371,8 +374,10 @@ class SpanEngine:
         Steps of one token (T == 1) of sessions with a non-empty cache and the same layers
         ``[a, b)`` run as one forward: each session's cached keys and values are left-padded
         to the longest, the 2-D mask hides the padding, and the new key/value column is split
-        back into each session's own cache. Every other step (a prefill, a lone session) runs
-        alone through ``step``. Each session samples its own rows with its own settings and
+        back into each session's own cache. The first steps (prefills) of fresh sessions with the
+        same layers also share one forward (``_prefill_group``: left-padded, at most
+        PREFILL_BATCH_TOKENS rows x tokens each). Every other step (a later chunk of a long
+        prompt, a lone session) runs alone through ``step``. Each session samples its own rows with its own settings and
         generator, so a batched session gets exactly the tokens it would get alone (up to
         float rounding of batched matrix products; greedy tests compare them).
         """
@@ -390,16 +395,20 @@ class SpanEngine:
             except Exception as e:  # noqa: BLE001 - reported to that session only
                 results[i] = e
                 continue
-            if prepared[1].shape[1] != 1 or session.length == 0 or not self._window_ok(session):
+            t = int(prepared[1].shape[1])
+            if session.length == 0 and t <= PREFILL_BATCH_TOKENS and self._window_ok(session, t):
+                groups.setdefault(("prefill", *session.layers), []).append((i, session, prepared))
+            elif t == 1 and session.length > 0 and self._window_ok(session):
+                groups.setdefault(("decode", *session.layers), []).append((i, session, prepared))
+            else:
                 alone.append(i)
-                continue
-            groups.setdefault(session.layers, []).append((i, session, prepared))
-        for members in groups.values():
+        for key, members in _split_prefills(groups):
             if len(members) == 1:
                 alone.append(members[0][0])
                 continue
             try:
-                outs = self._step_group([(s, p) for _, s, p in members])
+                group = self._step_group if key[0] == "decode" else self._prefill_group
+                outs = group([(s, p) for _, s, p in members])
             except Exception as e:  # noqa: BLE001 - every member shares the failure
                 for i, _, _ in members:
                     results[i] = e
@@ -413,10 +422,76 @@ class SpanEngine:
                 results[i] = e
         return results  # type: ignore[return-value]
 
-    def _window_ok(self, session: _Session) -> bool:
+    def _window_ok(self, session: _Session, new: int = 1) -> bool:
         """Left-padding a sliding-window cache is exact only while it has not wrapped."""
         window = getattr(self._config, "sliding_window", None)
-        return not window or session.length + 1 < int(window)
+        return not window or session.length + new < int(window)
+
+    def _prefill_group(self, members: list[tuple[_Session, tuple[torch.Tensor, ...]]]
+                       ) -> list[torch.Tensor]:
+        """One forward for the first steps (empty caches) of sessions on the same layers.
+
+        Each session's tokens are left-padded to the longest (mask 0, position 0), so every
+        real token sees exactly its own session's tokens; afterwards each session keeps only
+        its own columns of keys and values, and its own mask.
+        """
+        from transformers import DynamicCache
+
+        sessions = [s for s, _ in members]
+        width = max(int(p[1].shape[1]) for _, p in members)
+        for s, p in members:
+            if int(p[1].shape[1]) > s.max_length:
+                raise CapacityExceeded(f"{int(p[1].shape[1])} tokens exceed the session's "
+                                       f"max_length {s.max_length}")
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # (B, T[, H]) -> (B, width[, H]), on the left
+            extra = width - int(x.shape[1])
+            return nn.functional.pad(x, (0, 0, extra, 0) if x.dim() == 3 else (extra, 0))
+
+        inputs = torch.cat([pad(p[0]) for _, p in members], dim=0)
+        positions = torch.cat([pad(p[1]) for _, p in members], dim=0)
+        full_mask = torch.cat([pad(p[2]) for _, p in members], dim=0)  # (R, width)
+        a, b = sessions[0].layers
+        lo, hi = a - self._start, b - self._start
+        cache = DynamicCache(config=self._config)
+        if sessions[0].view is not None:
+            _alias_unused_slots(cache, lo, hi)
+        batch = _Session(
+            batch_size=int(inputs.shape[0]), max_length=width, temperature=0.0, top_p=1.0,
+            seed=0, cache=cache, mask=full_mask[:, :0], generator=None, layers=(a, b),
+            is_first=sessions[0].is_first, is_last=sessions[0].is_last, view=sessions[0].view)
+        with self._lock:
+            for s in sessions:
+                if all(s is not live for live in self._sessions.values()):
+                    raise SessionUnknown("a session was closed during the step")
+            try:
+                with torch.inference_mode():
+                    hidden = self._forward(batch, inputs, positions, full_mask, sample=False)
+                    if batch.is_last:  # the last column is a real token of every row
+                        logits = self._model.get_output_embeddings()(hidden[:, -1, :]).float()
+                    outs: list[torch.Tensor] = []
+                    row = 0
+                    for s, (_, _, m) in members:
+                        rows = slice(row, row + s.batch_size)
+                        row += s.batch_size
+                        t = int(m.shape[1])
+                        for j in range(lo, hi):
+                            new = cache.layers[j]
+                            s.cache.layers[j].update(new.keys[rows, :, width - t:, :].clone(),
+                                                     new.values[rows, :, width - t:, :].clone())
+                        s.mask = m
+                        if s.is_last:
+                            outs.append(_sample(logits[rows], s.temperature, s.top_p, s.generator))
+                        else:
+                            outs.append(hidden[rows, width - t:, :])
+            except Exception as e:
+                for s in sessions:  # caches may be half-filled
+                    for sid, live in list(self._sessions.items()):
+                        if live is s:
+                            self._sessions.pop(sid)
+                raise EngineError(f"batched prefill failed, {len(sessions)} sessions closed: "
+                                  f"{e}") from e
+        return outs
 
     def _step_group(self, members: list[tuple[_Session, tuple[torch.Tensor, ...]]]
                     ) -> list[torch.Tensor]:
@@ -464,6 +539,8 @@ class SpanEngine:
             try:
                 with torch.inference_mode():
                     hidden = self._forward(batch, inputs, positions, full_mask, sample=False)  # (R, 1, H)
+                    if batch.is_last:  # one product for every row: the head's weights are read once
+                        logits = self._model.get_output_embeddings()(hidden[:, -1, :]).float()  # (R, V)
                     outs: list[torch.Tensor] = []
                     row = 0
                     for s, m in zip(sessions, new_mask):
@@ -475,9 +552,7 @@ class SpanEngine:
                                                      new.values[rows, :, -1:, :])
                         s.mask = torch.cat([s.mask, m], dim=1)
                         if s.is_last:
-                            logits = self._model.get_output_embeddings()(
-                                hidden[rows, -1, :]).float()  # (B, V)
-                            outs.append(_sample(logits, s.temperature, s.top_p, s.generator))
+                            outs.append(_sample(logits[rows], s.temperature, s.top_p, s.generator))
                         else:
                             outs.append(hidden[rows])
             except Exception as e:
@@ -529,6 +604,32 @@ class SpanEngine:
             raise BadInput("mask must hold only 0 and 1")
         dev = self._device
         return inputs.to(dev), positions.to(dev), mask.to(dev)
+
+
+#: Most rows x tokens (after padding) one batched prefill forward holds; more make several.
+PREFILL_BATCH_TOKENS = 2048
+
+
+def _split_prefills(groups: dict[tuple[Any, ...], list[Any]]) -> list[tuple[tuple[Any, ...], list[Any]]]:
+    """Decode groups as they are; prefill groups cut (shortest first) so that each padded
+    forward holds at most PREFILL_BATCH_TOKENS rows x tokens."""
+    out: list[tuple[tuple[Any, ...], list[Any]]] = []
+    for key, members in groups.items():
+        if key[0] != "prefill":
+            out.append((key, members))
+            continue
+        part: list[Any] = []
+        rows = width = 0
+        for m in sorted(members, key=lambda m: int(m[2][1].shape[1])):
+            r, t = m[1].batch_size, int(m[2][1].shape[1])
+            if part and (rows + r) * max(width, t) > PREFILL_BATCH_TOKENS:
+                out.append((key, part))
+                part, rows, width = [], 0, 0
+            part.append(m)
+            rows, width = rows + r, max(width, t)
+        if part:
+            out.append((key, part))
+    return out
 
 
 class _Skip(nn.Module):

@@ -166,3 +166,62 @@ async def test_admission_busy_after_bounded_wait_and_room_freed_on_close(
     assert engine.sessions() == ["b"]
     assert seen[-1] == 50
     engine.close_session("b")
+
+
+async def test_prefills_run_in_a_worker_thread_and_decode_batches_inline(
+        engines: dict[str, SpanEngine]) -> None:
+    import threading
+
+    engine = engines["front"]
+    threads: list[tuple[int, int]] = []  # (tokens per row, thread) of each engine call
+
+    class Recording:
+        inline_decode = engine.inline_decode
+
+        def step_batch(self, items):  # type: ignore[no-untyped-def]
+            threads.append((int(items[0][1].shape[1]), threading.get_ident()))
+            return engine.step_batch(items)
+
+    sched, rec = StepScheduler(), Recording()
+    engine.open_session("t", 1, 16)
+    try:
+        await sched.step(rec, "t", torch.tensor([[1, 5, 7, 9]]), torch.arange(4)[None], None)
+        out, seconds, rows = await sched.step_timed(rec, "t", torch.tensor([[11]]), torch.tensor([[4]]), None)
+    finally:
+        engine.close_session("t")
+    assert out.shape == (1, 1, 64) and seconds > 0 and rows == 1  # hidden states of the new token
+    main = threading.get_ident()
+    assert threads[0][0] == 4 and threads[0][1] != main  # the prefill: off the event loop
+    assert threads[1] == (1, main)  # the decode step: in the event loop's thread
+
+
+def test_prefills_of_fresh_sessions_share_one_forward_and_equal_alone(
+        engines: dict[str, SpanEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    front, back = engines["front"], engines["back"]
+    prompts = [p for p, _ in SESSIONS[:3]]  # lengths 5, 2 and a padded two-row 12/3
+    alone = []
+    for k, p in enumerate(prompts):
+        front.open_session(f"a{k}", len(p), 32)
+        back.open_session(f"a{k}", len(p), 32)
+        x, pos, mask = _prefill(p)
+        h = front.step(f"a{k}", x, pos, mask)
+        alone.append((h, back.step(f"a{k}", h, pos, mask)))
+        front.close_session(f"a{k}")
+        back.close_session(f"a{k}")
+    calls = []
+    monkeypatch.setattr(SpanEngine, "step", lambda *a, **k: calls.append(a) or pytest.fail("ran alone"))
+    for k, p in enumerate(prompts):
+        front.open_session(f"b{k}", len(p), 32)
+        back.open_session(f"b{k}", len(p), 32)
+    try:
+        items = [(f"b{k}", *_prefill(p)) for k, p in enumerate(prompts)]
+        hidden = front.step_batch(items)
+        tokens = back.step_batch([(sid, h, pos, mask) for (sid, _, pos, mask), h in zip(items, hidden)])
+    finally:
+        for k in range(len(prompts)):
+            front.close_session(f"b{k}")
+            back.close_session(f"b{k}")
+    for (h_alone, tok_alone), h, tok in zip(alone, hidden, tokens):
+        torch.testing.assert_close(h, h_alone, atol=1e-5, rtol=1e-4)
+        assert torch.equal(tok, tok_alone)
+    assert not calls
