@@ -30,7 +30,7 @@ def to_torch(t: Tensor) -> "torch.Tensor":
     if n == 0:
         return torch.empty(t.shape, dtype=dtype)
     data = t.data if isinstance(t.data, (bytes, bytearray)) else bytes(t.data)
-    if len(data) != n * torch.empty((), dtype=dtype).element_size():
+    if len(data) != n * dtype.itemsize:
         raise BadShape(f"tensor of shape {t.shape} and dtype {t.dtype} has {len(data)} bytes")
     # frombuffer warns on read-only buffers; bytearray makes it writable at the cost of one copy
     # only when the source is immutable bytes.
