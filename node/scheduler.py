@@ -14,6 +14,12 @@ anyway: nothing runs in the background that the server's handlers do not own, an
 used without a nursery (tests) batches just the same. One batch computes at a time: the engine
 uses every core for each forward.
 
+Merging groups (``_gather``): sessions that started at different moments drift through a
+pipeline in separate groups, each costing a whole forward at every node. A decode batch first
+gathers its own group, then, if a larger group is due soon, waits for it (at most the leader's
+own interval between steps): the groups merge within a round. Measured, 16 sessions x 16 tokens
+through 3 SmolLM2 nodes on 2 cores, A/B in one sitting: 62-67 tok/s with it, 41-48 without.
+
 Where it computes: prefills (and any step of more than one token per row) run in a worker
 thread, so the node keeps reading its streams during a long forward. A batch of decode steps
 (one token per row) of an engine that sets ``inline_decode`` runs in the event loop's own
@@ -45,6 +51,10 @@ import trio
 from protocol.errors import Busy
 
 DEFAULT_MAX_ROWS = 64
+GROUP_GAP_S = 0.003  # steps of one group arrive closer together than this
+GROUP_MAX_S = 0.02  # gathering one's own group takes at most this
+GATHER_MAX_S = 0.5  # waiting for another group takes at most this (and the leader's interval)
+GATHER_RECENT_S = 2.0  # a session with no decode step for this long is not waited for
 DEFAULT_ADMISSION_WAIT_S = 10.0
 
 
@@ -78,6 +88,12 @@ class StepScheduler:
         self.stats = SchedulerStats()
         self._pending: list[_Request] = []
         self._busy = False  # a leader exists (computing, or woken to compute)
+        # For merging decode groups (_gather): each session's last decode step and its usual
+        # interval between decode steps, and an event set on every arrival.
+        self._last: dict[str, float] = {}
+        self._period: dict[str, float] = {}
+        self._arrival = trio.Event()
+        self.gather = True  # False: batch only what is pending at once (tests, comparisons)
 
     @property
     def pending(self) -> int:
@@ -94,6 +110,7 @@ class StepScheduler:
         thread hand-off), shared by every step of its batch; rows is that batch's rows."""
         req = _Request(engine, (session_id, inputs, positions, mask), int(inputs.shape[0]))
         self._pending.append(req)
+        self._arrived(session_id, _is_decode(req.item))
         if self._busy:
             try:
                 await req.done.wait()
@@ -108,12 +125,79 @@ class StepScheduler:
         self._busy = True
         try:
             await trio.sleep(0)  # steps that arrive in this same tick join the batch
+            if self.gather and _is_decode(req.item):
+                await self._gather(req.item[0])
             batch = self._take(req.engine)
             with trio.CancelScope(shield=True):
                 await self._run(req.engine, batch)
         finally:
             self._hand_off()
         return self._outcome(req), req.engine_s, req.batch_rows
+
+    def forget(self, session_id: str) -> None:
+        """The session ended: no batch waits for it any more."""
+        self._last.pop(session_id, None)
+        self._period.pop(session_id, None)
+
+    def _arrived(self, session_id: str, decode: bool) -> None:
+        now = trio.current_time()
+        if decode:
+            last = self._last.get(session_id)
+            if last is not None:
+                gap, prev = now - last, self._period.get(session_id)
+                self._period[session_id] = gap if prev is None else 0.7 * prev + 0.3 * gap
+            self._last[session_id] = now
+        self._arrival.set()
+        self._arrival = trio.Event()
+
+    async def _wait_arrival(self, until: float) -> bool:
+        """Wait for the next step to arrive, until ``until``; False if none came."""
+        with trio.move_on_at(until):
+            await self._arrival.wait()
+            return True
+        return False
+
+    async def _gather(self, leader: str) -> None:
+        """Merge decode groups: wait for the sessions whose steps are due soon, when they
+        outnumber the ones waiting here.
+
+        In a pipeline, sessions that started at different moments move through the chain in
+        separate groups, and every group costs a whole forward at every node (a batch of 16
+        costs little more than a batch of 4). So, first, the leader's own group gathers: steps
+        that arrive within GROUP_GAP_S of each other (a client forwards a group's steps one
+        after another). Then, if more sessions are due (their last decode step here plus their
+        usual interval falls before the leader's own next step would) than wait here, or as
+        many with a smaller first session id, the batch waits for them, at most the leader's own
+        interval (so one step is at most twice as slow) and GATHER_MAX_S. A smaller group waits
+        for a larger one, never the other way round, so two groups never wait for each other,
+        and the groups merge within one round. A lone session never waits.
+        """
+        start = trio.current_time()
+        period = self._period.get(leader)
+        if period is None or not any(sid not in self._pending_ids() for sid in self._recent(start)):
+            return
+        until = start + min(GROUP_MAX_S, period)
+        while await self._wait_arrival(min(until, trio.current_time() + GROUP_GAP_S)):
+            pass  # the rest of this group
+        now = trio.current_time()
+        deadline = start + min(GATHER_MAX_S, period)
+        while now < deadline:
+            here = self._pending_ids()
+            due = [sid for sid in self._recent(now) if sid not in here
+                   and self._last[sid] + self._period.get(sid, period) <= deadline]
+            if not due or (len(due), min(here)) < (len(here), min(due)):
+                return  # nobody due, or a group no larger than this one (ties: by id)
+            if not await self._wait_arrival(deadline):
+                return
+            while await self._wait_arrival(min(deadline, trio.current_time() + GROUP_GAP_S)):
+                pass  # that group's other steps
+            now = trio.current_time()
+
+    def _pending_ids(self) -> set[str]:
+        return {r.item[0] for r in self._pending}
+
+    def _recent(self, now: float) -> list[str]:
+        return [sid for sid, t in self._last.items() if now - t < GATHER_RECENT_S]
 
     def _take(self, engine: Any) -> list[_Request]:
         batch: list[_Request] = []

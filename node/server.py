@@ -280,6 +280,7 @@ class SpanServer:
             self.engine.close_session(session_id)
         except Exception:  # noqa: BLE001 - already gone
             pass
+        self.scheduler.forget(session_id)
         self.admission.released(self.engine)
         self.stats.sessions_open -= 1
         if self.stats.sessions_open == 0:

@@ -225,3 +225,40 @@ def test_prefills_of_fresh_sessions_share_one_forward_and_equal_alone(
         torch.testing.assert_close(h, h_alone, atol=1e-5, rtol=1e-4)
         assert torch.equal(tok, tok_alone)
     assert not calls
+
+
+@pytest.mark.parametrize("gather", [True, False])
+async def test_decode_groups_that_drift_apart_merge_within_a_round(autojump_clock, gather: bool) -> None:
+    """Two groups of sessions step at this node half a round apart (a pipeline's phases):
+    the smaller group waits for the larger, once, and from then on they share each forward."""
+    batches: list[int] = []
+
+    class Instant:  # the layer above the engine is under test: a forward costs no time
+        inline_decode = True
+
+        def step_batch(self, items):  # type: ignore[no-untyped-def]
+            batches.append(len(items))
+            return [x for _, x, _, _ in items]
+
+    sched, engine = StepScheduler(), Instant()
+    sched.gather = gather
+    rounds, period = 12, 0.1
+
+    async def session(name: str, offset: float) -> None:
+        await trio.sleep(offset)
+        for _ in range(rounds):
+            await sched.step(engine, name, torch.zeros(1, 1, 4), torch.zeros(1, 1), None)
+            await trio.sleep(period)  # at the other nodes of the chain, and at the client
+        sched.forget(name)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(2):
+            nursery.start_soon(session, f"a{i}", 0.0)
+        for i in range(4):
+            nursery.start_soon(session, f"b{i}", period / 2)
+    assert sum(batches) == 6 * rounds
+    if gather:
+        # One round apart, then the smaller group waits for the larger: one forward a round.
+        assert batches == [2, 4] + [6] * (rounds - 1)
+    else:
+        assert 6 not in batches and len(batches) == 2 * rounds  # two forwards per round
