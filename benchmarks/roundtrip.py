@@ -67,15 +67,9 @@ async def _libp2p_rtt(payload: int, rounds: int) -> float:
         b.set_handler(proto, echo)
         await a.connect(b.addrs[0])
         stream = await a.open_stream(b.peer_id, proto)
-        blob = b"x" * payload
-        samples = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            await stream.send_frame(blob)
-            await stream.read_frame(1 << 24)
-            samples.append(time.perf_counter() - t0)
+        rtt = await _framed_rtt(stream, payload, rounds)
         await stream.close()
-    return _median_rtt(samples)
+    return rtt
 
 
 async def _direct_rtt(payload: int, rounds: int) -> float:
@@ -100,15 +94,21 @@ async def _direct_rtt(payload: int, rounds: int) -> float:
         nursery.start_soon(echo)
         channel = await connect("127.0.0.1", port, offer.public, "bench-node", client_pk,
                                 client_sk, 10)
-        blob = b"x" * payload
-        samples = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            await channel.send_frame(blob)
-            await channel.read_frame(1 << 24)
-            samples.append(time.perf_counter() - t0)
+        rtt = await _framed_rtt(channel, payload, rounds)
         await channel.close()
         nursery.cancel_scope.cancel()
+    return rtt
+
+
+async def _framed_rtt(stream: Any, payload: int, rounds: int) -> float:
+    """Median round trip of one ``payload``-byte frame to an echo behind ``stream``."""
+    blob = b"x" * payload
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        await stream.send_frame(blob)
+        await stream.read_frame(1 << 24)
+        samples.append(time.perf_counter() - t0)
     return _median_rtt(samples)
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from .errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from .registry import ModelSource
+from .sessions import SessionTable
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -65,7 +66,7 @@ class _Session:
         return int(self.mask.shape[1])
 
 
-class SpanEngine:
+class SpanEngine(SessionTable):
     """Layers [start, end) of one model; construct with ``SpanEngine.load``."""
 
     #: Decode batches are short forwards: the scheduler runs them in the event loop's thread.
@@ -279,20 +280,6 @@ class SpanEngine:
             if self._sessions.pop(session_id, None) is None:
                 raise SessionUnknown(f"no open session {session_id!r}")
 
-    def sessions(self) -> list[str]:
-        with self._lock:
-            return list(self._sessions)
-
-    def cache_tokens_used(self) -> int:
-        """Tokens held in caches now (rows times cached length, padding included)."""
-        with self._lock:
-            return sum(s.batch_size * s.length for s in self._sessions.values())
-
-    def cache_tokens_reserved(self) -> int:
-        """Tokens reserved by open sessions (sum of batch_size * max_length)."""
-        with self._lock:
-            return sum(s.batch_size * s.max_length for s in self._sessions.values())
-
     # --- the step ---------------------------------------------------------------------------
 
     def step(self, session_id: str, inputs: torch.Tensor, positions: torch.Tensor,
@@ -437,7 +424,6 @@ class SpanEngine:
         """
         from transformers import DynamicCache
 
-        sessions = [s for s, _ in members]
         width = max(int(p[1].shape[1]) for _, p in members)
         for s, p in members:
             if int(p[1].shape[1]) > s.max_length:
@@ -451,47 +437,8 @@ class SpanEngine:
         inputs = torch.cat([pad(p[0]) for _, p in members], dim=0)
         positions = torch.cat([pad(p[1]) for _, p in members], dim=0)
         full_mask = torch.cat([pad(p[2]) for _, p in members], dim=0)  # (R, width)
-        a, b = sessions[0].layers
-        lo, hi = a - self._start, b - self._start
-        cache = DynamicCache(config=self._config)
-        if sessions[0].view is not None:
-            _alias_unused_slots(cache, lo, hi)
-        batch = _Session(
-            batch_size=int(inputs.shape[0]), max_length=width, temperature=0.0, top_p=1.0,
-            seed=0, cache=cache, mask=full_mask[:, :0], generator=None, layers=(a, b),
-            is_first=sessions[0].is_first, is_last=sessions[0].is_last, view=sessions[0].view)
-        with self._lock:
-            for s in sessions:
-                if all(s is not live for live in self._sessions.values()):
-                    raise SessionUnknown("a session was closed during the step")
-            try:
-                with torch.inference_mode():
-                    hidden = self._forward(batch, inputs, positions, full_mask, sample=False)
-                    if batch.is_last:  # the last column is a real token of every row
-                        logits = self._model.get_output_embeddings()(hidden[:, -1, :]).float()
-                    outs: list[torch.Tensor] = []
-                    row = 0
-                    for s, (_, _, m) in members:
-                        rows = slice(row, row + s.batch_size)
-                        row += s.batch_size
-                        t = int(m.shape[1])
-                        for j in range(lo, hi):
-                            new = cache.layers[j]
-                            s.cache.layers[j].update(new.keys[rows, :, width - t:, :].clone(),
-                                                     new.values[rows, :, width - t:, :].clone())
-                        s.mask = m
-                        if s.is_last:
-                            outs.append(_sample(logits[rows], s.temperature, s.top_p, s.generator))
-                        else:
-                            outs.append(hidden[rows, width - t:, :])
-            except Exception as e:
-                for s in sessions:  # caches may be half-filled
-                    for sid, live in list(self._sessions.items()):
-                        if live is s:
-                            self._sessions.pop(sid)
-                raise EngineError(f"batched prefill failed, {len(sessions)} sessions closed: "
-                                  f"{e}") from e
-        return outs
+        return self._forward_group(members, inputs, positions, full_mask,
+                                   DynamicCache(config=self._config))
 
     def _step_group(self, members: list[tuple[_Session, tuple[torch.Tensor, ...]]]
                     ) -> list[torch.Tensor]:
@@ -506,15 +453,13 @@ class SpanEngine:
         longest = max(s.length for s in sessions)
         inputs = torch.cat([p[0] for _, p in members], dim=0)  # (R, 1) or (R, 1, H)
         positions = torch.cat([p[1] for _, p in members], dim=0)  # (R, 1)
-        new_mask = [p[2] for _, p in members]
         # Each session's past, left-padded to the longest, then its new column: (R, longest + 1)
         full_mask = torch.cat([
-            torch.cat([nn.functional.pad(s.mask, (longest - s.length, 0)), m], dim=1)
-            for s, m in zip(sessions, new_mask)], dim=0)
-        a, b = sessions[0].layers
-        lo, hi = a - self._start, b - self._start  # span-local slots this group fills
+            torch.cat([nn.functional.pad(s.mask, (longest - s.length, 0)), p[2]], dim=1)
+            for s, p in members], dim=0)
+        a = sessions[0].layers[0]
         cache = DynamicCache(config=self._config)
-        for j in range(lo, hi):
+        for j in range(a - self._start, sessions[0].layers[1] - self._start):
             slots = [s.cache.layers[j] for s in sessions]
             # (R, kv_heads, longest, head_dim), zeros where a session is shorter
             keys = torch.cat([nn.functional.pad(x.keys, (0, 0, longest - x.keys.shape[-2], 0))
@@ -526,11 +471,22 @@ class SpanEngine:
             layer.keys, layer.values = keys, values
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = longest
+        return self._forward_group(members, inputs, positions, full_mask, cache)
+
+    def _forward_group(self, members: list[tuple[_Session, tuple[torch.Tensor, ...]]],
+                       inputs: torch.Tensor, positions: torch.Tensor, full_mask: torch.Tensor,
+                       cache: Any) -> list[torch.Tensor]:
+        """One forward of the sessions' rows stacked (``full_mask`` hides each one's padding;
+        ``cache`` holds their pasts, left-padded), then each session takes back its own rows:
+        the new columns of keys and values, its mask, and its hidden states or sampled tokens."""
+        sessions = [s for s, _ in members]
+        a, b = sessions[0].layers
+        lo, hi = a - self._start, b - self._start  # span-local slots this group fills
         if sessions[0].view is not None:
             _alias_unused_slots(cache, lo, hi)
         batch = _Session(
-            batch_size=int(inputs.shape[0]), max_length=longest + 1, temperature=0.0, top_p=1.0,
-            seed=0, cache=cache, mask=full_mask, generator=None, layers=(a, b),
+            batch_size=int(inputs.shape[0]), max_length=int(full_mask.shape[1]), temperature=0.0,
+            top_p=1.0, seed=0, cache=cache, mask=full_mask, generator=None, layers=(a, b),
             is_first=sessions[0].is_first, is_last=sessions[0].is_last, view=sessions[0].view)
         with self._lock:
             for s in sessions:
@@ -538,23 +494,23 @@ class SpanEngine:
                     raise SessionUnknown("a session was closed during the step")
             try:
                 with torch.inference_mode():
-                    hidden = self._forward(batch, inputs, positions, full_mask, sample=False)  # (R, 1, H)
+                    hidden = self._forward(batch, inputs, positions, full_mask, sample=False)  # (R, T, H)
                     if batch.is_last:  # one product for every row: the head's weights are read once
                         logits = self._model.get_output_embeddings()(hidden[:, -1, :]).float()  # (R, V)
                     outs: list[torch.Tensor] = []
                     row = 0
-                    for s, m in zip(sessions, new_mask):
+                    for s, (_, _, m) in members:
                         rows = slice(row, row + s.batch_size)
                         row += s.batch_size
+                        t = int(m.shape[1])  # this session's new tokens: the last t columns
                         for j in range(lo, hi):
                             new = cache.layers[j]
-                            s.cache.layers[j].update(new.keys[rows, :, -1:, :],
-                                                     new.values[rows, :, -1:, :])
+                            s.cache.layers[j].update(new.keys[rows, :, -t:, :], new.values[rows, :, -t:, :])
                         s.mask = torch.cat([s.mask, m], dim=1)
                         if s.is_last:
                             outs.append(_sample(logits[rows], s.temperature, s.top_p, s.generator))
                         else:
-                            outs.append(hidden[rows])
+                            outs.append(hidden[rows, -t:, :])
             except Exception as e:
                 for s in sessions:  # caches may be half-updated
                     for sid, live in list(self._sessions.items()):

@@ -43,6 +43,7 @@ import torch
 
 from .errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from .registry import ModelSource
+from .sessions import SessionTable
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class _Session:
     length: int = 0  # cache columns, padding included (as the span engine counts)
 
 
-class VllmEngine:
+class VllmEngine(SessionTable):
     """The whole model through a vLLM server; the same interface as ``SpanEngine``."""
 
     def __init__(self, source: ModelSource, server: VllmServer,
@@ -419,18 +420,6 @@ class VllmEngine:
         if session is None:
             raise SessionUnknown(f"no open session {session_id!r}")
         _close_rows(session)
-
-    def sessions(self) -> list[str]:
-        with self._lock:
-            return list(self._sessions)
-
-    def cache_tokens_used(self) -> int:
-        with self._lock:
-            return sum(s.batch_size * s.length for s in self._sessions.values())
-
-    def cache_tokens_reserved(self) -> int:
-        with self._lock:
-            return sum(s.batch_size * s.max_length for s in self._sessions.values())
 
     def _get(self, session_id: str) -> _Session:
         with self._lock:
