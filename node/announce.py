@@ -138,17 +138,26 @@ class Announcer:
             await self.publish(ttl_s=linger_s)
 
 
+OWN_RECORD_TIMEOUT_S = 5.0  # asking a provider for its own record, before the DHT lookup
+
+
 async def fetch_records(
-    dht: SwarmDHT, model_id: str, *, include_draining: bool = False, limit: int = 64
+    dht: SwarmDHT, model_id: str, *, include_draining: bool = False, limit: int = 256
 ) -> list[CapacityRecord]:
-    """Valid, unexpired records of the peers that provide ``model_id``, asked of the network."""
+    """Valid, unexpired records of the peers that provide ``model_id``, asked of the network.
+
+    Each provider is first asked for its own record (one request, SPEC.md 12.4.3); only a
+    provider that gives no valid one is looked up in the DHT, which asks the ~20 peers
+    closest to its key. With 32 providers that is 32 requests instead of about 1,000."""
     peers = (await dht.find_providers(model_provider_key(model_id), count=limit))[:limit]
     found: list[CapacityRecord] = []
 
     async def one(peer_id: str) -> None:
         key = capacity_key(peer_id)
         try:
-            value = await dht.get(key)
+            value = await dht.get_from(peer_id, key, timeout_s=OWN_RECORD_TIMEOUT_S)
+            if value is None:
+                value = await dht.get(key)
             if value is None:
                 return
             record = verify_record(CapacityRecord.from_bytes(value), now=time.time(), key=key)

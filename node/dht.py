@@ -23,23 +23,35 @@ from py-libp2p 0.8.1 (see FACTS.md):
 * The WARNING that py-libp2p logs for every rejected record, with the whole
   value in hex, is demoted to DEBUG and truncated.
 
-What it cannot change: values live 24 h and provider records 48 h on remote
-peers with no per-record TTL and no deletion, so validators must check an
-expiry inside the value, and readers must re-check it (validators run on every
-read). A storing peer keeps at most 20 providers per key.
+* Provider lists (SPEC.md 12.4.7): py-libp2p keeps the first 20 providers of
+  a key for 48 h and ignores every later one, so once 20 nodes had ever
+  served a model no new node serving it could be found. Here a key holds up
+  to `MAX_PROVIDERS_PER_KEY` providers, an entry expires `PROVIDER_TTL_S`
+  after its last announcement, and a full key replaces its stalest entry.
+* `get_from(peer, key)` asks one peer, one request, for a value: a reader
+  fetching capacity records asks each provider for its own record first.
+
+What it cannot change: values live 24 h on remote peers with no per-record
+TTL and no deletion, so validators must check an expiry inside the value, and
+readers must re-check it (validators run on every read). Peers running other
+code keep py-libp2p's provider policy.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 from contextlib import asynccontextmanager
 
 import trio
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.common import ALPHA, QUERY_TIMEOUT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
+from libp2p.kad_dht.provider_store import ProviderRecord
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.id import ID
 from libp2p.records.utils import InvalidRecordType, split_key
 from libp2p.records.validator import NamespacedValidator, Validator
@@ -50,6 +62,8 @@ from node.host import Host
 
 __all__ = [
     "DHTError",
+    "MAX_PROVIDERS_PER_KEY",
+    "PROVIDER_TTL_S",
     "SelectFn",
     "StaleValue",
     "SwarmDHT",
@@ -65,6 +79,8 @@ ValidateFn = Callable[[str, bytes], None]
 SelectFn = Callable[[str, list[bytes]], int]
 
 _SHA2_256 = b"\x12\x20"  # multihash code 0x12, length 32
+MAX_PROVIDERS_PER_KEY = 256  # providers one DHT node keeps per key (py-libp2p: 20)
+PROVIDER_TTL_S = 3600.0  # an entry lives this long after its last announcement (py-libp2p: 48 h)
 
 
 class DHTError(Exception):
@@ -108,6 +124,49 @@ class _NamespaceValidator(Validator):
         return index
 
 
+class _ProviderPolicy:
+    """Replaces a py-libp2p ProviderStore's add/get/cleanup (its handlers call these):
+    at most ``max_per_key`` providers per key, each expiring ``ttl_s`` after it was last
+    announced; a new provider for a full key replaces the entry announced longest ago."""
+
+    def __init__(self, store: Any, max_per_key: int, ttl_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.max_per_key, self.ttl_s, self.clock = store, max_per_key, ttl_s, clock
+        store.add_provider = self.add_provider
+        store.get_providers = self.get_providers
+        store.cleanup_expired = self.cleanup_expired
+
+    def add_provider(self, key: bytes, provider: Any) -> None:
+        if not provider or not provider.peer_id:
+            return
+        now = self.clock()
+        entries = self.store.providers.setdefault(key, {})
+        pid = str(provider.peer_id)
+        if pid not in entries and len(entries) >= self.max_per_key:
+            self._expire(key, now)
+            if len(entries) >= self.max_per_key:
+                del entries[min(entries, key=lambda p: entries[p].timestamp)]
+        entries.pop(pid, None)  # re-announced: newest last
+        entries[pid] = ProviderRecord(provider_info=provider, timestamp=now)
+
+    def _expire(self, key: bytes, now: float) -> None:
+        entries = self.store.providers.get(key, {})
+        for pid in [p for p, r in entries.items() if now - r.timestamp >= self.ttl_s]:
+            del entries[pid]
+        if not entries:
+            self.store.providers.pop(key, None)
+
+    def get_providers(self, key: bytes) -> list[Any]:
+        self._expire(key, self.clock())
+        return [PeerInfo(r.peer_id, r.addresses)
+                for r in self.store.providers.get(key, {}).values()]
+
+    def cleanup_expired(self) -> None:
+        now = self.clock()
+        for key in list(self.store.providers):
+            self._expire(key, now)
+
+
 class SwarmDHT:
     """A Kademlia DHT node bound to one `Host`; see the module docstring.
 
@@ -146,6 +205,8 @@ class SwarmDHT:
             strict_validation=True,
         )
         self._local_id = host.libp2p.get_id()
+        self.providers = _ProviderPolicy(self.kad.provider_store, MAX_PROVIDERS_PER_KEY,
+                                         PROVIDER_TTL_S)
 
     # -- membership -----------------------------------------------------------
 
@@ -272,6 +333,29 @@ class SwarmDHT:
                     nursery.start_soon(self._correct, peer, key_bytes, best)
         return best.value
 
+    async def get_from(self, peer_id: str, key: str, timeout_s: float = QUERY_TIMEOUT) -> bytes | None:
+        """One GET_VALUE for `key` sent to `peer_id` alone: its valid value, or None (no
+        answer within `timeout_s`, no value, an invalid one, or the peer is unreachable).
+        Nothing is stored locally; the caller knows whose copy it asked for."""
+        try:
+            split_key(key)
+        except InvalidRecordType as exc:
+            raise DHTError(f"not a namespaced key: {key!r}") from exc
+        peer = to_id(peer_id)
+        if peer == self._local_id:
+            return self.get_local(key)
+        with trio.move_on_after(timeout_s):
+            try:
+                rec = await self.kad.value_store._get_from_peer(
+                    peer, key.encode(), return_record=True
+                )
+            except Exception as exc:  # noqa: BLE001 - unreachable or misbehaving peer
+                log.debug("GET_VALUE to %s failed: %s", peer_id, exc)
+                return None
+            if isinstance(rec, Record) and rec.value and self._valid(key, rec.value):
+                return bytes(rec.value)
+        return None
+
     async def _correct(self, peer: ID, key_bytes: bytes, best: Record) -> None:
         with trio.move_on_after(QUERY_TIMEOUT):
             await self.kad.value_store._store_at_peer(peer, key_bytes, best.value, record=best)
@@ -314,7 +398,8 @@ class SwarmDHT:
     def stop_providing(self, key: bytes) -> None:
         """Stop announcing `key` and drop our own local provider entry.
 
-        Remote provider records stay until they expire (48 h in py-libp2p).
+        Remote provider records stay until they expire (PROVIDER_TTL_S on nodes running
+        this code, 48 h on plain py-libp2p peers).
         """
         pkey = provider_key(key)
         store = self.kad.provider_store

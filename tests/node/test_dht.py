@@ -10,7 +10,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
-from node.dht import DHTError, StaleValue, SwarmDHT, open_dht
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
+
+from node.dht import MAX_PROVIDERS_PER_KEY, PROVIDER_TTL_S, DHTError, StaleValue, SwarmDHT, open_dht
 from node.host import Host, open_host
 
 N = 5
@@ -148,6 +152,19 @@ async def test_five_node_swarm(capsys: pytest.CaptureFixture[str], caplog: pytes
             stream = await h4.open_stream(h3.peer_id, "/t/pong")
             assert await stream.read_frame(16) == b"pong"
 
+            # one peer asked for its own copy: one request, nothing cached locally
+            assert await d4.get_from(h1.peer_id, key) == b"2:second"
+            other = f"/{NS}/only-at-3"
+            d3.kad.value_store.put(other.encode(), b"5:three")
+            d4.remove_local(other)
+            assert await d4.get_from(h3.peer_id, other) == b"5:three"
+            assert d4.get_local(other) is None
+            assert await d4.get_from(h2.peer_id, other) is None  # a peer without it
+            d3.kad.value_store.put(other.encode(), b"6:bad copy")  # an invalid copy: dropped
+            assert await d4.get_from(h3.peer_id, other) is None
+            with pytest.raises(DHTError):
+                await d4.get_from(h3.peer_id, "not-namespaced")
+
             # withdrawal of the local copy
             assert d0.remove_local(key)
             assert d0.get_local(key) is None
@@ -156,3 +173,44 @@ async def test_five_node_swarm(capsys: pytest.CaptureFixture[str], caplog: pytes
             "\n[dht 5 nodes] "
             + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in timings.items())
         )
+
+
+async def test_provider_lists_hold_more_than_twenty_and_let_stale_entries_go() -> None:
+    """py-libp2p keeps the first 20 providers of a key for 48 h and ignores later ones; a
+    model served by more than 20 nodes then hides the rest. The node's policy: up to
+    MAX_PROVIDERS_PER_KEY, expiry PROVIDER_TTL_S after the last announcement, and a full key
+    replaces its stalest entry. (The five-node test drives the same store over the wire.)"""
+    from protocol.identity import Identity
+
+    now = [1000.0]
+    async with open_host(seed(99)) as host, open_dht(host, {NS: validate}) as dht:
+        dht.providers.clock = lambda: now[0]
+        store = dht.kad.provider_store  # what the ADD_PROVIDER and GET_PROVIDERS handlers call
+        key = b"\x12\x20" + hashlib.sha256(b"model").digest()
+        peers = [ID.from_base58(Identity.generate().peer_id) for _ in range(MAX_PROVIDERS_PER_KEY + 1)]
+
+        def announce(peer: ID) -> None:
+            store.add_provider(key, PeerInfo(peer, [Multiaddr("/ip4/127.0.0.1/tcp/4001")]))
+            now[0] += 1.0
+
+        def listed() -> set[ID]:
+            return {info.peer_id for info in store.get_providers(key)}
+
+        for peer in peers[:25]:
+            announce(peer)
+        assert listed() == set(peers[:25])  # py-libp2p would keep 20
+
+        for peer in peers[25:MAX_PROVIDERS_PER_KEY]:
+            announce(peer)
+        announce(peers[0])  # the oldest refreshes its announcement
+        announce(peers[-1])  # a new provider for a full key
+        assert len(listed()) == MAX_PROVIDERS_PER_KEY
+        assert peers[-1] in listed() and peers[0] in listed()
+        assert peers[1] not in listed()  # the stalest entry made room
+
+        # peers[i] announced at t = 1000 + i; peers[0] again at 1256: those up to 1030 expire
+        now[0] = 1000.0 + PROVIDER_TTL_S + 30.5
+        assert listed() == set(peers[31:]) | {peers[0]}
+        now[0] += PROVIDER_TTL_S
+        store.cleanup_expired()
+        assert listed() == set() and key not in store.providers
