@@ -73,3 +73,16 @@ def test_chained_spans_equal_whole_model_on_cuda(smollm2: ModelSource, dtype: st
     expected = _greedy([whole], "w", NEW)
     got = _greedy(chain, "c", NEW)
     assert got[:AGREE] == expected[:AGREE], f"{dtype}: chain {got} vs whole {expected}"
+
+
+@pytest.mark.parametrize("subrange", [False, True])
+def test_step_batch_equals_alone_on_cuda(tiny_llama: ModelSource, subrange: bool) -> None:
+    """The batched path (decode groups, prefill groups, the last span's batched head) on CUDA,
+    in fp32: four sessions joining and leaving a batch each get their tokens from alone."""
+    from tests.node.test_scheduler import check_step_batch_equals_alone
+
+    spans = {"front": (0, 3), "back": (3, 6), "wide_front": (0, 4), "wide_back": (2, 6)}
+    engines = {k: SpanEngine.load(tiny_llama, a, b, device="cuda", dtype="float32")
+               for k, (a, b) in spans.items()}
+    assert all(e.device.startswith("cuda") for e in engines.values())
+    check_step_batch_equals_alone(engines, subrange)

@@ -72,6 +72,12 @@ def engines(tiny_llama: ModelSource) -> dict[str, SpanEngine]:
 @pytest.mark.parametrize("subrange", [False, True])
 def test_step_batch_equals_alone_with_joins_and_leaves(engines: dict[str, SpanEngine],
                                                        subrange: bool) -> None:
+    check_step_batch_equals_alone(engines, subrange)
+
+
+def check_step_batch_equals_alone(engines: dict[str, SpanEngine], subrange: bool) -> None:
+    """Four sessions join and leave a batch; each gets the tokens it gets alone (also run on
+    CUDA by tests/gpu)."""
     chain = ([(engines["wide_front"], (0, 3)), (engines["wide_back"], (3, 6))] if subrange
              else [(engines["front"], None), (engines["back"], None)])
     plain = [(engines["front"], None), (engines["back"], None)]
