@@ -313,6 +313,9 @@ class Host:
         await self.libp2p.disconnect(to_id(peer_id))
 
 
+CLOSE_TIMEOUT_S = 5.0  # closing a host's connections and listener, at most
+
+
 @asynccontextmanager
 async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0") -> AsyncIterator[Host]:
     """Run a host with the Ed25519 identity of `seed`, listening on `listen`.
@@ -326,4 +329,11 @@ async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0") -> AsyncI
     listen_addr = multiaddr.Multiaddr(listen)
     libp2p_host = build_libp2p_host(seed, [listen_addr])
     async with libp2p_host.run(listen_addrs=[listen_addr]):
-        yield Host(libp2p_host)
+        try:
+            yield Host(libp2p_host)
+        finally:
+            # py-libp2p's run() only cancels the swarm's tasks: once a DHT had run on the host,
+            # its listener kept accepting and peers stayed connected to a host that no longer
+            # served them (their requests then hung until a timeout). Close it explicitly.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await libp2p_host.get_network().close()

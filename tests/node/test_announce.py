@@ -98,3 +98,26 @@ async def test_forged_expired_and_stale_records_are_rejected():
         with trio.fail_after(10):
             got = CapacityRecord.from_bytes(await dhts[0].get(key))
         assert got.seq == 6 and got.throughput == 9.0
+
+
+async def test_a_provider_that_left_is_still_found_through_the_dht():
+    """Readers ask each provider for its own record first (SPEC 12.4.3); a provider that no
+    longer answers is looked up in the DHT, where its record stays until it expires."""
+    async with AsyncExitStack() as stack:
+        ids, hosts, dhts = await _swarm(stack, 3)
+        gone = Identity.generate()
+        async with AsyncExitStack() as leaving:
+            host = await leaving.enter_async_context(open_host(gone.seed))
+            dht = await leaving.enter_async_context(
+                open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, [hosts[0].addrs[0]]))
+            ann = Announcer(gone, dht, _state(host.addrs), ttl_s=60, provide_keys=(MODEL,))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ann.serve)
+                with trio.fail_after(20):
+                    assert await dhts[2].get_from(gone.peer_id, capacity_key(gone.peer_id))
+                nursery.cancel_scope.cancel()
+        # The host is closed: asking it fails, the DHT still holds its last record.
+        with trio.fail_after(30):
+            assert await dhts[2].get_from(gone.peer_id, capacity_key(gone.peer_id)) is None
+            found = await fetch_records(dhts[2], MODEL)
+        assert [r.peer_id for r in found] == [gone.peer_id] and found[0].state == "online"

@@ -218,3 +218,25 @@ async def test_tls_or_secio_dialer_is_refused(transport: str) -> None:
                     await other.connect(info_from_p2p_addr(multiaddr.Multiaddr(ours.addrs[0])))
                 assert ID.from_base58(ours.peer_id) not in other.get_connected_peers()
                 assert other.get_id() not in ours.libp2p.get_connected_peers()
+
+
+async def test_leaving_the_block_closes_listener_and_connections_even_after_a_dht() -> None:
+    """py-libp2p's run() only cancels the swarm's tasks; once a DHT had run on a host, its
+    listener kept accepting and peers stayed connected to it. open_host closes the swarm."""
+    import socket
+
+    from node.announce import DHT_SELECTORS, DHT_VALIDATORS
+    from node.dht import open_dht
+
+    with trio.fail_after(30):
+        async with open_host(seed("stays")) as a, open_dht(a, DHT_VALIDATORS, DHT_SELECTORS):
+            async with open_host(seed("leaves")) as b:
+                async with open_dht(b, DHT_VALIDATORS, DHT_SELECTORS, [a.addrs[0]]):
+                    assert b.peer_id in a.connected_peers() or a.peer_id in b.connected_peers()
+                port = int(b.addrs[0].split("/tcp/")[1].split("/")[0])
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there any more
+            while b.peer_id in a.connected_peers():  # the peer sees the connection end
+                await trio.sleep(0.05)
+            with pytest.raises(Exception):
+                await a.open_stream(b.peer_id, ECHO)
