@@ -112,6 +112,11 @@ async def _timed_single(client: Any, model_id: str, route: Any, new_tokens: int,
     return one, sum((a[0] - b[0]) / (a[1] - b[1]) for a, b in zip(after, before))
 
 
+def _decode_step_s(result: Any) -> float | None:
+    """The client's wall time per decode step of one generation (None with a single step)."""
+    return result.decode_s / (result.steps - 1) if result.steps > 1 else None
+
+
 async def _drive(addr: str, model_id: str, num_layers: int, new_tokens: int,
                  concurrency: list[int], ports: list[int], libp2p_single: bool) -> dict[str, Any]:
     from node.client import SwarmClient
@@ -125,7 +130,7 @@ async def _drive(addr: str, model_id: str, num_layers: int, new_tokens: int,
         out["ttft_s"] = one.ttft_s
         # Client wall time per decode token (each a step through every hop), and the part of
         # it the nodes' engines spent computing: the rest is protocol and transport.
-        out["client_step_s"] = one.decode_s / (one.steps - 1) if one.steps > 1 else None
+        out["client_step_s"] = _decode_step_s(one)
         out["node_compute_per_token_s"] = compute
         out["direct_fallbacks"] = len(client.direct_failed)  # hops that fell back to libp2p
         if libp2p_single:
@@ -134,7 +139,7 @@ async def _drive(addr: str, model_id: str, num_layers: int, new_tokens: int,
                 await plain.generate(model_id, [PROMPT], max_new_tokens=3, route=route2)
                 two, compute2 = await _timed_single(plain, model_id, route2, new_tokens, ports)
             out["single_tok_s_libp2p"] = two.tokens_per_s
-            out["client_step_s_libp2p"] = two.decode_s / (two.steps - 1) if two.steps > 1 else None
+            out["client_step_s_libp2p"] = _decode_step_s(two)
             out["node_compute_per_token_s_libp2p"] = compute2
         out["aggregate_tok_s"] = {}
         # Nodes cap open sessions per peer (8): many sessions come from several client peers.

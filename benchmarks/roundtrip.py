@@ -16,10 +16,6 @@ from typing import Any
 import trio
 
 
-def _median_rtt(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
 async def _tcp_rtt(payload: int, rounds: int) -> float:
     """Median round trip of ``payload`` bytes over a trio TCP socket pair on loopback."""
     async def echo(stream: trio.SocketStream) -> None:
@@ -44,7 +40,7 @@ async def _tcp_rtt(payload: int, rounds: int) -> float:
             samples.append(time.perf_counter() - t0)
         await client.aclose()
         nursery.cancel_scope.cancel()
-    return _median_rtt(samples)
+    return statistics.median(samples)
 
 
 async def _libp2p_rtt(payload: int, rounds: int) -> float:
@@ -109,7 +105,7 @@ async def _framed_rtt(stream: Any, payload: int, rounds: int) -> float:
         await stream.send_frame(blob)
         await stream.read_frame(1 << 24)
         samples.append(time.perf_counter() - t0)
-    return _median_rtt(samples)
+    return statistics.median(samples)
 
 
 def round_trips(payload: int, rounds: int) -> dict[str, float]:

@@ -93,6 +93,12 @@ class _HopSession:
     # Every input sent to this hop, so a replacement can rebuild its KV cache (failover).
     history: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
+    async def reset(self) -> None:
+        """Abandon the session: its frames' transport and the stream it was opened on."""
+        await self.stream.reset()
+        if self.anchor is not None:
+            await self.anchor.reset()
+
 
 def candidates_from(records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
     out = []
@@ -394,9 +400,7 @@ class SwarmClient:
                 await h.anchor.close()
         except Exception as exc:  # noqa: BLE001 - the peer may be gone; its checkpoints stay
             log.info("closing session on %s: %s", h.hop.peer_id, exc)
-            await h.stream.reset()
-            if h.anchor is not None:
-                await h.anchor.reset()
+            await h.reset()
 
     async def _judge(self, h: _HopSession, data: bytes) -> None:
         """Check a receipt against what we sent and received; countersign or dispute it."""
@@ -467,9 +471,7 @@ class SwarmClient:
         if chain.failovers > MAX_FAILOVERS:
             raise LayersLost(failed.hop.start, failed.hop.end, f"gave up after {MAX_FAILOVERS} failovers")
         with trio.CancelScope(shield=True):
-            await failed.stream.reset()
-            if failed.anchor is not None:
-                await failed.anchor.reset()
+            await failed.reset()
         for attempt in range(MAX_FAILOVERS):
             # Records already known first: asking the DHT can wait on the very peer that stalled.
             hops = None

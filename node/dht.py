@@ -43,16 +43,16 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.common import ALPHA, QUERY_TIMEOUT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.provider_store import ProviderRecord
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.utils import InvalidRecordType, split_key
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
@@ -107,6 +107,15 @@ def provider_key(key: bytes) -> bytes:
 def select_largest(key: str, values: list[bytes]) -> int:
     """Default selector: the bytewise largest value (deterministic everywhere)."""
     return max(range(len(values)), key=lambda i: values[i])
+
+
+def _namespaced(key: str) -> bytes:
+    """`key` as the bytes of a record key; DHTError unless it is "/<namespace>/<rest>"."""
+    try:
+        split_key(key)
+    except InvalidRecordType as exc:
+        raise DHTError(f"not a namespaced key: {key!r}") from exc
+    return key.encode()
 
 
 class _NamespaceValidator(Validator):
@@ -286,11 +295,7 @@ class SwarmDHT:
         the local copy, and peers that returned a worse value are sent the
         winner (bounded, best effort). None if no valid value exists.
         """
-        try:
-            split_key(key)
-        except InvalidRecordType as exc:
-            raise DHTError(f"not a namespaced key: {key!r}") from exc
-        key_bytes = key.encode()
+        key_bytes = _namespaced(key)
         records: list[Record] = []
         sources: list[ID | None] = []  # None = our local store
 
@@ -337,18 +342,13 @@ class SwarmDHT:
         """One GET_VALUE for `key` sent to `peer_id` alone: its valid value, or None (no
         answer within `timeout_s`, no value, an invalid one, or the peer is unreachable).
         Nothing is stored locally; the caller knows whose copy it asked for."""
-        try:
-            split_key(key)
-        except InvalidRecordType as exc:
-            raise DHTError(f"not a namespaced key: {key!r}") from exc
+        key_bytes = _namespaced(key)
         peer = to_id(peer_id)
         if peer == self._local_id:
             return self.get_local(key)
         with trio.move_on_after(timeout_s):
             try:
-                rec = await self.kad.value_store._get_from_peer(
-                    peer, key.encode(), return_record=True
-                )
+                rec = await self.kad.value_store._get_from_peer(peer, key_bytes, return_record=True)
             except Exception as exc:  # noqa: BLE001 - unreachable or misbehaving peer
                 log.debug("GET_VALUE to %s failed: %s", peer_id, exc)
                 return None

@@ -364,9 +364,10 @@ class SpanEngine(SessionTable):
         back into each session's own cache. The first steps (prefills) of fresh sessions with the
         same layers also share one forward (``_prefill_group``: left-padded, at most
         PREFILL_BATCH_TOKENS rows x tokens each). Every other step (a later chunk of a long
-        prompt, a lone session) runs alone through ``step``. Each session samples its own rows with its own settings and
-        generator, so a batched session gets exactly the tokens it would get alone (up to
-        float rounding of batched matrix products; greedy tests compare them).
+        prompt, a lone session) runs alone through ``step``. Each session samples its own rows
+        with its own settings and generator, so a batched session gets exactly the tokens it
+        would get alone (up to float rounding of batched matrix products; greedy tests compare
+        them).
         """
         results: list[torch.Tensor | Exception | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[tuple[int, _Session, tuple]]] = {}
@@ -457,9 +458,9 @@ class SpanEngine(SessionTable):
         full_mask = torch.cat([
             torch.cat([nn.functional.pad(s.mask, (longest - s.length, 0)), p[2]], dim=1)
             for s, p in members], dim=0)
-        a = sessions[0].layers[0]
+        a, b = sessions[0].layers
         cache = DynamicCache(config=self._config)
-        for j in range(a - self._start, sessions[0].layers[1] - self._start):
+        for j in range(a - self._start, b - self._start):
             slots = [s.cache.layers[j] for s in sessions]
             # (R, kv_heads, longest, head_dim), zeros where a session is shorter
             keys = torch.cat([nn.functional.pad(x.keys, (0, 0, longest - x.keys.shape[-2], 0))

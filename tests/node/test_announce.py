@@ -113,11 +113,25 @@ async def test_a_provider_that_left_is_still_found_through_the_dht():
             ann = Announcer(gone, dht, _state(host.addrs), ttl_s=60, provide_keys=(MODEL,))
             async with trio.open_nursery() as nursery:
                 await nursery.start(ann.serve)
+                lookups: list[str] = []  # DHT lookups the reader makes (a spy on the real one)
+                network_get = dhts[2].get
+
+                async def spied_get(key: str) -> bytes | None:
+                    lookups.append(key)
+                    return await network_get(key)
+
+                dhts[2].get = spied_get  # type: ignore[method-assign]
                 with trio.fail_after(20):
-                    assert await dhts[2].get_from(gone.peer_id, capacity_key(gone.peer_id))
+                    while not await fetch_records(dhts[2], MODEL):  # until it has published
+                        await trio.sleep(0.05)
+                lookups.clear()
+                with trio.fail_after(20):
+                    assert [r.peer_id for r in await fetch_records(dhts[2], MODEL)] == [gone.peer_id]
+                assert lookups == []  # the provider answered for itself: no DHT lookup
                 nursery.cancel_scope.cancel()
         # The host is closed: asking it fails, the DHT still holds its last record.
         with trio.fail_after(30):
             assert await dhts[2].get_from(gone.peer_id, capacity_key(gone.peer_id)) is None
             found = await fetch_records(dhts[2], MODEL)
         assert [r.peer_id for r in found] == [gone.peer_id] and found[0].state == "online"
+        assert lookups == [capacity_key(gone.peer_id)]  # this time through the DHT
