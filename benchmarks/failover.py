@@ -23,8 +23,8 @@ import trio
 
 
 async def _one(model_spec: str, nodes, history: int, replay: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    from node.client import SwarmClient
-    from node.textgen import TextModel
+    from node.client.swarm import SwarmClient
+    from node.client.textgen import TextModel
 
     model = TextModel.load(model_spec)
     prompt = model.encode("Tell me a long story about a lighthouse keeper.")
@@ -57,7 +57,7 @@ async def _one(model_spec: str, nodes, history: int, replay: str) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> int:
     from node.engine.registry import resolve_model
-    from node.localswarm import start_chain, stop_all
+    from node.devtools.localswarm import start_chain, stop_all
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")

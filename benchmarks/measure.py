@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from . import roundtrip
+from benchmarks import roundtrip
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 5140, 30, 9690, 198, 28, 7]
 
@@ -33,7 +33,7 @@ def monolithic(model: str, new_tokens: int) -> dict[str, Any]:
     from node.engine.registry import resolve_model
     from node.engine.span import SpanEngine, measure_throughput
 
-    from .baseline import monolithic_greedy
+    from benchmarks.baseline import monolithic_greedy
 
     monolithic_greedy(model, PROMPT, 3)  # warm-up (lazy imports, first-call allocations)
     b1 = monolithic_greedy(model, PROMPT, new_tokens)
@@ -56,7 +56,7 @@ def pipeline(model: str, hops: int, new_tokens: int, concurrency: list[int],
     Prometheus metrics, so the single session's engine time is known; with ``libp2p_single``
     one more single session runs with ``direct=False`` (frames on the libp2p streams)."""
     from node.engine.registry import resolve_model
-    from node.localswarm import start_chain, stop_all
+    from node.devtools.localswarm import start_chain, stop_all
 
     source = resolve_model(model, progress=False)
     ports = [_free_port() for _ in range(hops)]
@@ -119,7 +119,7 @@ def _decode_step_s(result: Any) -> float | None:
 
 async def _drive(addr: str, model_id: str, num_layers: int, new_tokens: int,
                  concurrency: list[int], ports: list[int], libp2p_single: bool) -> dict[str, Any]:
-    from node.client import SwarmClient
+    from node.client.swarm import SwarmClient
 
     out: dict[str, Any] = {}
     async with SwarmClient.open([addr]) as client:
@@ -187,10 +187,10 @@ def step_profile(model: str, rounds: int) -> dict[str, float]:
     from node.engine.registry import resolve_model
     from node.engine.span import SpanEngine
     from node.engine.tensors import from_torch, to_torch
-    from node.scheduler import StepScheduler
+    from node.serve.scheduler import StepScheduler
     from protocol.codec import unpack
     from protocol.messages import Step, decode_message, encode_message
-    from node.wire import int64_tensor
+    from node.net.wire import int64_tensor
 
     source = resolve_model(model, progress=False)
     h = source.hidden_size
@@ -239,7 +239,7 @@ def codec(hidden: int, sizes: list[int], rounds: int) -> dict[str, Any]:
     import torch
 
     from node.engine.tensors import from_torch, to_torch
-    from node.wire import int64_tensor
+    from node.net.wire import int64_tensor
     from protocol.codec import unpack
     from protocol.messages import Step, decode_message, encode_message
 
@@ -274,11 +274,11 @@ def codec(hidden: int, sizes: list[int], rounds: int) -> dict[str, Any]:
 
 def receipts(n: int) -> dict[str, float]:
     """Receipts signed, verified and committed to a durable ledger, per second."""
-    from node.accounting import store
-    from node.ledger import Ledger
+    from node.ledger.accounting import store
+    from node.ledger.store import Ledger
     from protocol import Identity, sign_receipt, verify_receipt
 
-    from .receipts_bench import _receipts
+    from benchmarks.receipts_bench import _receipts
 
     server, client = Identity.generate(), Identity.generate()
     unsigned = _receipts(server, client, n)
@@ -306,9 +306,10 @@ DHT_LAYERS = 32
 
 
 async def _dht_coverage(n: int, timeout_s: float) -> dict[str, float | None]:
-    from node.announce import DHT_SELECTORS, DHT_VALIDATORS, Announcer, RecordState, fetch_records
-    from node.dht import open_dht
-    from node.host import open_host
+    from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
+    from node.serve.announce import Announcer, RecordState
+    from node.net.dht import open_dht
+    from node.net.host import open_host
     from protocol.identity import Identity
     from protocol.messages import ServedSpan
     from protocol.records import Hardware

@@ -45,7 +45,7 @@ async def _tcp_rtt(payload: int, rounds: int) -> float:
 
 async def _libp2p_rtt(payload: int, rounds: int) -> float:
     """Median framed round trip of ``payload`` bytes between two in-process libp2p hosts."""
-    from node.host import open_host
+    from node.net.host import open_host
     from protocol.identity import Identity
 
     proto = "/shiza/bench-echo/1.0.0"
@@ -71,7 +71,7 @@ async def _libp2p_rtt(payload: int, rounds: int) -> float:
 async def _direct_rtt(payload: int, rounds: int) -> float:
     """Median framed round trip of ``payload`` bytes over an in-process direct channel pair
     (node/direct.py: TCP, every frame sealed with ChaCha20-Poly1305 both ways)."""
-    from node.direct import DirectListener, connect
+    from node.net.direct import DirectListener, connect
     from protocol import direct as wire
 
     listener = DirectListener("127.0.0.1", 0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import measure
+from benchmarks import measure
 
 
 @dataclass(frozen=True)

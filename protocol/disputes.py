@@ -17,7 +17,7 @@ from ._fields import check_bytes, check_float, check_int, check_seq, check_str, 
 from .codec import Tensor, canonical_pack, unpack
 from .errors import InvalidMessage, InvalidSignature, MalformedFrame, UnsupportedVersion
 from .identity import SIGNATURE_BYTES, Identity, public_key_from_peer_id, verify
-from .ids import MAX_ID_LEN, MAX_LAYERS, MAX_UINT64, PROTOCOL_VERSION
+from .ids import MAX_ID_LEN, MAX_LAYERS, MAX_UINT64, PROTOCOL_VERSION, dispute_key
 
 __all__ = [
     "PURPOSE_DISPUTE",
@@ -30,6 +30,8 @@ __all__ = [
 PURPOSE_DISPUTE = b"shiza/dispute/v0\x00"
 MAX_WITNESSES = 8
 MAX_DISPUTE_BYTES = 4096
+MAX_DISPUTE_AGE_S = 24 * 3600.0  # a dispute older than this is no longer stored, served or counted
+MAX_DISPUTE_SKEW_S = 300.0  # how far in the future created_at may be (clock skew)
 _DIGEST = 32
 _FIELDS = (
     "swarm_id", "model_id", "start", "end", "step", "session_id", "accused", "witnesses", "reporter",
@@ -122,4 +124,19 @@ def verify_dispute(record: DisputeRecord) -> DisputeRecord:
         raise InvalidSignature("dispute is not signed")
     verify(public_key_from_peer_id(record.reporter), PURPOSE_DISPUTE, canonical_pack(record.body_wire()),
            record.signature)
+    return record
+
+
+def check_dispute(key: str, value: bytes, *, now: float) -> DisputeRecord:
+    """The record in ``value`` if it is valid for the DHT key ``key`` at ``now``: signed by its
+    reporter, stored under its own (accused, reporter) slot, made no more than
+    ``MAX_DISPUTE_SKEW_S`` ahead of ``now`` and no longer than ``MAX_DISPUTE_AGE_S`` ago.
+    ShizaError otherwise."""
+    record = verify_dispute(DisputeRecord.from_bytes(value))
+    if key != dispute_key(record.accused, record.reporter):
+        raise InvalidMessage(f"dispute of {record.reporter} against {record.accused} is not for key {key!r}")
+    if record.created_at > now + MAX_DISPUTE_SKEW_S:
+        raise InvalidMessage("dispute created in the future")
+    if record.created_at < now - MAX_DISPUTE_AGE_S:
+        raise InvalidMessage("dispute older than 24 h")
     return record

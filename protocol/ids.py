@@ -13,6 +13,7 @@ PROTOCOL_VERSION: Final = 0
 # libp2p stream protocol ids.
 INFO_PROTOCOL: Final = "/shiza/info/0.1.0"
 INFERENCE_PROTOCOL: Final = "/shiza/inference/0.1.0"
+ADMIT_PROTOCOL: Final = "/shiza/admit/0.1.0"  # private swarms (SPEC.md, section 18)
 
 # DHT keys.
 CAPACITY_NAMESPACE: Final = "shiza-cap"
@@ -27,6 +28,20 @@ def capacity_key(peer_id: str) -> str:
 def model_provider_key(model_id: str) -> bytes:
     """The DHT provider key (32 bytes) announced by every node serving a span of ``model_id``."""
     return hashlib.sha256(_MODEL_PROVIDER_DOMAIN + model_id.encode("utf-8")).digest()
+
+
+DISPUTE_NAMESPACE: Final = "shiza-dispute"
+_DISPUTE_PROVIDER_DOMAIN: Final = b"shiza/disputes/"
+
+
+def dispute_key(accused: str, reporter: str) -> str:
+    """The DHT value key of ``reporter``'s dispute against ``accused`` (one slot per pair)."""
+    return f"/{DISPUTE_NAMESPACE}/{accused}/{reporter}"
+
+
+def dispute_provider_key(accused: str) -> bytes:
+    """The DHT provider key (32 bytes) announced by every reporter of a dispute against ``accused``."""
+    return hashlib.sha256(_DISPUTE_PROVIDER_DOMAIN + accused.encode("utf-8")).digest()
 
 
 # Signing purposes: prepended to the signed bytes so that a signature made for one kind of

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
-from .registry import DEFAULT_MODEL, ModelSource, default_cache_dir, load_tokenizer, resolve_model
+from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
+from node.engine.registry import DEFAULT_MODEL, ModelSource, default_cache_dir, load_tokenizer, resolve_model
 
 if TYPE_CHECKING:
-    from .span import SpanEngine, measure_throughput
+    from node.engine.span import SpanEngine, measure_throughput
 
 __all__ = [
     "DEFAULT_MODEL", "BadInput", "CapacityExceeded", "EngineError", "ModelSource",

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import EngineError
+from node.engine.errors import EngineError
+from node.util.atomic import write_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -200,20 +201,8 @@ def cached_model_id(path: Path, name: str, config: dict[str, Any]) -> str:
             return str(stored["model_id"])
     mid = compute_model_id(path, name, config)
     with contextlib.suppress(OSError):  # a read-only checkpoint just recomputes next time
-        _write_atomic(cache, json.dumps({"key": key, "model_id": mid}).encode())
+        write_atomic(cache, json.dumps({"key": key, "model_id": mid}).encode())
     return mid
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- the embedded default model -----------------------------------------------------------

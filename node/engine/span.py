@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
-from .registry import ModelSource
-from .sessions import SessionTable
+from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
+from node.engine.registry import ModelSource
+from node.engine.sessions import SessionTable
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -676,7 +676,7 @@ def _read_tensors(source: ModelSource, start: int, end: int, wanted: set[str], e
     """Read only the tensors of ``wanted`` (local names) from the checkpoint, one at a time."""
     from safetensors import safe_open
 
-    from .registry import _weight_files
+    from node.engine.registry import _weight_files
 
     out: dict[str, torch.Tensor] = {}
     emb_tensor: torch.Tensor | None = None

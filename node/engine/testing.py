@@ -16,8 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError
-from .registry import DEFAULT_MODEL, _COMPLETE, default_cache_dir, smollm2_gguf
+from node.engine.errors import EngineError
+from node.engine.registry import DEFAULT_MODEL, _COMPLETE, default_cache_dir, smollm2_gguf
 
 ARCHS = ("llama", "mistral", "qwen2")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -66,8 +66,8 @@ def test_prometheus_scrapes_every_node_metrics_port():
 
 def exported_names() -> set[str]:
     """Every sample name a node's registry can export (walked on a fake node with a server)."""
-    from node.metrics import NodeMetrics, metric_names
-    from node.server import ServerLimits, ServerStats
+    from node.http.metrics import NodeMetrics, metric_names
+    from node.serve.server import ServerLimits, ServerStats
 
     stats = ServerStats(errors_by_code={7: 1}, receipts={"countersigned": 1})
     engine = SimpleNamespace(start=0, end=2, cache_tokens_reserved=lambda: 0)

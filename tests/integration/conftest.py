@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from node.engine.testing import make_tiny_model
-from node.localswarm import NodeProcess, start_chain, stop_all
+from node.devtools.localswarm import NodeProcess, start_chain, stop_all
 
 TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
 

@@ -8,10 +8,10 @@ import msgpack
 import pytest
 import trio
 
-from node.client import SwarmClient
+from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
-from node.wire import int64_tensor, recv_message, send_message
+from node.net.wire import int64_tensor, recv_message, send_message
 from protocol.codec import Tensor
 from protocol.errors import BadShape, FrameTooLarge, InvalidMessage, MalformedFrame, SpanNotServed, UnknownModel
 from protocol.ids import INFERENCE_PROTOCOL, MAX_FRAME_BYTES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from node.client import PREFILL_CHUNK, SwarmClient
+from node.client.swarm import PREFILL_CHUNK, SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from protocol.messages import SamplingParams

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import trio
 
-from node.client import SwarmClient
-from node.direct import connect
+from node.client.swarm import SwarmClient
+from node.net.direct import connect
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
-from node.host import StreamBroken
-from node.wire import int64_tensor, recv_message, send_message
+from node.net.host import StreamBroken
+from node.net.wire import int64_tensor, recv_message, send_message
 from protocol import direct as wire
 from protocol.ids import INFERENCE_PROTOCOL
 from protocol.messages import OpenSession, SessionOpened, Step, StepResult

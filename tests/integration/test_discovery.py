@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from node.client import SwarmClient
+from node.client.swarm import SwarmClient
 from node.engine.registry import resolve_model
-from node.localswarm import start_node
+from node.devtools.localswarm import start_node
 
 SPANS = [(0, 2), (2, 4), (4, 6), (0, 3), (3, 6)]
 

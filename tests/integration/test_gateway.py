@@ -16,10 +16,10 @@ import httpx
 import openai
 import trio
 
-from node.client import SwarmClient
+from node.client.swarm import SwarmClient
 from node.engine.testing import make_tiny_model
-from node.gateway import serve_gateway
-from node.textgen import TextModel, generate_text
+from node.http.gateway import serve_gateway
+from node.client.textgen import TextModel, generate_text
 
 PROMPT = "What is the capital of France?"
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from node.ledger import Ledger
+from node.ledger.store import Ledger
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 20
@@ -23,7 +23,7 @@ ROUNDS = 20
 # argv: ledger path, round number. Prints "open" once the ledger is open, then one id a line.
 CHILD = """
 import sys
-from node.ledger import Ledger
+from node.ledger.store import Ledger
 led = Ledger.open(sys.argv[1])
 print("open", flush=True)
 i = 0

@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.client import SwarmClient
+from node.client.swarm import SwarmClient
 from node.engine.registry import resolve_model
-from node.http import free_port
-from node.localswarm import start_node
+from node.http.asgi import free_port
+from node.devtools.localswarm import start_node
 
 PROMPT = [1, 504, 3458, 282, 4649, 314]
 NEW_TOKENS = 10
@@ -109,7 +109,7 @@ def test_registry_walk_names():
     """The same rules, walking the registry of a node object (no process needed)."""
     from types import SimpleNamespace
 
-    from node.metrics import NodeMetrics, metric_names
+    from node.http.metrics import NodeMetrics, metric_names
 
     fake = SimpleNamespace(server=None, engine=None, state=None, announcer=None,
                            cfg=SimpleNamespace(device="cpu"),

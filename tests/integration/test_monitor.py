@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from node.http import free_port
-from node.localswarm import start_chain, stop_all
+from node.http.asgi import free_port
+from node.devtools.localswarm import start_chain, stop_all
 
 SPANS = [(0, 2), (2, 4), (4, 6)]
 
@@ -121,7 +121,7 @@ def test_map_shows_peers_and_spans_then_a_stopped_node_leaves(mapped_swarm, tmp_
 
 async def test_map_inside_a_node(tiny_model, tmp_path):
     """``--monitor-port``: the same page and API, served by a node about its own swarm."""
-    from node.localswarm import start_node
+    from node.devtools.localswarm import start_node
 
     port = free_port()
     node = start_node(tmp_path / "n", model=str(tiny_model), layers=(0, 6), extra_args=["--monitor-port", str(port)])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from node.client import SwarmClient
+from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from protocol.messages import SamplingParams

@@ -7,11 +7,11 @@ import signal
 
 import pytest
 
-from node.client import SwarmClient
+from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
-from node.ledger import Ledger
-from node.localswarm import start_node, stop_all
+from node.ledger.store import Ledger
+from node.devtools.localswarm import start_node, stop_all
 from protocol.receipts import Receipt
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 5140]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from node.client import SwarmClient
+from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
-from node.localswarm import start_chain, stop_all
-from node.textgen import TextModel, generate_text
+from node.devtools.localswarm import start_chain, stop_all
+from node.client.textgen import TextModel, generate_text
 
 pytestmark = pytest.mark.slow
 

@@ -17,16 +17,16 @@ import pytest
 import trio
 
 from node.engine.registry import resolve_model
-from node.host import StreamBroken, open_host
-from node.localswarm import start_node, stop_all
-from node.wire import int64_tensor, recv_message, send_message
-from node.client import SwarmClient
+from node.net.host import StreamBroken, open_host
+from node.devtools.localswarm import start_node, stop_all
+from node.net.wire import int64_tensor, recv_message, send_message
+from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy
-from node.health import PeerHealth
-from node.routing import Hop
-from node.disputes import fetch_disputes
-from node.spotcheck import SpotChecker
-from node.swarmkey import SwarmKey, write_swarm_key
+from node.client.health import PeerHealth
+from node.client.routing import Hop
+from node.net.records import fetch_disputes
+from node.client.spotcheck import SpotChecker
+from node.net.admission import SwarmKey, write_swarm_key
 from protocol.disputes import DisputeRecord, verify_dispute
 from protocol.errors import NotAllowed, RateLimited, ShizaError, Timeout
 from protocol.identity import Identity
@@ -97,8 +97,8 @@ async def _paced_latencies(stream, first_step: int, pos: int, count: int, period
 
 ABUSER = r"""
 import json, sys, time, trio
-from node.host import StreamBroken, open_host
-from node.wire import int64_tensor, recv_message, send_message
+from node.net.host import StreamBroken, open_host
+from node.net.wire import int64_tensor, recv_message, send_message
 from protocol.errors import ShizaError
 from protocol.ids import INFERENCE_PROTOCOL
 from protocol.messages import encode_message

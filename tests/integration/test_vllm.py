@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.announce import fetch_records
-from node.client import SwarmClient, candidates_from
+from node.net.records import fetch_records
+from node.client.swarm import SwarmClient, candidates_from
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
-from node.ledger import Ledger
-from node.localswarm import NodeProcess, start_node, stop_all
-from node.routing import find_chain
-from node.textgen import TextModel
+from node.ledger.store import Ledger
+from node.devtools.localswarm import NodeProcess, start_node, stop_all
+from node.client.routing import find_chain
+from node.client.textgen import TextModel
 from protocol.receipts import Receipt, latest_per_session, verify_receipt
 
 VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
@@ -63,7 +63,7 @@ def _alive(pid: int) -> bool:
 def _vllm_pids(node: NodeProcess) -> tuple[int, int]:
     """(supervisor, api_server) process ids under a vLLM node process."""
     (supervisor,) = [p for p in _children(node.proc.pid)
-                     if "vllm_worker" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+                     if "node/engine/vllm/worker.py" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
     servers = [p for p in _children(supervisor)
                if "api_server" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
     return supervisor, servers[0]

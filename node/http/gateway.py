@@ -1,0 +1,531 @@
+"""The OpenAI-compatible HTTP API: any agent framework can use the swarm through it.
+
+A plain ASGI app (no framework) served by ``node.http.serve_asgi`` on trio:
+
+    GET  /v1/models             the models this gateway can tokenize that the swarm fully covers now
+    GET  /v1/models/{id}
+    POST /v1/chat/completions   messages -> chat template -> the swarm; streamed as SSE or not
+    POST /v1/completions        prompt (string or token ids) as is, no template
+
+The gateway is an agent of the swarm with its own identity: one ``SwarmClient`` countersigns the
+receipts of every generation and keeps them in its ledger. A complete response carries their ids
+in the ``x-shiza-receipts`` header (comma-separated). A streamed response has sent its headers
+before any receipt exists, so its ids come last, as the SSE comment ``: x-shiza-receipts ID,ID``
+just before ``data: [DONE]`` (SSE parsers, the openai package's among them, skip comments).
+
+Cancellation: a client that disconnects stops its generation after the step in flight (a hard
+cancel follows if that step stalls); the client's close path (shielded) closes every hop's session
+and settles the final receipts, which record the tokens actually computed. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
+401 bad key, 404 unknown model, 400 bad request, 503 (with Retry-After) no coverage or busy,
+502 a peer failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import trio
+
+from protocol.errors import Busy, InvalidMessage, LimitExceeded, ShizaError
+from protocol.ids import MAX_SESSION_LENGTH
+from protocol.messages import SamplingParams
+
+from node.client.swarm import GenerationResult, SwarmClient
+from node.http.asgi import lifespan, read_body, send_json, serve_asgi
+from node.client.routing import Hop, NoRoute
+from node.client.textgen import TextModel, _Detokenizer
+
+log = logging.getLogger(__name__)
+
+ROUTE_TIMEOUT_S = 15.0  # bound on the DHT lookup behind one request
+RETRY_AFTER_S = 5  # what a 503 tells the caller to wait
+MAX_CONCURRENT = 16  # generations at once; more get 503 (busy)
+DEFAULT_MAX_TOKENS = {"chat": 256, "completion": 16}  # OpenAI's default for completions is 16
+MAX_STOP = 4  # stop sequences per request, as OpenAI
+DISCONNECT_GRACE_S = 5.0  # after a disconnect, how long the step in flight may take before a hard cancel
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(RETRY_AFTER_S).encode())] if self.status == 503 else []
+
+
+def _unavailable(message: str, code: str) -> ApiError:
+    return ApiError(503, message, type="service_unavailable", code=code)
+
+
+def _from_swarm(exc: Exception) -> ApiError:
+    """A swarm failure as an HTTP answer."""
+    if isinstance(exc, NoRoute):
+        return _unavailable(f"the swarm cannot serve this model now: {exc}", "no_coverage")
+    if isinstance(exc, Busy):
+        return _unavailable(f"the swarm is busy: {exc}", "busy")
+    if isinstance(exc, LimitExceeded):
+        return ApiError(400, f"a peer refused the request: {exc}", code="limit_exceeded")
+    return ApiError(502, f"a peer failed: {exc}", type="api_error", code="peer_error")
+
+
+# ---- request parsing ---------------------------------------------------------------------------
+@dataclass
+class Job:
+    kind: str  # "chat" or "completion"
+    model: TextModel
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    abandoned: bool = False  # the client went away: stop after the step in flight
+
+
+def _field(body: dict[str, Any], name: str, types: tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ApiError(400, f"'{name}' has the wrong type", param=name, code="invalid_type")
+    return value
+
+
+def _text_content(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
+
+
+def _chat_ids(model: TextModel, messages: Any) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    conv = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] needs a 'role'", param="messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        conv.append({"role": role, "content": _text_content(m.get("content"), f"messages[{i}]")})
+    tok = model.tokenizer
+    if not getattr(tok, "chat_template", None):  # no template: a plain transcript
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in conv) + "assistant:"
+        return list(tok.encode(text))
+    try:
+        # As TextModel.encode does for one user message, so the answer equals `shiza generate`.
+        text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a template that rejects this conversation
+        raise ApiError(400, f"the chat template rejects these messages: {exc}", param="messages") from None
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def _completion_ids(model: TextModel, prompt: Any) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return list(model.tokenizer.encode(prompt))
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = len(model.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ApiError(400, "a prompt token id is outside the vocabulary", param="prompt")
+        return list(prompt)
+    raise ApiError(400, "'prompt' must be a string, a list of one string, or a list of token ids", param="prompt")
+
+
+def _stops(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them",
+                       param="stop")
+    return stops
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = _field(body, name, (int, float), default)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ApiError(400, f"'{name}' must be between {low} and {high}", param=name, code="invalid_value")
+    return float(value)
+
+
+# ---- text streaming with stop sequences ---------------------------------------------------------
+class _StopText:
+    """Accumulates generated text; cuts it at the first stop sequence and holds back any tail
+    that could still become one, so a stream never shows text that a stop would have cut."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Add ``piece``; return the text that is now safe to emit."""
+        if self.stopped or not piece:
+            return ""
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += piece
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.flush()
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        safe = len(self.text) - hold
+        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+@dataclass
+class Outcome:
+    text: str
+    result: GenerationResult
+    finish_reason: str
+
+    def usage(self, prompt_tokens: int) -> dict[str, int]:
+        completion = len(self.result.token_ids[0])
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+
+# ---- the app -------------------------------------------------------------------------------------
+class Gateway:
+    """The ASGI app. ``client`` is the swarm client it generates with; ``models`` those it can
+    tokenize; with ``api_keys`` every request needs ``Authorization: Bearer KEY``."""
+
+    def __init__(self, client: SwarmClient, models: Sequence[TextModel], api_keys: Sequence[str] = ()) -> None:
+        self.client = client
+        self.models = list(models)
+        self.api_keys = set(api_keys)
+        self.created = int(time.time())
+        self._slots = trio.Semaphore(MAX_CONCURRENT)
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            await self._handle(scope, receive, send)
+        except ApiError as exc:
+            await send_json(send, exc.status, exc.body(), exc.headers())
+
+    async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"].rstrip("/")
+        if self.api_keys:
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not auth.startswith("Bearer ") or auth[7:].strip() not in self.api_keys:
+                raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                               code="invalid_api_key")
+        if path == "/v1/models" and method == "GET":
+            await send_json(send, 200, {"object": "list", "data": await self.list_models()})
+        elif path.startswith("/v1/models/") and method == "GET":
+            model = self.find_model(path[len("/v1/models/"):])
+            if not any(m["id"] == model.model_id for m in await self.list_models()):
+                raise _unavailable(f"the swarm does not fully cover {model.model_id} now", "no_coverage")
+            await send_json(send, 200, self._model_card(model))
+        elif path in ("/v1/chat/completions", "/v1/completions"):
+            if method != "POST":
+                raise ApiError(405, f"{path} takes POST", code="method_not_allowed")
+            job = await self.parse(path, receive)
+            await self.serve_job(job, receive, send)
+        else:
+            raise ApiError(404, f"no route {method} {path}", code="not_found")
+
+    # ---- models ------------------------------------------------------------------------------
+    def find_model(self, name: str) -> TextModel:
+        for m in self.models:
+            if name in (m.model_id, m.name, m.model_id.split("@", 1)[0]):
+                return m
+        known = ", ".join(m.model_id for m in self.models) or "none"
+        raise ApiError(404, f"the model {name!r} does not exist here (this gateway knows: {known})",
+                       param="model", code="model_not_found")
+
+    def _model_card(self, m: TextModel) -> dict[str, Any]:
+        return {"id": m.model_id, "object": "model", "created": self.created, "owned_by": "shiza-swarm"}
+
+    async def covered(self, m: TextModel) -> bool:
+        with trio.move_on_after(ROUTE_TIMEOUT_S):
+            try:
+                await self.client.route(m.model_id, num_layers=m.num_layers)
+                return True
+            except NoRoute:
+                return False
+        return False
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        ok = [False] * len(self.models)
+
+        async def check(i: int) -> None:
+            ok[i] = await self.covered(self.models[i])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.models)):
+                nursery.start_soon(check, i)
+        return [self._model_card(m) for m, yes in zip(self.models, ok) if yes]
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def parse(self, path: str, receive: Receive) -> Job:
+        try:
+            body = json.loads(await read_body(receive))
+        except ValueError as exc:  # JSONDecodeError and "body too large" alike
+            raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        kind = "chat" if path.endswith("chat/completions") else "completion"
+        if not isinstance(body.get("model"), str):
+            raise ApiError(400, "'model' is required", param="model", code="missing_field")
+        if body.get("tools") or body.get("functions"):
+            raise ApiError(400, "tools and function calling are not supported", param="tools")
+        if _field(body, "n", (int,), 1) != 1:
+            raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
+        model = self.find_model(body["model"])
+        if kind == "chat":
+            if "messages" not in body:
+                raise ApiError(400, "'messages' is required", param="messages", code="missing_field")
+            ids = await trio.to_thread.run_sync(_chat_ids, model, body["messages"])
+            max_tokens = _field(body, "max_completion_tokens", (int,), None)
+        else:
+            if "prompt" not in body:
+                raise ApiError(400, "'prompt' is required", param="prompt", code="missing_field")
+            ids = await trio.to_thread.run_sync(_completion_ids, model, body["prompt"])
+            max_tokens = None
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt" if kind == "completion" else "messages")
+        max_tokens = _field(body, "max_tokens", (int,), max_tokens)
+        room = MAX_SESSION_LENGTH - len(ids)
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS[kind], room)
+        if max_tokens < 1 or max_tokens > room:
+            raise ApiError(400, f"'max_tokens' must be between 1 and {room} for this prompt of {len(ids)} "
+                                "tokens", param="max_tokens", code="invalid_value")
+        try:
+            sampling = SamplingParams(
+                temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+                seed=_field(body, "seed", (int,), None),
+            )
+        except InvalidMessage as exc:
+            raise ApiError(400, str(exc), code="invalid_value") from None
+        options = _field(body, "stream_options", (dict,), {})
+        return Job(kind, model, ids, max_tokens, sampling, _stops(body), bool(_field(body, "stream", (bool,), False)),
+                   bool(options.get("include_usage")))
+
+    async def generate(self, job: Job, on_text: Callable[[str], None]) -> Outcome:
+        """Route and generate; ``on_text`` gets the text as it becomes safe to show."""
+        if self._slots.value == 0:
+            raise _unavailable(f"this gateway runs {MAX_CONCURRENT} generations already", "busy")
+        async with self._slots:
+            route: list[Hop] | None = None
+            with trio.move_on_after(ROUTE_TIMEOUT_S):
+                try:
+                    route = await self.client.route(job.model.model_id, num_layers=job.model.num_layers,
+                                                    need_tokens=len(job.prompt_ids) + job.max_tokens)
+                except NoRoute as exc:
+                    raise _from_swarm(exc) from None
+            if route is None:
+                raise _unavailable("no answer from the DHT in time", "no_coverage")
+            text = _StopText(job.stop)
+            detok = _Detokenizer(job.model, lambda piece: on_text(text.push(piece)))
+            try:
+                result = await self.client.generate(
+                    job.model.model_id, [job.prompt_ids], max_new_tokens=job.max_tokens, sampling=job.sampling,
+                    eos_token_ids=job.model.eos_token_ids, route=route,
+                    on_tokens=lambda toks: detok.push(toks[0]), until=lambda: text.stopped or job.abandoned,
+                )
+            except (ShizaError, NoRoute) as exc:
+                raise _from_swarm(exc) from None
+        # The whole decode may differ from the streamed pieces at the very end (a byte sequence
+        # left incomplete): emit what is missing, so the text equals `shiza generate`'s.
+        ids = [t for t in result.token_ids[0] if t not in job.model.eos_token_ids]
+        full = job.model.decode(ids)
+        if full.startswith(detok.emitted):
+            on_text(text.push(full[len(detok.emitted):]))
+        on_text(text.flush())
+        ended_by_eos = bool(result.token_ids[0]) and result.token_ids[0][-1] in job.model.eos_token_ids
+        reason = "stop" if text.stopped or ended_by_eos else "length"
+        return Outcome(text.text, result, reason)
+
+    async def serve_job(self, job: Job, receive: Receive, send: Send) -> None:
+        """Answer one generation, cancelling it if the client goes away."""
+        rid = ("chatcmpl-" if job.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        head = {"id": rid, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": job.model.model_id}
+        if job.stream:
+            await self._stream(job, head, receive, send)
+            return
+        outcome: Outcome | None = None
+        failure: ApiError | None = None
+
+        async def work(cancel: trio.CancelScope) -> None:
+            nonlocal outcome, failure
+            try:
+                outcome = await self.generate(job, lambda s: None)
+            except ApiError as exc:
+                failure = exc
+            cancel.cancel()
+
+        await _with_disconnect(receive, work, job)
+        if failure is not None:
+            raise failure
+        if outcome is None:
+            return  # the client went away
+        if job.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text},
+                      "logprobs": None, "finish_reason": outcome.finish_reason}
+        else:
+            choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
+        body = {**head, "choices": [choice], "usage": outcome.usage(len(job.prompt_ids))}
+        await send_json(send, 200, body, [(b"x-shiza-receipts", ",".join(outcome.result.receipts).encode())])
+
+    async def _stream(self, job: Job, head: dict[str, Any], receive: Receive, send: Send) -> None:
+        chat = job.kind == "chat"
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        extra = {"usage": None} if job.include_usage else {}
+        started = False
+
+        async def event(data: object) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                    (b"x-shiza-receipts", b"trailer")]})
+                if chat:
+                    await event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}], **extra})
+            payload = data if isinstance(data, bytes) else b"data: " + json.dumps(data).encode() + b"\n\n"
+            await send({"type": "http.response.body", "body": payload, "more_body": True})
+
+        def chunk(piece: str, finish: str | None) -> dict[str, Any]:
+            if chat:
+                delta = {"content": piece} if piece else {}
+                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                        **extra}
+            return {**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}],
+                    **extra}
+
+        pieces, out = trio.open_memory_channel[str](math.inf)
+        outcome: Outcome | None = None
+        failure: ApiError | None = None
+
+        async def produce() -> None:
+            nonlocal outcome, failure
+            async with pieces:
+                try:
+                    outcome = await self.generate(job, lambda s: s and pieces.send_nowait(s))  # type: ignore[func-returns-value]
+                except ApiError as exc:
+                    failure = exc
+
+        async def work(cancel: trio.CancelScope) -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                async with out:
+                    async for piece in out:
+                        await event(chunk(piece, None))
+            cancel.cancel()
+
+        await _with_disconnect(receive, work, job)
+        if failure is not None and not started:  # nothing sent yet: a plain error response
+            await send_json(send, failure.status, failure.body(), failure.headers())
+            return
+        if failure is not None:
+            await event(failure.body())
+        elif outcome is not None:
+            await event(chunk("", outcome.finish_reason))
+            if job.include_usage:
+                await event({**head, "choices": [], "usage": outcome.usage(len(job.prompt_ids))})
+            await event(b": x-shiza-receipts " + ",".join(outcome.result.receipts).encode() + b"\n\n")
+        else:
+            return  # the client went away: nothing more to send
+        await event(b"data: [DONE]\n\n")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _with_disconnect(receive: Receive, work: Callable[[trio.CancelScope], Awaitable[None]], job: Job) -> None:
+    """Run ``work`` until it cancels the given scope (done) or the client disconnects.
+
+    On a disconnect the generation stops after the step in flight (``job.abandoned``): the
+    sessions then close normally and the final receipts match the work done. Cancelling in the
+    middle of a step would leave that step's answer unread ahead of the session's ``Closed``, so
+    a hard cancel comes only after DISCONNECT_GRACE_S. ``work`` must catch its own errors (a
+    nursery would wrap them in an exception group).
+    """
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            log.info("client disconnected: stopping its generation")
+            job.abandoned = True
+            await trio.sleep(DISCONNECT_GRACE_S)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await work(nursery.cancel_scope)
+
+
+
+
+# ---- running it --------------------------------------------------------------------------------
+async def serve_gateway(
+    client: SwarmClient,
+    models: Sequence[TextModel],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_keys: Sequence[str] = (),
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the gateway until cancelled; ``task_status.started(port)`` once it accepts."""
+    await serve_asgi(Gateway(client, models, api_keys), host=host, port=port, task_status=task_status)
+
+
+async def gateway_service(
+    node: Any,
+    *,
+    port: int,
+    api_keys: Sequence[str] = (),
+    models: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A node service (NodeConfig.services): the gateway on the node's own host, DHT and ledger.
+
+    ``models`` default to the node's own. The node cannot open a session with itself (libp2p
+    refuses to dial oneself), so its gateway routes through other peers for its own layers.
+    """
+    specs = list(models) or [node.cfg.model]
+    loaded = [await trio.to_thread.run_sync(TextModel.load, spec) for spec in specs]
+    client = SwarmClient(node.host, node.dht, node.identity, node.ledger)
+    client.health.failed(node.identity.peer_id, math.inf)  # avoided forever: never route through ourselves
+    await serve_gateway(client, loaded, host=host, port=port, api_keys=api_keys, task_status=task_status)

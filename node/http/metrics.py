@@ -1,0 +1,254 @@
+"""Every Prometheus metric of a node, with liveness and readiness, on one HTTP port.
+
+Most values are read from the node's own state at scrape time by a custom collector (the
+server's ``ServerStats``, the engine's KV-cache bookkeeping, the host's connections, the
+announcer's last record), so nothing has to be kept in step. Only what cannot be derived is
+observed as it happens: step latency and batch size (``SpanServer.on_step``) and DHT
+operations (the node's ``SwarmDHT`` methods are wrapped, per instance).
+
+Each node has its own ``CollectorRegistry``: no global state, several nodes in one process
+(tests) never share a metric. Labels stay low-cardinality: never a session id or a peer id.
+
+    GET /metrics   Prometheus text format
+    GET /healthz   200 while the node's trio loop runs (it answers this request)
+    GET /readyz    200 when serving and the record is published online; else 503 and a reason
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Awaitable, Callable, Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from node.http.asgi import lifespan, send_bytes, serve_asgi
+
+log = logging.getLogger(__name__)
+
+PREFIX = "shiza"
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+DHT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DHT_OPERATIONS = ("put", "get", "provide", "find_providers")
+
+
+def span_label(engine: Any) -> str:
+    return f"{engine.start}:{engine.end}"
+
+
+class NodeCollector(Collector):
+    """Reads a running node's state at scrape time."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        server, engine, state = node.server, node.engine, node.state
+        span = span_label(engine) if engine is not None else ""
+        model = getattr(getattr(node, "source", None), "model_id", "")
+
+        info = GaugeMetricFamily(f"{PREFIX}_node_info", "Constant 1, labelled with what this node serves.",
+                                 labels=["model", "span", "device"])
+        info.add_metric([model, span, node.cfg.device], 1)
+        yield info
+        node_state = GaugeMetricFamily(f"{PREFIX}_node_state", "1 for the state the node advertises now.",
+                                       labels=["state"])
+        current = state.state if state is not None else "joining"
+        for name in ("joining", "online", "draining"):
+            node_state.add_metric([name], 1 if name == current else 0)
+        yield node_state
+        if state is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_throughput_tokens_per_second",
+                                    "Throughput the node measured and advertises.", value=state.throughput)
+
+        if server is not None:
+            st = server.stats
+            yield GaugeMetricFamily(f"{PREFIX}_sessions_open", "Inference sessions open now.", value=st.sessions_open)
+            yield CounterMetricFamily(f"{PREFIX}_sessions", "Inference sessions opened.", value=st.sessions_total)
+            yield CounterMetricFamily(f"{PREFIX}_steps", "Engine steps served.", value=st.steps_total)
+            tokens = CounterMetricFamily(f"{PREFIX}_tokens_served", "Tokens through this node's span.",
+                                         labels=["phase"])
+            tokens.add_metric(["prefill"], st.tokens_prefill)
+            tokens.add_metric(["decode"], st.tokens_decode)
+            yield tokens
+            yield CounterMetricFamily(f"{PREFIX}_work_units", "Work units served (tokens times layers).",
+                                      value=st.work_units)
+            receipts = CounterMetricFamily(f"{PREFIX}_receipts", "Receipts issued, by how the client answered.",
+                                           labels=["status"])
+            for status in ("countersigned", "disputed", "server_only"):
+                receipts.add_metric([status], st.receipts.get(status, 0))
+            yield receipts
+            yield CounterMetricFamily(f"{PREFIX}_receipts_issued", "Receipts issued (all statuses).",
+                                      value=sum(st.receipts.values()))
+            errors = CounterMetricFamily(f"{PREFIX}_errors", "Streams ended with a wire error, by code.",
+                                         labels=["code"])
+            for code, count in sorted(st.errors_by_code.items()):
+                errors.add_metric([str(code)], count)
+            yield errors
+            scheduler = getattr(server, "scheduler", None)  # batches concurrent sessions' steps
+            waiting = scheduler.pending if scheduler is not None else 0
+            yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Steps waiting for the engine.", value=waiting)
+            if scheduler is not None:
+                yield CounterMetricFamily(f"{PREFIX}_engine_batches", "Engine calls (each runs one batch of steps).",
+                                          value=scheduler.stats.batches)
+                yield CounterMetricFamily(f"{PREFIX}_engine_batched_steps", "Session steps run in engine batches.",
+                                          value=scheduler.stats.steps)
+            capacity = server.limits.max_sessions * server.limits.max_length
+            reserved = engine.cache_tokens_reserved() if hasattr(engine, "cache_tokens_reserved") else 0
+            yield GaugeMetricFamily(f"{PREFIX}_kv_cache_capacity_tokens", "KV-cache tokens this node offers.",
+                                    value=capacity)
+            yield GaugeMetricFamily(f"{PREFIX}_kv_cache_reserved_tokens", "KV-cache tokens reserved by sessions.",
+                                    value=reserved)
+            yield GaugeMetricFamily(f"{PREFIX}_kv_cache_free_tokens", "KV-cache room left.",
+                                    value=max(0, capacity - reserved))
+
+        yield GaugeMetricFamily(f"{PREFIX}_connected_peers", "libp2p peers connected now.",
+                                value=len(node.host.connected_peers()))
+        yield GaugeMetricFamily(f"{PREFIX}_dht_routing_table_peers", "Peers in the DHT routing table.",
+                                value=len(node.dht.routing_table_peers()))
+        client = getattr(node, "client", None)
+        if client is not None:
+            yield CounterMetricFamily(f"{PREFIX}_client_failovers", "Hops a client replaced mid-generation.",
+                                      value=getattr(client, "failovers_total", 0))
+
+
+class ClientCollector(Collector):
+    """Client-side metrics of a ``SwarmClient`` (a gateway or an agent exports these)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(f"{PREFIX}_client_failovers", "Hops a client replaced mid-generation.",
+                                  value=getattr(self.client, "failovers_total", 0))
+
+
+class NodeMetrics:
+    """The registry of one node: the collector plus what is observed as it happens."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.registry = CollectorRegistry()
+        self.registry.register(NodeCollector(node))
+        self.step_seconds = Histogram(
+            f"{PREFIX}_step_duration_seconds", "Engine time of one step (prefill or decode).",
+            ["span", "phase"], buckets=STEP_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram(
+            f"{PREFIX}_step_batch_size", "Rows in the engine call (batch) each step ran in.", ["span"], buckets=BATCH_BUCKETS,
+            registry=self.registry)
+        self.dht_seconds = Histogram(
+            f"{PREFIX}_dht_operation_duration_seconds", "Time of one DHT operation.", ["operation"],
+            buckets=DHT_BUCKETS, registry=self.registry)
+        self.dht_ops = Counter(
+            f"{PREFIX}_dht_operations", "DHT operations, by outcome.", ["operation", "outcome"],
+            registry=self.registry)
+        for op in DHT_OPERATIONS:  # present from the start, so rate() works from the first scrape
+            self.dht_seconds.labels(op)
+            for outcome in ("ok", "error"):
+                self.dht_ops.labels(op, outcome)
+
+    def attach(self) -> None:
+        """Start observing: the server's steps and the DHT's operations."""
+        if self.node.server is not None:
+            self.node.server.on_step = self.on_step
+        for op in DHT_OPERATIONS:
+            method = getattr(self.node.dht, op, None)
+            if method is not None and not getattr(method, "_shiza_timed", False):
+                setattr(self.node.dht, op, self._timed(op, method))
+
+    def on_step(self, prefill: bool, batch: int, seconds: float) -> None:
+        span = span_label(self.node.engine)
+        self.step_seconds.labels(span, "prefill" if prefill else "decode").observe(seconds)
+        self.batch_size.labels(span).observe(batch)
+
+    def _timed(self, op: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(method)
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.monotonic()
+            outcome = "error"
+            try:
+                result = await method(*args, **kwargs)
+                outcome = "ok"
+                return result
+            finally:
+                self.dht_seconds.labels(op).observe(time.monotonic() - t0)
+                self.dht_ops.labels(op, outcome).inc()
+
+        timed._shiza_timed = True  # type: ignore[attr-defined]
+        return timed
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def readiness(node: Any) -> tuple[bool, str]:
+    """(ready, reason): serving, accepting sessions, and an unexpired online record published."""
+    if node.server is None or node.state is None:
+        return False, "starting: not serving yet"
+    if not node.server.accepting:
+        return False, "not accepting sessions (draining or moving)"
+    if node.state.state != "online":
+        return False, f"record state is {node.state.state}"
+    record = node.announcer.last_record if node.announcer is not None else None
+    if record is None:
+        return False, "record not published yet"
+    if record.state != "online":
+        return False, f"published record is {record.state}"
+    if record.expires_at <= time.time():
+        return False, "published record expired (refresh failing?)"
+    return True, "ready"
+
+
+def metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry exposes now (``_total``, ``_bucket``... included)."""
+    return {s.name for m in registry.collect() for s in m.samples}
+
+
+def make_app(metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
+    node = metrics.node
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_bytes(send, 405, b"method not allowed\n", "text/plain")
+        elif path == "/metrics":
+            await send_bytes(send, 200, metrics.exposition(), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            await send_bytes(send, 200, b"ok\n", "text/plain")
+        elif path == "/readyz":
+            ready, reason = readiness(node)
+            await send_bytes(send, 200 if ready else 503, (reason + "\n").encode(), "text/plain")
+        else:
+            await send_bytes(send, 404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+    return app
+
+
+async def metrics_service(
+    node: Any,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A node service (``NodeConfig.services``): /metrics, /healthz and /readyz until cancelled."""
+    metrics = NodeMetrics(node)
+    metrics.attach()
+    node.metrics = metrics
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(functools.partial(serve_asgi, make_app(metrics), host=host, port=port))
+        print(f"metrics on http://{host}:{bound}/metrics", flush=True)
+        task_status.started(bound)
+

@@ -1,0 +1,547 @@
+"""The durable receipt ledger: an append-only, hash-chained SQLite file.
+
+Every receipt this node issues or countersigns is appended here as one entry: the receipt's
+canonical bytes (opaque to the ledger) plus the columns settlement queries by, which the caller
+passes explicitly. Each entry's ``entry_hash`` covers the previous entry's hash and every field
+of the entry, and a one-row ``head`` table holds the count and hash of the last entry, updated in
+the same transaction as the append. Together they make any edit, any deleted row and a cut-off
+tail detectable by :meth:`Ledger.verify_chain`.
+
+Errors::
+
+    LedgerError          anything the ledger refuses or cannot do (closed, I/O, bad argument
+     |                   values raise ValueError / TypeError instead)
+     +-- LedgerCorrupt   the file is not a ledger we can trust: not SQLite, unknown schema
+     |                   version, or a chain that is broken, edited or truncated (says which entry)
+     +-- DuplicateEntry  the receipt_id or (server, client, seq) is already recorded
+
+Durability and interruption: the file is in WAL mode with ``synchronous=FULL`` and each append is
+one ``BEGIN IMMEDIATE ... COMMIT``, so when :meth:`Ledger.append` returns the entry is on disk.
+If the process is killed (SIGKILL, power loss) mid-append, the entry is simply absent and the
+file opens as it was; a KeyboardInterrupt inside append lands either before the commit (rolled
+back) or after it (recorded; check with :meth:`Ledger.get`), and the ledger stays usable.
+The methods block on disk I/O: call them from a worker thread (``trio.to_thread.run_sync``);
+cancelling the waiting task lets the thread finish, so an append either completes or never
+started. One connection is shared by all threads behind a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+__all__ = [
+    "GENESIS_HASH",
+    "DuplicateEntry",
+    "Ledger",
+    "LedgerCorrupt",
+    "LedgerEntry",
+    "LedgerError",
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "entry_hash_of",
+]
+
+SCHEMA_VERSION = 1
+STATUSES = frozenset({"countersigned", "server_only", "disputed"})
+GENESIS_HASH = bytes(32)
+
+# Domain separation: an entry hash can never be mistaken for a hash of anything else we sign.
+_HASH_DOMAIN = b"shiza-ledger-entry/v1\x00"
+_MAX_INT = 2**63 - 1  # SQLite INTEGER is a signed 64-bit value
+
+_SCHEMA = """
+CREATE TABLE entries (
+    idx            INTEGER PRIMARY KEY,
+    receipt_id     TEXT    NOT NULL UNIQUE,
+    server         TEXT    NOT NULL,
+    client         TEXT    NOT NULL,
+    seq            INTEGER NOT NULL,
+    session_id     TEXT    NOT NULL,
+    checkpoint     INTEGER NOT NULL,
+    final          INTEGER NOT NULL,
+    status         TEXT    NOT NULL,
+    reason         TEXT    NOT NULL,
+    prefill_tokens INTEGER NOT NULL,
+    decode_tokens  INTEGER NOT NULL,
+    work_units     INTEGER NOT NULL,
+    ended_at       REAL    NOT NULL,
+    receipt        BLOB    NOT NULL,
+    recorded_at    REAL    NOT NULL,
+    prev_hash      BLOB    NOT NULL,
+    entry_hash     BLOB    NOT NULL,
+    UNIQUE (server, client, seq)
+) STRICT;
+CREATE INDEX entries_by_client ON entries (client);
+CREATE TABLE head (
+    one   INTEGER PRIMARY KEY CHECK (one = 1),
+    count INTEGER NOT NULL,
+    hash  BLOB    NOT NULL
+) STRICT;
+INSERT INTO head (one, count, hash) VALUES (1, 0, zeroblob(32));
+"""
+
+_COLUMNS = (
+    "idx, receipt_id, server, client, seq, session_id, checkpoint, final, status, reason, "
+    "prefill_tokens, decode_tokens, work_units, ended_at, receipt, recorded_at, prev_hash, "
+    "entry_hash"
+)
+
+
+LEDGER_FILE = "ledger.sqlite"  # in a node's or an agent's data directory
+
+
+class LedgerError(Exception):
+    """Base of every error the ledger raises."""
+
+
+class LedgerCorrupt(LedgerError):
+    """The ledger file cannot be trusted; it is reported and left untouched, never repaired."""
+
+
+class DuplicateEntry(LedgerError):
+    """The receipt_id, or the (server, client, seq) triple, is already in the ledger."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    index: int  # 1-based position in the chain
+    receipt_id: str
+    server: str
+    client: str
+    seq: int
+    session_id: str
+    checkpoint: int
+    final: bool
+    status: str  # one of STATUSES
+    reason: str  # why disputed ("" otherwise)
+    prefill_tokens: int
+    decode_tokens: int
+    work_units: int
+    ended_at: float
+    receipt: bytes  # the receipt's canonical bytes, signatures included
+    recorded_at: float
+    prev_hash: bytes  # entry_hash of the previous entry (32 zero bytes for the first)
+    entry_hash: bytes  # entry_hash_of(...) over prev_hash and every other field
+
+
+def entry_hash_of(e: LedgerEntry) -> bytes:
+    """sha256(domain || prev_hash || every other field in declaration order), each field encoded
+    unambiguously: ints as 8-byte big-endian signed, floats as 8-byte big-endian IEEE 754,
+    bools as one byte, text (UTF-8) and bytes with a 4-byte big-endian length prefix."""
+    h = hashlib.sha256(_HASH_DOMAIN)
+    h.update(e.prev_hash)
+    h.update(struct.pack(">q", e.index))
+    for text in (e.receipt_id, e.server, e.client):
+        _update_bytes(h, text.encode())
+    h.update(struct.pack(">q", e.seq))
+    _update_bytes(h, e.session_id.encode())
+    h.update(struct.pack(">q?", e.checkpoint, e.final))
+    _update_bytes(h, e.status.encode())
+    _update_bytes(h, e.reason.encode())
+    h.update(struct.pack(">qqqd", e.prefill_tokens, e.decode_tokens, e.work_units, e.ended_at))
+    _update_bytes(h, e.receipt)
+    h.update(struct.pack(">d", e.recorded_at))
+    return h.digest()
+
+
+def _update_bytes(h: Any, b: bytes) -> None:
+    h.update(struct.pack(">I", len(b)))
+    h.update(b)
+
+
+class Ledger:
+    """An open ledger file. Use :meth:`open`; close it (or use ``with``) when done."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._path = path
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> Ledger:
+        """Open the ledger at ``path``, creating it (and its directory) if missing.
+
+        Raises LedgerCorrupt if the file is not SQLite, holds another schema or version, or
+        (with ``verify``) its chain does not check out; the file is never modified in that case.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot open ledger {path}: {e}") from e
+        try:
+            _prepare(conn, path)
+            ledger = cls(conn, path)
+            if verify:
+                ledger.verify_chain()
+            return ledger
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        """Close the file (checkpointing the WAL). Idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(
+        self,
+        *,
+        receipt_id: str,
+        server: str,
+        client: str,
+        seq: int,
+        session_id: str,
+        checkpoint: int,
+        final: bool,
+        status: str,
+        reason: str,
+        prefill_tokens: int,
+        decode_tokens: int,
+        work_units: int,
+        ended_at: float,
+        receipt: bytes,
+    ) -> LedgerEntry:
+        """Append one entry in one transaction; it is durable when this returns.
+
+        Raises DuplicateEntry (nothing written) if ``receipt_id`` or ``(server, client, seq)``
+        is already recorded. ``reason`` says why a disputed entry is disputed ("" otherwise; not
+        enforced). Raises ValueError/TypeError (nothing written) for a status outside STATUSES,
+        empty ids, or integers outside 0..2**63-1 (SQLite's INTEGER is signed 64-bit, so the
+        top half of a receipt's uint64 range cannot be stored).
+        ``next_seq`` followed by ``append`` is not atomic: concurrent writers for one pair may
+        see DuplicateEntry and should take a fresh ``next_seq``.
+        """
+        for name, text in (("receipt_id", receipt_id), ("server", server), ("client", client),
+                           ("session_id", session_id)):
+            _check_text(name, text, nonempty=True)
+        _check_text("status", status)
+        _check_text("reason", reason)
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {sorted(STATUSES)}, not {status!r}")
+        for name, n in (("seq", seq), ("checkpoint", checkpoint),
+                        ("prefill_tokens", prefill_tokens),
+                        ("decode_tokens", decode_tokens), ("work_units", work_units)):
+            _check_int(name, n, minimum=0)
+        if not isinstance(final, bool):
+            raise TypeError(f"final must be a bool, not {type(final).__name__}")
+        if not isinstance(receipt, (bytes, bytearray, memoryview)):
+            raise TypeError(f"receipt must be bytes, not {type(receipt).__name__}")
+        # + 0.0 turns -0.0 into 0.0: SQLite stores integral REALs as integers, losing the sign,
+        # which would make the stored entry hash differently from the one we computed.
+        ended = _finite("ended_at", ended_at) + 0.0
+
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                clash = conn.execute(
+                    "SELECT idx, receipt_id FROM entries WHERE receipt_id = ? "
+                    "OR (server = ? AND client = ? AND seq = ?) LIMIT 1",
+                    (receipt_id, server, client, seq),
+                ).fetchone()
+                if clash is not None:
+                    what = (f"receipt_id {receipt_id!r}" if clash[1] == receipt_id
+                            else f"seq {seq} for server {server!r} and client {client!r}")
+                    raise DuplicateEntry(f"{what} is already recorded as entry {clash[0]}")
+                row = conn.execute("SELECT count, hash FROM head WHERE one = 1").fetchone()
+                if row is None:
+                    raise LedgerCorrupt("the head row is missing")
+                count, prev = row
+                entry = LedgerEntry(
+                    index=count + 1, receipt_id=receipt_id, server=server, client=client,
+                    seq=seq, session_id=session_id, checkpoint=checkpoint, final=final,
+                    status=status, reason=reason, prefill_tokens=prefill_tokens,
+                    decode_tokens=decode_tokens, work_units=work_units, ended_at=ended,
+                    receipt=bytes(receipt), recorded_at=time.time() + 0.0, prev_hash=prev,
+                    entry_hash=b"",
+                )
+                entry = _replace_hash(entry)
+                conn.execute(
+                    f"INSERT INTO entries ({_COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _to_row(entry),
+                )
+                conn.execute("UPDATE head SET count = ?, hash = ? WHERE one = 1",
+                             (entry.index, entry.entry_hash))
+                conn.execute("COMMIT")
+                return entry
+            except BaseException as e:
+                # Also on KeyboardInterrupt: a transaction left open would wedge every later
+                # append on this connection.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.IntegrityError):
+                    raise DuplicateEntry(str(e)) from e
+                if isinstance(e, sqlite3.Error):
+                    raise _convert(e, f"cannot append to {self._path}") from e
+                raise
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def entries(
+        self,
+        *,
+        counterparty: str | None = None,
+        until: float | None = None,
+        status: str | None = None,
+    ) -> list[LedgerEntry]:
+        """Entries in chain order, optionally only those whose server or client is
+        ``counterparty``, that ended at or before ``until`` (``ended_at <= until``), or that
+        have ``status``. Each returned entry's hash is checked against its contents."""
+        where: list[str] = []
+        args: list[Any] = []
+        if counterparty is not None:
+            where.append("(server = ? OR client = ?)")
+            args += [counterparty, counterparty]
+        if until is not None:
+            where.append("ended_at <= ?")
+            args.append(float(until))
+        if status is not None:
+            if status not in STATUSES:
+                raise ValueError(f"status must be one of {sorted(STATUSES)}, not {status!r}")
+            where.append("status = ?")
+            args.append(status)
+        sql = f"SELECT {_COLUMNS} FROM entries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self._query(sql + " ORDER BY idx", args)
+
+    def get(self, receipt_id: str) -> LedgerEntry | None:
+        """The entry recorded for ``receipt_id``, or None."""
+        found = self._query(f"SELECT {_COLUMNS} FROM entries WHERE receipt_id = ?", [receipt_id])
+        return found[0] if found else None
+
+    def next_seq(self, server: str, client: str) -> int:
+        """One more than the highest seq recorded for (server, client); 1 if there is none."""
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                (n,) = conn.execute(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM entries WHERE server = ? AND client = ?",
+                    (server, client),
+                ).fetchone()
+            except sqlite3.Error as e:
+                raise _convert(e, f"cannot read {self._path}") from e
+        return int(n)
+
+    def head(self) -> tuple[int, bytes]:
+        """(number of entries, hash of the last entry); (0, 32 zero bytes) when empty."""
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                row = conn.execute("SELECT count, hash FROM head WHERE one = 1").fetchone()
+            except sqlite3.Error as e:
+                raise _convert(e, f"cannot read {self._path}") from e
+        if row is None:
+            raise LedgerCorrupt(f"{self._path}: the head row is missing")
+        return int(row[0]), bytes(row[1])
+
+    def verify_chain(self) -> int:
+        """Check every entry's hash and link, and that the chain ends where the head row says.
+
+        Returns the number of entries; raises LedgerCorrupt naming the first bad entry.
+        """
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                # One read transaction, so a concurrent writer (another process) cannot make
+                # the chain and the head disagree under us.
+                conn.execute("BEGIN")
+                try:
+                    count, last = _verify_rows(
+                        conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY idx"), self._path)
+                    head = conn.execute("SELECT count, hash FROM head").fetchall()
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise _convert(e, f"cannot read {self._path}") from e
+        where = self._path
+        if len(head) != 1 or not isinstance(head[0][0], int) or not isinstance(head[0][1], bytes):
+            raise LedgerCorrupt(f"{where}: the head row is missing or malformed")
+        head_count, head_hash = head[0]
+        if head_count > count:
+            raise LedgerCorrupt(
+                f"{where}: truncated: entries {count + 1}..{head_count} are missing "
+                f"(the head records {head_count} entries, the chain has {count})")
+        if head_count < count:
+            raise LedgerCorrupt(
+                f"{where}: entry {head_count + 1} onward is not covered by the head "
+                f"(the head records {head_count} entries, the chain has {count})")
+        if head_hash != last:
+            raise LedgerCorrupt(f"{where}: entry {count} does not match the head hash")
+        return count
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _open_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise LedgerError(f"ledger {self._path} is closed")
+        return self._conn
+
+    def _query(self, sql: str, args: Iterable[Any]) -> list[LedgerEntry]:
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                rows = conn.execute(sql, tuple(args)).fetchall()
+            except sqlite3.Error as e:
+                raise _convert(e, f"cannot read {self._path}") from e
+        out = []
+        for row in rows:
+            entry = _from_row(row, self._path)
+            if entry_hash_of(entry) != entry.entry_hash:
+                raise LedgerCorrupt(f"{self._path}: entry {entry.index} does not match its hash")
+            out.append(entry)
+        return out
+
+
+def _prepare(conn: sqlite3.Connection, path: Path) -> None:
+    """Check the file is our schema (creating it in an empty file), then switch to WAL.
+    Nothing is written to a file that turns out not to be ours."""
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if version == 0 and tables == 0:
+            # A fresh file. journal_mode must be set outside a transaction; the schema and its
+            # version are one transaction, so a kill here leaves an empty (valid) file.
+            _set_wal(conn, path)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have created it while we waited for the write lock.
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            what = "not a ledger" if version == 0 else f"ledger schema version {version}"
+            raise LedgerCorrupt(
+                f"{path}: {what}; this node reads version {SCHEMA_VERSION} only")
+        _set_wal(conn, path)
+        conn.execute("PRAGMA synchronous = FULL")
+    except sqlite3.Error as e:
+        raise _convert(e, f"cannot open ledger {path}") from e
+
+
+def _set_wal(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise LedgerError(f"{path}: cannot switch to WAL mode (got {mode!r})")
+
+
+def _convert(e: sqlite3.Error, context: str) -> LedgerError:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return LedgerCorrupt(f"{context}: {e}")
+    return LedgerError(f"{context}: {e}")
+
+
+def _verify_rows(rows: Iterator[tuple[Any, ...]], where: Path) -> tuple[int, bytes]:
+    expected, prev = 1, GENESIS_HASH
+    for row in rows:
+        index = row[0]
+        if index != expected:
+            if isinstance(index, int) and index > expected:
+                raise LedgerCorrupt(
+                    f"{where}: entry {expected} is missing (the next stored entry is {index})")
+            raise LedgerCorrupt(f"{where}: entry {expected}: unexpected index {index!r}")
+        entry = _from_row(row, where)
+        if entry.prev_hash != prev:
+            raise LedgerCorrupt(
+                f"{where}: entry {index}: prev_hash does not link to entry {index - 1}")
+        if entry_hash_of(entry) != entry.entry_hash:
+            raise LedgerCorrupt(f"{where}: entry {index}: contents do not match its hash (edited)")
+        expected, prev = expected + 1, entry.entry_hash
+    return expected - 1, prev
+
+
+def _from_row(row: tuple[Any, ...], where: Path) -> LedgerEntry:
+    (index, receipt_id, server, client, seq, session_id, checkpoint, final, status, reason,
+     prefill, decode, work, ended_at, receipt, recorded_at, prev_hash, entry_hash) = row
+    typed = (
+        (index, int), (receipt_id, str), (server, str), (client, str), (seq, int),
+        (session_id, str), (checkpoint, int), (final, int), (status, str), (reason, str),
+        (prefill, int), (decode, int), (work, int), (ended_at, float), (receipt, bytes),
+        (recorded_at, float), (prev_hash, bytes), (entry_hash, bytes),
+    )
+    if any(type(v) is not t for v, t in typed) or final not in (0, 1):
+        raise LedgerCorrupt(f"{where}: entry {index!r}: a column holds a value of the wrong type")
+    return LedgerEntry(
+        index=index, receipt_id=receipt_id, server=server, client=client, seq=seq,
+        session_id=session_id, checkpoint=checkpoint, final=bool(final), status=status,
+        reason=reason, prefill_tokens=prefill, decode_tokens=decode, work_units=work,
+        ended_at=ended_at, receipt=receipt, recorded_at=recorded_at, prev_hash=prev_hash,
+        entry_hash=entry_hash,
+    )
+
+
+def _to_row(e: LedgerEntry) -> tuple[Any, ...]:
+    return (e.index, e.receipt_id, e.server, e.client, e.seq, e.session_id, e.checkpoint,
+            int(e.final), e.status, e.reason, e.prefill_tokens, e.decode_tokens, e.work_units,
+            e.ended_at, e.receipt, e.recorded_at, e.prev_hash, e.entry_hash)
+
+
+def _replace_hash(e: LedgerEntry) -> LedgerEntry:
+    return replace(e, entry_hash=entry_hash_of(e))
+
+
+def _check_text(name: str, value: object, *, nonempty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if nonempty and not value:
+        raise ValueError(f"{name} must not be empty")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not minimum <= value <= _MAX_INT:
+        raise ValueError(f"{name} must be in {minimum}..{_MAX_INT}, not {value}")
+
+
+def _finite(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    f = float(value)
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, not {value}")
+    return f

@@ -1,0 +1,339 @@
+"""The libp2p host of a node: Noise only, yamux, one connection per peer.
+
+`open_host(seed)` runs a py-libp2p host for the life of an `async with` block
+and yields a `Host`, a thin wrapper that speaks in base58 peer ids and
+multiaddr strings. Streams are wrapped in `Stream`, which adds length-prefixed
+frames and converts py-libp2p's exceptions into two of our own:
+
+    StreamBroken   the peer reset the stream, the connection died, the stream
+                   ended in the middle of a frame, or a read/send on it was
+                   cancelled (the stream is then unusable; see Stream).
+    FrameTooLong   a frame header announced more than the caller's max_len.
+
+A clean end of stream between frames is not an error: `read_frame` returns
+None. Every frame is a 4-byte big-endian length followed by that many bytes,
+the same layout as `protocol.codec.encode_frame`.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.protocol_muxer.exceptions import MultiselectClientError
+
+from node.net._libp2p import build_libp2p_host, peer_info_from_maddr, to_id, was_reset
+
+__all__ = [
+    "FrameTooLong",
+    "Handler",
+    "Host",
+    "Stream",
+    "StreamBroken",
+    "frame",
+    "open_host",
+]
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">I")
+# How long addresses we were told about stay in the peerstore (seconds).
+ADDR_TTL = 6 * 60 * 60
+# Bound on the best-effort reset sent when a read or send is cancelled.
+_RESET_GRACE = 1.0
+
+
+class StreamBroken(Exception):
+    """The stream can no longer be used: reset, dropped, truncated or cancelled."""
+
+
+class FrameTooLong(Exception):
+    """A frame header announced more bytes than the reader allows."""
+
+    def __init__(self, length: int, max_len: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds the limit of {max_len}")
+        self.length = length
+        self.max_len = max_len
+
+
+def frame(payload: bytes) -> bytes:
+    """`payload` with its 4-byte big-endian length prefix."""
+    return HEADER.pack(len(payload)) + payload
+
+
+class Stream:
+    """One libp2p stream to one remote peer.
+
+    One task may read while another sends; two concurrent readers (or senders)
+    interleave bytes and are not supported.
+
+    Cancellation: py-libp2p's read and write are not atomic under trio
+    cancellation (a read can take bytes out of the muxer buffer and then be
+    cancelled while it sends the window update; a send can stop between yamux
+    frames). So when `send`, `read_exactly` or `read_frame` is cancelled (for
+    example by `trio.fail_after` around it), the stream is reset (best effort,
+    bounded to one second, shielded) and every later call raises StreamBroken.
+    The Cancelled exception itself propagates unchanged. Treat a deadline on a
+    stream as the end of that stream.
+    """
+
+    def __init__(self, raw: INetStream) -> None:
+        self._raw = raw
+        self._buf = bytearray()
+        self._broken: str | None = None
+        self._done = False  # closed or reset by us
+        self.remote_peer_id: str = raw.muxed_conn.peer_id.to_base58()
+
+    @property
+    def protocol_id(self) -> str | None:
+        proto = self._raw.get_protocol()
+        return None if proto is None else str(proto)
+
+    @property
+    def libp2p(self) -> INetStream:
+        return self._raw
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Write all of `data`. Raises StreamBroken if the stream is unusable.
+
+        py-libp2p resets a stream whose reader leaves the window full for 5 s;
+        that surfaces here as StreamBroken.
+        """
+        self._check_usable()
+        try:
+            await self._raw.write(data)
+        except trio.Cancelled:
+            await self._break_on_cancel()
+            raise
+        except StreamError as exc:
+            self._broken = f"send failed: {type(exc).__name__}: {exc}"
+            raise StreamBroken(self._broken) from exc
+
+    async def send_frame(self, payload: bytes) -> None:
+        """Send `payload` as one length-prefixed frame."""
+        await self.send(frame(payload))
+
+    # -- receiving ----------------------------------------------------------
+
+    async def _fill(self, n: int) -> bool:
+        """Read until the buffer holds `n` bytes; False on EOF before that."""
+        while len(self._buf) < n:
+            try:
+                chunk = await self._raw.read(n - len(self._buf))
+            except StreamEOF:
+                if was_reset(self._raw):
+                    self._broken = "reset by the peer"
+                    raise StreamBroken(self._broken) from None
+                return False
+            except trio.Cancelled:
+                await self._break_on_cancel()
+                raise
+            except StreamError as exc:
+                self._broken = f"read failed: {type(exc).__name__}: {exc}"
+                raise StreamBroken(self._broken) from exc
+            if not chunk:
+                # Some py-libp2p paths return b"" at EOF instead of raising.
+                return False
+            self._buf += chunk
+        return True
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def read_exactly(self, n: int) -> bytes:
+        """Exactly `n` bytes; StreamBroken if the stream ends before them."""
+        self._check_usable()
+        if not await self._fill(n):
+            got = len(self._buf)
+            self._broken = f"stream ended after {got} of {n} bytes"
+            raise StreamBroken(self._broken)
+        return self._take(n)
+
+    async def read_frame(self, max_len: int) -> bytes | None:
+        """The payload of the next frame, or None on a clean EOF between frames.
+
+        Raises FrameTooLong (without reading the body) if the header announces
+        more than `max_len` bytes; the stream is then out of sync and should be
+        reset. Raises StreamBroken on EOF inside a frame, on reset, and after a
+        cancelled call.
+        """
+        self._check_usable()
+        if not await self._fill(HEADER.size):
+            if self._buf:
+                self._broken = f"stream ended inside a frame header ({len(self._buf)} bytes)"
+                raise StreamBroken(self._broken)
+            return None
+        (length,) = HEADER.unpack_from(self._buf)
+        if length > max_len:
+            raise FrameTooLong(length, max_len)
+        if not await self._fill(HEADER.size + length):
+            got = len(self._buf) - HEADER.size
+            self._broken = f"stream ended inside a frame ({got} of {length} bytes)"
+            raise StreamBroken(self._broken)
+        del self._buf[: HEADER.size]
+        return self._take(length)
+
+    # -- ending -------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Half-close: tell the peer we send no more. Reads still work.
+
+        Idempotent, never raises for an already-broken stream.
+        """
+        if self._done:
+            return
+        self._done = True
+        try:
+            await self._raw.close()
+        except Exception:  # a dead connection can raise anything here
+            log.debug("close of a stream to %s failed", self.remote_peer_id, exc_info=True)
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions. Idempotent, never raises."""
+        self._broken = self._broken or "reset locally"
+        self._done = True
+        try:
+            await self._raw.reset()
+        except Exception:  # py-libp2p may raise anything from a dead connection
+            log.debug("reset of a stream to %s failed", self.remote_peer_id, exc_info=True)
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise StreamBroken(self._broken)
+
+    async def _break_on_cancel(self) -> None:
+        self._broken = "a read or send on this stream was cancelled"
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_RESET_GRACE):
+                await self.reset()
+
+
+Handler = Callable[[Stream], Awaitable[None]]
+
+
+class Host:
+    """Our view of a running py-libp2p host (see `open_host`)."""
+
+    def __init__(self, libp2p_host: IHost) -> None:
+        self.libp2p = libp2p_host
+        self.peer_id: str = libp2p_host.get_id().to_base58()
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs with the bound port and /p2p/<peer id>."""
+        return [str(a) for a in self.libp2p.get_addrs()]
+
+    def set_handler(self, protocol_id: str, handler: Handler) -> None:
+        """Serve `protocol_id` with `handler`, one task per inbound stream.
+
+        An exception escaping `handler` is logged and the stream is reset; it
+        never reaches the connection or the host. When `handler` returns, the
+        stream is closed (a no-op if the handler already closed or reset it).
+        trio.Cancelled (host shutdown) propagates.
+        """
+
+        async def run_handler(raw: INetStream) -> None:
+            stream = Stream(raw)
+            try:
+                await handler(stream)
+            except StreamBroken as exc:
+                # The peer went away or misbehaved: routine, no traceback.
+                log.debug("%s stream from %s broke: %s", protocol_id, stream.remote_peer_id, exc)
+                await stream.reset()
+            except Exception:
+                log.warning(
+                    "handler for %s from %s failed; resetting the stream",
+                    protocol_id,
+                    stream.remote_peer_id,
+                    exc_info=True,
+                )
+                await stream.reset()
+            else:
+                await stream.close()
+
+        self.libp2p.set_stream_handler(TProtocol(protocol_id), run_handler)
+
+    def remove_handler(self, protocol_id: str) -> None:
+        self.libp2p.remove_stream_handler(TProtocol(protocol_id))
+
+    def add_addrs(self, peer_id: str, maddrs: list[str]) -> None:
+        """Remember addresses of `peer_id` (without /p2p/) for later dials."""
+        addrs = [multiaddr.Multiaddr(a) for a in maddrs]
+        if addrs:
+            self.libp2p.get_peerstore().add_addrs(to_id(peer_id), addrs, ADDR_TTL)
+
+    async def connect(self, maddr: str) -> str:
+        """Connect to the peer at a full multiaddr (ending in /p2p/<id>).
+
+        Returns its peer id. Raises whatever py-libp2p raises when the dial or
+        the Noise/yamux upgrade fails (SwarmException and subclasses).
+        Cancellation abandons the dial; nothing is left half-registered.
+        """
+        info = peer_info_from_maddr(maddr)
+        if info.peer_id == self.libp2p.get_id():
+            raise ValueError("refusing to connect to ourselves")
+        await self.libp2p.connect(info)
+        # host.connect stores the address for 120 s only; keep it longer so
+        # open_stream can redial after a dropped connection.
+        self.libp2p.get_peerstore().add_addrs(info.peer_id, info.addrs, ADDR_TTL)
+        return info.peer_id.to_base58()
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> Stream:
+        """Open a stream to `peer_id` speaking `protocol_id`.
+
+        Dials the peer first if needed, using the addresses in the peerstore
+        (from `connect`, `add_addrs` or the DHT). Raises py-libp2p's
+        SwarmException if it cannot be reached and StreamBroken if it does not
+        speak `protocol_id`. Cancellation leaves no stream open.
+        """
+        try:
+            raw = await self.libp2p.new_stream(to_id(peer_id), [TProtocol(protocol_id)])
+        except (StreamError, StreamFailure, MultiselectClientError) as exc:
+            # A peer that does not speak protocol_id, or a stream that died
+            # during negotiation. Dial failures stay SwarmException.
+            raise StreamBroken(f"opening {protocol_id} to {peer_id}: {exc}") from exc
+        return Stream(raw)
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.libp2p.get_connected_peers()]
+
+    async def disconnect(self, peer_id: str) -> None:
+        await self.libp2p.disconnect(to_id(peer_id))
+
+
+CLOSE_TIMEOUT_S = 5.0  # closing a host's connections and listener, at most
+
+
+@asynccontextmanager
+async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0") -> AsyncIterator[Host]:
+    """Run a host with the Ed25519 identity of `seed`, listening on `listen`.
+
+    Noise is the only security transport (a dialer offering only plaintext,
+    TLS or SECIO is refused), yamux the only muxer, at most one connection per
+    peer, and py-libp2p's auto-connector is disabled. Port 0 binds a free port;
+    `Host.addrs` reports the real one. Leaving the block closes the listener
+    and every connection.
+    """
+    listen_addr = multiaddr.Multiaddr(listen)
+    libp2p_host = build_libp2p_host(seed, [listen_addr])
+    async with libp2p_host.run(listen_addrs=[listen_addr]):
+        try:
+            yield Host(libp2p_host)
+        finally:
+            # py-libp2p's run() only cancels the swarm's tasks: once a DHT had run on the host,
+            # its listener kept accepting and peers stayed connected to a host that no longer
+            # served them (their requests then hung until a timeout). Close it explicitly.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await libp2p_host.get_network().close()

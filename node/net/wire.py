@@ -1,0 +1,75 @@
+"""Typed messages over a framed libp2p stream, and token-id tensors built without torch."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from typing import Sequence
+
+import trio
+
+from protocol.codec import Tensor, unpack
+from protocol.errors import FrameTooLarge, MalformedFrame, Timeout
+from protocol.ids import MAX_FRAME_BYTES
+from protocol.messages import Message, decode_message, encode_message
+
+from node.net.host import FrameTooLong, Stream
+
+
+async def send_message(stream: Stream, msg: Message) -> None:
+    await stream.send(encode_message(msg))
+
+
+async def recv_message(stream: Stream, timeout: float | None = None) -> Message | None:
+    """The next message, or None when the peer closed the stream cleanly between frames.
+
+    Raises a protocol error for a bad frame and Timeout past ``timeout`` seconds; on
+    cancellation a partly read frame is lost and the stream must not be read again.
+    """
+    try:
+        with trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
+            payload = await stream.read_frame(MAX_FRAME_BYTES)
+    except trio.TooSlowError:
+        raise Timeout(f"no message within {timeout:g} s") from None
+    except FrameTooLong as exc:
+        raise FrameTooLarge(str(exc)) from None
+    if payload is None:
+        return None
+    return decode_message(unpack(payload))
+
+
+def int64_tensor(rows: Sequence[Sequence[int]]) -> Tensor:
+    """A [B, T] int64 tensor from nested lists (all rows the same length)."""
+    if not rows:
+        raise MalformedFrame("empty batch")
+    width = len(rows[0])
+    flat: list[int] = []
+    for row in rows:
+        if len(row) != width:
+            raise MalformedFrame("ragged batch")
+        flat.extend(int(v) for v in row)
+    return Tensor("int64", (len(rows), width), struct.pack(f"<{len(flat)}q", *flat))
+
+
+def int64_values(t: Tensor) -> list[int]:
+    """The values of an int64 tensor, flattened."""
+    if t.dtype != "int64":
+        raise MalformedFrame(f"expected int64 tensor, got {t.dtype}")
+    n = len(t.data) // 8
+    return list(struct.unpack(f"<{n}q", bytes(t.data)))
+
+
+def concat_steps(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate [B, T_i, ...] tensors of one dtype along T (row-major bytes, no torch)."""
+    first = tensors[0]
+    batch, rest = first.shape[0], first.shape[2:]
+    if any(t.dtype != first.dtype or t.shape[0] != batch or t.shape[2:] != rest for t in tensors):
+        raise MalformedFrame("tensors to concatenate differ in dtype, batch or inner shape")
+    inner = len(first.data) // (batch * first.shape[1]) if first.shape[1] else 0
+    rows = []
+    for b in range(batch):
+        for t in tensors:
+            row = t.shape[1] * inner
+            rows.append(bytes(memoryview(t.data)[b * row:(b + 1) * row]))
+    total = sum(t.shape[1] for t in tensors)
+    return Tensor(first.dtype, (batch, total, *rest), b"".join(rows))

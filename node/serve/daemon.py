@@ -1,0 +1,321 @@
+"""The serving node: one nursery owns the host, the DHT, the announcer and every session.
+
+Start-up: identity, model, host, DHT, the span (given, or chosen from the swarm's records),
+engine, throughput (cached), record, ``node.json``. While running, a node without a fixed span
+re-checks the swarm and moves when the weakest layers would gain clearly.
+Shutdown (the ``stop`` event, set by SIGINT/SIGTERM in the CLI): publish ``draining``, stop
+accepting sessions, let running ones finish (bounded), withdraw the record, close the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from protocol.identity import Identity
+from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL, INFO_PROTOCOL
+from protocol.messages import NodeInfo, ServedSpan
+from protocol.records import Hardware
+
+from node import __version__
+from node.util.atomic import write_json_atomic
+from node.ledger.accounting import DEFAULT_RECEIPT_EVERY
+from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
+from node.serve.announce import Announcer, RecordState
+from node.serve.capacity import HardwareInfo, cached_throughput, detect_hardware
+from node.net.dht import SwarmDHT, open_dht
+from node.net.host import Host, open_host
+from node.net.admission import SwarmKey, open_admission
+from node.ledger.store import LEDGER_FILE, Ledger
+from node.serve.placement import choose_span, estimate_layer_bytes, layers_that_fit, should_move
+from node.net.direct import DirectListener
+from node.serve.server import Accounting, ServerLimits, SpanServer
+
+log = logging.getLogger(__name__)
+
+# Peers may be shutting down too: never let one publish hold up the exit for long.
+SHUTDOWN_PUBLISH_S = 3.0
+# The share of free memory a node without --layers plans to fill (weights plus KV cache).
+MEMORY_FRACTION = 0.8
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("SHIZA_HOME", Path.home() / ".shiza"))
+
+
+@dataclass
+class NodeConfig:
+    model: str = "smollm2-135m"
+    layers: tuple[int, int] | None = None  # None: chosen from the swarm's records
+    max_layers: int | None = None  # cap on a chosen span (default: what memory allows)
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: str = "/ip4/127.0.0.1/tcp/0"
+    bootstrap: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "float32"
+    record_ttl_s: float = 120.0
+    drain_timeout_s: float = 30.0
+    rebalance_interval_s: float = 60.0  # how often a node without --layers re-checks the swarm
+    receipt_every: int = DEFAULT_RECEIPT_EVERY
+    unit_price: float | None = None
+    throttle_s: float = 0.0  # extra delay per step (testing and demonstrations: a slow node)
+    # "span" (transformers, any span) or "vllm" (the whole model through a managed vLLM server).
+    engine: str = "span"
+    tensor_parallel: int | None = None  # vllm: GPUs to shard over (None: all visible; CPU: 1)
+    vllm_python: str | None = None  # vllm: its venv's python (None: .venv-vllm, else this one)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    swarm_key: Path | None = None  # --swarm-key: a private swarm (node/swarmkey.py)
+    corrupt_outputs: float = 0.0  # testing only: noise added to outputs (spot checks catch it)
+    # Extra services run in the node's nursery once it serves (HTTP surfaces and the like):
+    # ``await service(node, task_status=...)``; each calls task_status.started() when ready.
+    services: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
+    # The direct activation channel's TCP port (SPEC 9.5): 0 picks a free one, None disables it.
+    direct_port: int | None = 0
+
+
+@dataclass
+class ReadyInfo:
+    peer_id: str
+    addrs: list[str]
+    model_id: str
+    start: int
+    end: int
+    num_layers: int
+
+    def to_json(self) -> dict[str, object]:
+        return self.__dict__.copy()
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class Node:
+    """A running node; ``run_node`` drives its life cycle."""
+
+    def __init__(self, cfg: NodeConfig, identity: Identity, source: Any, ledger: Ledger,
+                 host: Host, dht: SwarmDHT, hardware: HardwareInfo) -> None:
+        self.cfg, self.identity, self.source, self.ledger = cfg, identity, source, ledger
+        self.host, self.dht, self.hardware = host, dht, hardware
+        self.engine: Any = None
+        self.state: RecordState | None = None
+        self.announcer: Announcer | None = None
+        self.server: SpanServer | None = None
+        self.swarm_id = DEFAULT_SWARM_ID  # a private swarm's id when it has a swarm key
+
+    # ---- span and engine --------------------------------------------------------------------
+    def max_layers(self) -> int:
+        n = self.source.num_layers
+        if self.cfg.max_layers is not None:
+            return max(1, min(self.cfg.max_layers, n))
+        weights, kv = estimate_layer_bytes(self.source.config, _DTYPE_BYTES[self.cfg.dtype],
+                                           self.cfg.limits.max_length * self.cfg.limits.max_sessions)
+        return layers_that_fit(int(self.hardware.memory_free * MEMORY_FRACTION), weights, kv, num_layers=n)
+
+    async def swarm_spans(self) -> list[tuple[int, int, float]]:
+        """(start, end, throughput) of the other online nodes serving this model."""
+        with trio.move_on_after(30):
+            records = await fetch_records(self.dht, self.source.model_id)
+            return [(s.start, s.end, r.throughput) for r in records if r.peer_id != self.identity.peer_id
+                    for s in r.spans if s.model_id == self.source.model_id]
+        log.warning("no answer from the DHT about the swarm within 30 s")
+        return []
+
+    async def choose_layers(self) -> tuple[int, int]:
+        if self.cfg.layers is not None:
+            return self.cfg.layers
+        spans = await self.swarm_spans()
+        chosen = choose_span(self.source.num_layers, spans, max_layers=self.max_layers(),
+                             peer_id=self.identity.peer_id)
+        log.info("chose layers %d:%d from %d spans in the swarm", *chosen, len(spans))
+        return chosen
+
+    async def load(self, start: int, end: int) -> tuple[Any, float]:
+        from node.engine.span import SpanEngine, measure_throughput
+
+        cfg = self.cfg
+        if cfg.engine == "vllm":
+            from node.engine.vllm import engine as vllm_engine
+
+            def load_vllm() -> tuple[Any, float]:
+                engine = vllm_engine.VllmEngine.load(
+                    self.source, vllm_python=cfg.vllm_python, device=cfg.device, dtype=cfg.dtype,
+                    tensor_parallel=cfg.tensor_parallel, max_model_len=cfg.limits.max_length,
+                    log_path=cfg.data_dir / "vllm.log")
+                key = {"engine": "vllm", "model": engine.model_id, "device": cfg.device,
+                       "dtype": cfg.dtype, "tp": engine.server.tensor_parallel}
+                try:
+                    tps = cached_throughput(cfg.data_dir / "throughput.json", key,
+                                            lambda: vllm_engine.measure_throughput(engine))
+                except BaseException:
+                    engine.close()
+                    raise
+                return engine, tps
+
+            return await trio.to_thread.run_sync(load_vllm)
+
+        def load_and_measure() -> tuple[Any, float]:
+            engine = SpanEngine.load(self.source, start, end, device=cfg.device, dtype=cfg.dtype,
+                                     max_cache_tokens=cfg.limits.max_sessions * cfg.limits.max_length)
+            key = {"model": engine.model_id, "start": start, "end": end, "device": cfg.device, "dtype": cfg.dtype}
+            tps = cached_throughput(cfg.data_dir / "throughput.json", key, lambda: measure_throughput(engine))
+            if cfg.throttle_s > 0:  # advertise what clients will really get
+                tps = 1.0 / (1.0 / tps + cfg.throttle_s)
+            return engine, tps
+
+        return await trio.to_thread.run_sync(load_and_measure)
+
+    def served_span(self) -> ServedSpan:
+        return ServedSpan(self.source.model_id, self.engine.start, self.engine.end, self.source.num_layers)
+
+    def node_info(self) -> NodeInfo:
+        record = self.announcer.last_record if self.announcer else None
+        state = self.state.state if self.state else "joining"
+        return NodeInfo(self.identity.peer_id, tuple(self.host.addrs), __version__, state,
+                        (self.served_span(),), record.to_bytes() if record else None)
+
+    # ---- running ------------------------------------------------------------------------------
+    async def serve(self, stop: trio.Event, task_status: trio.TaskStatus[ReadyInfo]) -> None:
+        cfg, hw = self.cfg, self.hardware
+        start, end = await self.choose_layers()
+        self.engine, throughput = await self.load(start, end)
+        log.info("serving %s layers %d:%d at %.1f tok/s", self.source.model_id, start, end, throughput)
+        self.state = RecordState(
+            addrs=tuple(self.host.addrs), spans=(self.served_span(),),
+            hardware=Hardware(hw.device_kind, hw.device_name, hw.memory_total, hw.memory_free),
+            throughput=throughput, cache_tokens_left=cfg.limits.max_sessions * cfg.limits.max_length,
+        )
+        accounting = Accounting(self.identity, self.ledger, cfg.receipt_every, cfg.unit_price,
+                                swarm_id=self.swarm_id)
+        self.server = SpanServer(self.engine, node_info=self.node_info, limits=cfg.limits,
+                                 accounting=accounting, throttle_s=cfg.throttle_s)
+        state = self.state
+
+        def cache_changed(left: int | None) -> None:  # the announcer republishes it periodically
+            if left is not None:
+                state.cache_tokens_left = left
+
+        self.server.admission.on_change = cache_changed
+        self.server.corrupt_outputs = cfg.corrupt_outputs
+        self.host.set_handler(INFO_PROTOCOL, self.server.handle_info)
+        self.host.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
+        self.announcer = Announcer(self.identity, self.dht, self.state, ttl_s=cfg.record_ttl_s,
+                                   provide_keys=(self.source.model_id,))
+        async with trio.open_nursery() as channels:  # outlives the drain: sessions finish on it
+            if cfg.direct_port is not None:
+                self.server.direct = DirectListener(_listen_host(cfg.listen), cfg.direct_port)
+                await channels.start(self.server.direct.serve)
+            await self._serve(start, end, stop, task_status)
+            channels.cancel_scope.cancel()
+
+    async def _serve(self, start: int, end: int, stop: trio.Event,
+                     task_status: trio.TaskStatus[ReadyInfo]) -> None:
+        cfg = self.cfg
+        assert self.announcer is not None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.announcer.serve)
+            if cfg.layers is None:
+                nursery.start_soon(self.rebalance)
+            if cfg.engine == "vllm":
+                from node.engine.vllm.engine import supervise
+
+                nursery.start_soon(supervise, self)
+            for service in cfg.services:
+                await nursery.start(service, self)
+            ready = ReadyInfo(self.identity.peer_id, list(self.host.addrs), self.source.model_id,
+                              start, end, self.source.num_layers)
+            write_json_atomic(cfg.data_dir / "node.json", ready.to_json())
+            task_status.started(ready)
+            await stop.wait()
+            log.info("shutting down: draining sessions")
+            nursery.cancel_scope.cancel()  # stop refreshing and rebalancing
+        with trio.CancelScope(shield=True):
+            await self.drain()
+            await self.announcer.withdraw(timeout_s=SHUTDOWN_PUBLISH_S)
+
+    async def drain(self) -> None:
+        """Mark draining in the DHT (when anyone is using us), stop accepting, let sessions end."""
+        assert self.server is not None and self.state is not None and self.announcer is not None
+        self.server.accepting = False
+        if self.server.stats.sessions_open:
+            self.state.state = "draining"
+            with trio.move_on_after(SHUTDOWN_PUBLISH_S):
+                await self.announcer.publish()
+            if not await self.server.drain(self.cfg.drain_timeout_s):
+                log.warning("sessions still open after %.0f s; closing them", self.cfg.drain_timeout_s)
+
+    async def rebalance(self) -> None:
+        """Move to the swarm's weakest layers when that gains clearly (hysteresis in should_move)."""
+        assert self.server is not None and self.state is not None and self.announcer is not None
+        while True:
+            await trio.sleep(self.cfg.rebalance_interval_s)
+            spans = await self.swarm_spans()
+            target = should_move(self.source.num_layers, spans, (self.engine.start, self.engine.end),
+                                 self.state.throughput, peer_id=self.identity.peer_id)
+            if target is None:
+                continue
+            log.warning("moving from layers %d:%d to %d:%d", self.engine.start, self.engine.end, *target)
+            await self.drain()
+            engine, throughput = await self.load(*target)
+            self.engine = self.server.engine = engine
+            self.state.spans = (self.served_span(),)
+            self.state.throughput = throughput
+            self.state.state = "online"
+            self.server.accepting = True
+            await self.announcer.publish()
+            write_json_atomic(self.cfg.data_dir / "node.json", ReadyInfo(
+                self.identity.peer_id, list(self.host.addrs), self.source.model_id,
+                target[0], target[1], self.source.num_layers).to_json())
+
+
+async def run_node(
+    cfg: NodeConfig,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[ReadyInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node until ``stop`` is set, then shut down gracefully."""
+    from node.engine.registry import resolve_model
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(cfg.data_dir)
+    log.info("peer id %s; preparing %s", identity.peer_id, cfg.model)
+    source = await trio.to_thread.run_sync(resolve_model, cfg.model)
+    if cfg.engine == "vllm":
+        cfg.layers = (0, source.num_layers)  # vLLM serves the whole model, never a span
+    if cfg.layers is not None and not 0 <= cfg.layers[0] < cfg.layers[1] <= source.num_layers:
+        raise ValueError(f"--layers {cfg.layers[0]}:{cfg.layers[1]} is outside the model's 0:{source.num_layers}")
+    swarm_key = SwarmKey.load(cfg.swarm_key) if cfg.swarm_key is not None else None  # before any I/O
+    ledger = Ledger.open(cfg.data_dir / LEDGER_FILE)
+    try:
+        async with open_host(identity.seed, cfg.listen) as host, open_admission(host, swarm_key):
+            async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, cfg.bootstrap) as dht:
+                node = Node(cfg, identity, source, ledger, host, dht, detect_hardware(cfg.device))
+                if swarm_key is not None:
+                    node.swarm_id = swarm_key.swarm_id
+                try:
+                    await node.serve(stop, task_status)
+                finally:
+                    close = getattr(node.engine, "close", None)  # the vLLM engine's server process
+                    if close is not None:
+                        close()
+    finally:
+        ledger.close()  # every receipt was committed as it was made; this releases the file
+        try:
+            (cfg.data_dir / "node.json").unlink()
+        except FileNotFoundError:
+            pass
+    log.info("node stopped")
+
+
+def _listen_host(listen: str) -> str:
+    """The IP address of a listen multiaddr (/ip4/A/tcp/P or /ip6/A/tcp/P); the direct
+    channel listens on the same address as libp2p."""
+    parts = listen.split("/")
+    if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+        return parts[2]
+    return "127.0.0.1"

@@ -1,0 +1,429 @@
+"""Protocol handlers of a serving node: node info and inference sessions.
+
+Each inference stream carries exactly one session (SPEC.md, "Inference session"). Anything
+wrong with what a peer sends ends that stream with an Error frame carrying the wire code; the
+node goes on serving every other stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from protocol.errors import (
+    BadShape,
+    Busy,
+    Internal,
+    InvalidMessage,
+    NotAllowed,
+    SessionClosed,
+    ShizaError,
+    SpanNotServed,
+    Timeout,
+    UnknownModel,
+)
+from protocol.ids import DEFAULT_SWARM_ID, MAX_TENSOR_ELEMENTS
+from protocol.messages import (
+    CloseSession,
+    Closed,
+    Countersign,
+    Dispute,
+    Error,
+    InfoRequest,
+    NodeInfo,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+
+from protocol.identity import Identity
+from protocol.receipts import Receipt, verify_receipt
+
+from node.ledger.accounting import DEFAULT_RECEIPT_EVERY, SeqAllocator, ServerAccount, store
+from node.net.host import Stream, StreamBroken
+from node.serve.limits import PeerLimiter, PeerLimits
+from node.ledger.store import Ledger
+from node.serve.scheduler import CacheAdmission, StepScheduler
+from node.net.wire import recv_message, send_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerLimits:
+    max_sessions: int = 64
+    max_batch_size: int = 32
+    max_length: int = 4096
+    open_timeout_s: float = 30.0  # from stream open to OpenSession
+    idle_timeout_s: float = 300.0  # between two steps of a session
+    peer: PeerLimits = field(default_factory=PeerLimits)  # per remote peer (node/limits.py)
+    allow_peers: frozenset[str] | None = None  # --allow-peers: only these may open sessions
+
+
+@dataclass
+class ServerStats:
+    sessions_open: int = 0
+    sessions_total: int = 0
+    steps_total: int = 0
+    errors_by_code: dict[int, int] = field(default_factory=dict)
+    receipts: dict[str, int] = field(default_factory=dict)  # by ledger status
+    # Tokens through the span: the first step of a session is its prefill, the rest decode.
+    tokens_prefill: int = 0
+    tokens_decode: int = 0
+    work_units: int = 0  # tokens times layers, as receipts count them
+
+
+@dataclass
+class Accounting:
+    """What the server needs to issue receipts: who signs, where they go, how often."""
+
+    identity: Identity
+    ledger: Ledger | None
+    every_tokens: int = DEFAULT_RECEIPT_EVERY
+    unit_price: float | None = None
+    swarm_id: str = DEFAULT_SWARM_ID  # a private swarm's id (node/swarmkey.py)
+    seqs: SeqAllocator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seqs = SeqAllocator(self.ledger)
+
+
+@dataclass
+class _Session:
+    session_id: str
+    start: int
+    end: int
+    account: ServerAccount | None
+    pending: Receipt | None = None  # a checkpoint receipt awaiting the client's verdict
+    final_sent: bool = False
+    client: str = ""
+    kv_tokens: int = 0  # reserved against the client's per-peer limit
+
+
+class SpanServer:
+    """Serves one engine (a span of one model) over the info and inference protocols."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        node_info: Callable[[], NodeInfo],
+        limits: ServerLimits | None = None,
+        accounting: Accounting | None = None,
+        throttle_s: float = 0.0,
+    ) -> None:
+        self.engine = engine
+        self.accounting = accounting
+        self.throttle_s = throttle_s
+        self.corrupt_outputs = 0.0  # testing only (--corrupt-outputs): noise relative to max |output|
+        self.node_info = node_info
+        self.limits = limits or ServerLimits()
+        self.stats = ServerStats()
+        self.peers = PeerLimiter(self.limits.peer)
+        # Called after each engine step with (prefill?, batch size, seconds): node/metrics.py.
+        self.on_step: Callable[[bool, int, float], None] | None = None
+        self.accepting = True
+        # A DirectListener (node/direct.py) lets clients move sessions off libp2p (SPEC 9.5).
+        self.direct: Any = None
+        # Steps of concurrent sessions run as batched forwards; opens wait for cache room.
+        self.scheduler = StepScheduler()
+        self.admission = CacheAdmission()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # ---- info -------------------------------------------------------------------------
+    async def handle_info(self, stream: Stream) -> None:
+        try:
+            self.peers.check_banned(stream.remote_peer_id)  # refused at once, before reading
+            msg = await recv_message(stream, self.limits.open_timeout_s)
+            if not isinstance(msg, InfoRequest):
+                raise InvalidMessage("expected info_req")
+            await send_message(stream, self.node_info())
+        except ShizaError as exc:
+            await self._fail(stream, exc)
+            return
+        await stream.close()
+
+    # ---- inference --------------------------------------------------------------------
+    async def handle_inference(self, stream: Stream) -> None:
+        session: _Session | None = None
+        io: Any = stream  # where the session's frames go: this stream, or its direct channel
+        try:
+            self._admit(stream.remote_peer_id)  # banned or not allowed: refused before reading
+            msg = await recv_message(stream, self.limits.open_timeout_s)
+            if msg is None:
+                return
+            if not isinstance(msg, OpenSession):
+                raise InvalidMessage(f"expected open, got {type(msg).__name__}")
+            session = await self._open(msg, stream.remote_peer_id)
+            offer = None
+            if msg.direct_key is not None and self.direct is not None:
+                try:
+                    offer = self.direct.offer(msg.direct_key, stream.remote_peer_id)
+                except ValueError as exc:
+                    raise InvalidMessage(f"direct_key: {exc}") from None
+            try:
+                await send_message(stream, SessionOpened(
+                    session.session_id, msg.start, msg.end, self.engine.hidden_size,
+                    offer.port if offer else None, offer.public if offer else None))
+                if offer is not None:  # SPEC 9.5: the session goes on over the direct channel
+                    io = await self._await_channel(stream, offer)
+                    if io is None:
+                        io = stream
+                        raise Timeout("the client did not connect the direct channel it asked for")
+            finally:
+                if offer is not None:
+                    self.direct.withdraw(offer)  # type: ignore[union-attr]
+            await self._serve_steps(io, session)
+        except ShizaError as exc:
+            await self._fail(io, exc)
+        except StreamBroken as exc:
+            log.info("session stream broke: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one stream, not the node
+            log.exception("internal error in session")
+            await self._fail(io, Internal(f"internal error: {type(exc).__name__}"))
+        finally:
+            if io is not stream:
+                await io.close()
+                with trio.move_on_after(2):
+                    await stream.close()
+            if session is not None:
+                self.peers.close_session(session.client, session.kv_tokens)
+                self._close(session.session_id)
+                await self._settle_broken(session)
+
+    async def _await_channel(self, stream: Stream, offer: Any) -> Any:
+        """The offer's direct channel, or None past the open timeout. A client that closes or
+        resets the libp2p stream meanwhile gave up: StreamBroken ends the session at once.
+        (The watch read is cancelled when the channel arrives, which resets the libp2p
+        stream: from then on the channel alone carries the session.)"""
+        channel = None
+
+        async def watch() -> None:
+            await stream.read_frame(64)
+            raise StreamBroken("the client left before connecting its direct channel")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            channel = await offer.wait(self.limits.open_timeout_s)
+            nursery.cancel_scope.cancel()
+        return channel
+
+    def _admit(self, peer_id: str) -> None:
+        allow = self.limits.allow_peers
+        if allow is not None and peer_id not in allow:
+            raise NotAllowed("this node serves only the peers on its allow list")
+        self.peers.check_banned(peer_id)
+
+    async def _open(self, msg: OpenSession, client: str) -> "_Session":
+        eng = self.engine
+        if not self.accepting:
+            raise Busy("node is draining; open the session elsewhere")
+        if msg.model_id != eng.model_id:
+            raise UnknownModel(f"this node serves {eng.model_id}, not {msg.model_id}")
+        if not eng.start <= msg.start < msg.end <= eng.end:
+            raise SpanNotServed(f"this node serves layers {eng.start}:{eng.end}, not {msg.start}:{msg.end}")
+        if not 1 <= msg.batch_size <= self.limits.max_batch_size:
+            raise InvalidMessage(f"batch_size must be in 1..{self.limits.max_batch_size}")
+        if not 1 <= msg.max_length <= self.limits.max_length:
+            raise InvalidMessage(f"max_length must be in 1..{self.limits.max_length}")
+        if self.stats.sessions_open >= self.limits.max_sessions:
+            raise Busy(f"{self.stats.sessions_open} sessions open; retry later")
+        session_id = msg.session_id or secrets.token_hex(8)
+        sampling = {
+            "temperature": msg.sampling.temperature,
+            "top_p": msg.sampling.top_p,
+            "seed": msg.sampling.seed if msg.sampling.seed is not None else 0,
+        }
+        from node.engine.errors import BadInput, CapacityExceeded, SessionUnknown
+
+        layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
+        kv_tokens = msg.batch_size * msg.max_length
+        self.peers.open_session(client, kv_tokens)  # RateLimited past the per-peer limits
+        def open_in_engine() -> None:
+            if layers is None:
+                eng.open_session(session_id, msg.batch_size, msg.max_length, sampling)
+            else:
+                eng.open_session(session_id, msg.batch_size, msg.max_length, sampling, layers=layers)
+
+        try:  # waits (bounded) for KV-cache room, then Busy: node/scheduler.py
+            await self.admission.open(eng, open_in_engine, kv_tokens)
+        except BaseException as exc:
+            self.peers.close_session(client, kv_tokens)
+            if isinstance(exc, CapacityExceeded):
+                raise Busy(str(exc)) from None
+            if isinstance(exc, SessionUnknown):
+                raise InvalidMessage(f"session id {session_id!r} is already open") from None
+            if isinstance(exc, BadInput):
+                raise InvalidMessage(str(exc)) from None
+            raise
+        self.stats.sessions_open += 1
+        self.stats.sessions_total += 1
+        if self.stats.sessions_open == 1:
+            self._idle = trio.Event()
+        account = None
+        if self.accounting is not None:
+            account = ServerAccount(
+                self.accounting.identity, self.accounting.seqs, eng.model_id, msg.start, msg.end,
+                client, session_id, every_tokens=self.accounting.every_tokens,
+                unit_price=self.accounting.unit_price, swarm_id=self.accounting.swarm_id,
+            )
+        return _Session(session_id, msg.start, msg.end, account, client=client, kv_tokens=kv_tokens)
+
+    def _close(self, session_id: str) -> None:
+        try:
+            self.engine.close_session(session_id)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.scheduler.forget(session_id)
+        self.admission.released(self.engine)
+        self.stats.sessions_open -= 1
+        if self.stats.sessions_open == 0:
+            self._idle.set()
+
+    async def _store(self, receipt: Receipt, status: str, reason: str = "") -> None:
+        assert self.accounting is not None
+        await trio.to_thread.run_sync(store, self.accounting.ledger, receipt, status, reason)
+        self.stats.receipts[status] = self.stats.receipts.get(status, 0) + 1
+
+    async def _await_verdict(self, stream: Stream, pending: Receipt, msg: object) -> bool:
+        """Store ``pending`` as the client's message decides; True if ``msg`` was consumed."""
+        if isinstance(msg, Countersign) and msg.receipt_id == pending.receipt_id:
+            try:
+                signed = verify_receipt(pending.with_client_sig(msg.client_sig), require_countersigned=True)
+            except ShizaError as exc:
+                await self._store(pending, "server_only", f"bad countersignature: {exc}")
+                raise
+            await self._store(signed, "countersigned")
+            return True
+        if isinstance(msg, Dispute) and msg.receipt_id == pending.receipt_id:
+            log.warning("client disputes receipt %s: %s", pending.receipt_id, msg.reason)
+            await self._store(pending, "disputed", msg.reason)
+            return True
+        await self._store(pending, "server_only", "no countersignature before the next message")
+        if msg is None or isinstance(msg, CloseSession):
+            return False  # the client left, or closes now: the final receipt follows
+        raise InvalidMessage(f"expected cosign or dispute for receipt {pending.receipt_id}")
+
+    async def _serve_steps(self, stream: Stream, session: "_Session") -> None:
+        from node.engine.errors import BadInput, EngineError
+        from node.engine.tensors import from_torch, to_torch
+
+        account = session.account
+        expected_step = 0
+        while True:
+            msg = await recv_message(stream, self.limits.idle_timeout_s)
+            if session.pending is not None:
+                pending, session.pending = session.pending, None
+                if await self._await_verdict(stream, pending, msg):
+                    continue
+            if msg is None:
+                return  # the client went away; handle_inference settles what was done
+            if isinstance(msg, CloseSession):
+                final = account.issue(final=True) if account is not None else None
+                await send_message(stream, Closed(final.to_bytes() if final else None))
+                if final is not None:
+                    session.final_sent = True
+                    try:
+                        verdict = await recv_message(stream, self.limits.open_timeout_s)
+                    except ShizaError:
+                        verdict = None
+                    await self._await_verdict(stream, final, verdict)
+                await stream.close()
+                return
+            if not isinstance(msg, Step):
+                raise InvalidMessage(f"expected step or close, got {type(msg).__name__}")
+            if msg.step != expected_step:
+                raise InvalidMessage(f"expected step {expected_step}, got {msg.step}")
+            self._check_step(msg, session)
+            nbytes = len(msg.input.data) + len(msg.positions.data) + (len(msg.mask.data) if msg.mask else 0)
+            self.peers.step(session.client, int(msg.input.shape[0]) * int(msg.input.shape[1]), nbytes)
+            inputs = to_torch(msg.input)
+            positions = to_torch(msg.positions)
+            mask = to_torch(msg.mask) if msg.mask is not None else None
+            try:
+                out, step_s, batch_rows = await self.scheduler.step_timed(
+                    self.engine, session.session_id, inputs, positions, mask)
+            except BadInput as exc:
+                raise BadShape(str(exc)) from None
+            except EngineError as exc:
+                raise SessionClosed(str(exc)) from None
+            if self.throttle_s:
+                await trio.sleep(self.throttle_s)  # a deliberately slow node (tests, demos)
+            self.stats.steps_total += 1
+            tokens = int(msg.input.shape[0]) * int(msg.input.shape[1])
+            if msg.step == 0:
+                self.stats.tokens_prefill += tokens
+            else:
+                self.stats.tokens_decode += tokens
+            self.stats.work_units += tokens * (session.end - session.start)
+            if self.on_step is not None:
+                self.on_step(msg.step == 0, batch_rows, step_s)
+            if self.corrupt_outputs and out.is_floating_point():  # a lying node (spot-check tests)
+                import torch
+
+                out = out + torch.randn_like(out) * (self.corrupt_outputs * float(out.abs().max()))
+            output = from_torch(out)
+            receipt_bytes = None
+            if account is not None:
+                account.record(msg, output)
+                if account.checkpoint_due():
+                    session.pending = account.issue(final=False)
+                    receipt_bytes = session.pending.to_bytes()
+            await send_message(stream, StepResult(msg.step, output, receipt_bytes))
+            expected_step += 1
+
+    async def _settle_broken(self, session: "_Session") -> None:
+        """After a stream ended without a countersigned final receipt, keep what was done."""
+        account = session.account
+        if account is None:
+            return
+        with trio.CancelScope(shield=True):
+            if session.pending is not None:
+                await self._store(session.pending, "server_only", "stream ended before countersignature")
+                session.pending = None
+            if not session.final_sent and account.unreceipted():
+                receipt = account.issue(final=True)
+                await self._store(receipt, "server_only", "session ended by failure")
+
+    def _check_step(self, msg: Step, session: "_Session") -> None:
+        eng = self.engine
+        shape = msg.input.shape
+        if session.start == 0:
+            if msg.input.dtype not in ("int64", "int32") or len(shape) != 2:
+                raise BadShape(f"the first span takes token ids [B, T], got {msg.input.dtype} {shape}")
+        else:
+            if msg.input.dtype != eng.dtype or len(shape) != 3 or shape[2] != eng.hidden_size:
+                raise BadShape(
+                    f"expected hidden states [B, T, {eng.hidden_size}] of {eng.dtype}, "
+                    f"got {msg.input.dtype} {list(shape)}"
+                )
+        if msg.positions.dtype != "int64" or tuple(msg.positions.shape) != tuple(shape[:2]):
+            raise BadShape(f"positions must be int64 {list(shape[:2])}, got {msg.positions.dtype} {list(msg.positions.shape)}")
+        if msg.mask is not None and (msg.mask.dtype != "int64" or tuple(msg.mask.shape) != tuple(shape[:2])):
+            raise BadShape(f"mask must be int64 {list(shape[:2])}")
+        if shape[0] * shape[1] * (shape[2] if len(shape) == 3 else 1) > MAX_TENSOR_ELEMENTS:
+            raise BadShape("step too large")
+
+    async def _fail(self, stream: Stream, exc: ShizaError) -> None:
+        self.stats.errors_by_code[exc.code] = self.stats.errors_by_code.get(exc.code, 0) + 1
+        log.info("closing stream with error %s: %s", exc.code, exc)
+        with trio.move_on_after(2):
+            try:
+                await send_message(stream, Error.from_exception(exc))
+                await stream.close()
+            except Exception:  # noqa: BLE001 - the peer may be gone already
+                await stream.reset()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting sessions and wait (bounded) for running ones; True if all finished."""
+        self.accepting = False
+        with trio.move_on_after(timeout_s):
+            await self._idle.wait()
+            return True
+        return False

@@ -1,0 +1,284 @@
+"""The receipt ledger: round trips, uniqueness, filters, and tamper detection on the raw file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.ledger.store import (
+    GENESIS_HASH,
+    DuplicateEntry,
+    Ledger,
+    LedgerCorrupt,
+    LedgerEntry,
+    LedgerError,
+    entry_hash_of,
+)
+
+
+def fields(n: int, **over: Any) -> dict[str, Any]:
+    """Append arguments for the n-th receipt between server "S" and client "C"."""
+    f: dict[str, Any] = dict(
+        receipt_id=f"r{n}", server="S", client="C", seq=n, session_id=f"sess{n}",
+        checkpoint=0, final=True, status="countersigned", reason="", prefill_tokens=10 * n,
+        decode_tokens=n, work_units=100 * n, ended_at=1000.0 + n, receipt=b"\x00receipt-%d" % n,
+    )
+    f.update(over)
+    return f
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+def filled(path: Path, n: int) -> list[LedgerEntry]:
+    with Ledger.open(path) as led:
+        return [led.append(**fields(i)) for i in range(1, n + 1)]
+
+
+def raw(path: Path, sql: str, *args: Any) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(sql, args)
+    conn.close()
+
+
+def test_append_then_read_round_trip(path: Path) -> None:
+    with Ledger.open(path) as led:
+        assert led.head() == (0, GENESIS_HASH)
+        e1 = led.append(**fields(1))
+        e2 = led.append(**fields(2, final=False, checkpoint=3, ended_at=-0.0))
+        assert (e1.index, e2.index) == (1, 2)
+        assert e1.prev_hash == GENESIS_HASH and e2.prev_hash == e1.entry_hash
+        assert entry_hash_of(e2) == e2.entry_hash and len(e2.entry_hash) == 32
+        assert led.entries() == [e1, e2]
+        assert led.get("r2") == e2 and led.get("nope") is None
+        assert e2.final is False and e2.checkpoint == 3 and e2.receipt == b"\x00receipt-2"
+        assert led.head() == (2, e2.entry_hash)
+        assert led.verify_chain() == 2
+
+
+def test_reopen_after_close_keeps_everything(path: Path) -> None:
+    written = filled(path, 5)
+    with Ledger.open(path) as led:
+        assert led.entries() == written
+        assert led.head() == (5, written[-1].entry_hash)
+        e6 = led.append(**fields(6))
+        assert e6.prev_hash == written[-1].entry_hash
+    with Ledger.open(path) as led:
+        assert led.verify_chain() == 6
+
+
+def test_file_is_wal_and_versioned(path: Path) -> None:
+    filled(path, 1)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+
+
+@pytest.mark.parametrize("clash", [
+    dict(receipt_id="r1", seq=99),                # same receipt_id
+    dict(receipt_id="other"),                     # same (server, client, seq)
+])
+def test_duplicates_are_refused_and_change_nothing(path: Path, clash: dict[str, Any]) -> None:
+    with Ledger.open(path) as led:
+        first = led.append(**fields(1))
+        with pytest.raises(DuplicateEntry, match="entry 1"):
+            led.append(**fields(1, **clash))
+        assert led.entries() == [first] and led.head() == (1, first.entry_hash)
+        assert led.append(**fields(2)).index == 2  # the ledger is still usable
+        assert led.verify_chain() == 2
+
+
+def test_same_seq_for_another_pair_is_fine(path: Path) -> None:
+    with Ledger.open(path) as led:
+        led.append(**fields(1))
+        led.append(**fields(1, receipt_id="x", client="D"))
+        led.append(**fields(1, receipt_id="y", server="C", client="S"))
+        assert led.verify_chain() == 3
+
+
+def test_next_seq(path: Path) -> None:
+    with Ledger.open(path) as led:
+        assert led.next_seq("S", "C") == 1
+        led.append(**fields(1))
+        led.append(**fields(5))
+        led.append(**fields(9, client="D"))
+        assert led.next_seq("S", "C") == 6
+        assert led.next_seq("S", "D") == 10
+        assert led.next_seq("C", "S") == 1
+
+
+def test_filters(path: Path) -> None:
+    with Ledger.open(path) as led:
+        a = led.append(**fields(1, server="S", client="C", ended_at=10.0))
+        b = led.append(**fields(2, server="C", client="X", ended_at=20.0, status="server_only"))
+        c = led.append(**fields(3, server="S", client="X", ended_at=30.0, status="disputed",
+                                reason="decode count too high"))
+        assert led.entries(counterparty="C") == [a, b]
+        assert led.entries(counterparty="X") == [b, c]
+        assert led.entries(counterparty="nobody") == []
+        assert led.entries(until=20.0) == [a, b]
+        assert led.entries(until=9.9) == []
+        assert led.entries(status="disputed") == [c]
+        assert c.reason == "decode count too high"
+        assert led.entries(counterparty="X", until=25, status="server_only") == [b]
+        with pytest.raises(ValueError):
+            led.entries(status="bogus")
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(status="paid"), ValueError),
+    (dict(seq=-1), ValueError),
+    (dict(work_units=-1), ValueError),
+    (dict(decode_tokens=2**63), ValueError),
+    (dict(ended_at=float("nan")), ValueError),
+    (dict(receipt_id=""), ValueError),
+    (dict(final=1), TypeError),
+    (dict(seq=True), TypeError),
+    (dict(receipt="text"), TypeError),
+])
+def test_bad_arguments_are_refused_before_writing(path: Path, bad: dict[str, Any],
+                                                  err: type[Exception]) -> None:
+    with Ledger.open(path) as led:
+        with pytest.raises(err):
+            led.append(**fields(1, **bad))
+        assert led.head()[0] == 0
+
+
+def test_threads_share_one_ledger(path: Path) -> None:
+    with Ledger.open(path) as led:
+        def work(t: int) -> None:
+            for i in range(1, 26):
+                led.append(**fields(i, receipt_id=f"t{t}-{i}", client=f"C{t}"))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert led.verify_chain() == 100
+        assert [e.index for e in led.entries()] == list(range(1, 101))
+
+
+def test_closed_ledger_refuses_use(path: Path) -> None:
+    led = Ledger.open(path)
+    led.close()
+    led.close()
+    with pytest.raises(LedgerError, match="closed"):
+        led.append(**fields(1))
+
+
+# -- tampering with the file behind the ledger's back ------------------------------------------
+
+@pytest.mark.parametrize("column, value", [
+    ("work_units", 1),
+    ("decode_tokens", 0),
+    ("status", "disputed"),
+    ("client", "someone-else"),
+    ("ended_at", 999.5),
+    ("receipt", b"forged"),
+    ("final", 0),
+    ("recorded_at", 0.0),
+    ("prev_hash", bytes(32)),
+    ("entry_hash", bytes(32)),
+])
+def test_an_edited_column_is_detected(path: Path, column: str, value: Any) -> None:
+    filled(path, 5)
+    raw(path, f"UPDATE entries SET {column} = ? WHERE idx = 3", value)
+    with pytest.raises(LedgerCorrupt, match="entry 3"):
+        Ledger.open(path)
+    with Ledger.open(path, verify=False) as led:
+        with pytest.raises(LedgerCorrupt, match="entry 3"):
+            led.verify_chain()
+        with pytest.raises(LedgerCorrupt, match="entry 3"):
+            led.entries()
+
+
+def test_a_rehashed_edit_still_breaks_the_link(path: Path) -> None:
+    """Recomputing the edited entry's own hash is not enough: the next entry points at the old."""
+    filled(path, 5)
+    with Ledger.open(path) as led:
+        e3 = led.get("r3")
+    assert e3 is not None
+    forged = replace(e3, work_units=1)
+    raw(path, "UPDATE entries SET work_units = 1, entry_hash = ? WHERE idx = 3",
+        entry_hash_of(forged))
+    with pytest.raises(LedgerCorrupt, match="entry 4"):
+        Ledger.open(path)
+
+
+def test_a_deleted_middle_entry_is_detected(path: Path) -> None:
+    filled(path, 5)
+    raw(path, "DELETE FROM entries WHERE idx = 3")
+    with pytest.raises(LedgerCorrupt, match="entry 3 is missing"):
+        Ledger.open(path)
+
+
+def test_a_truncated_tail_is_detected(path: Path) -> None:
+    filled(path, 5)
+    raw(path, "DELETE FROM entries WHERE idx >= 4")
+    with pytest.raises(LedgerCorrupt, match="entries 4..5 are missing"):
+        Ledger.open(path)
+
+
+def test_a_head_rolled_back_with_the_tail_is_consistent(path: Path) -> None:
+    """Truncating rows *and* the head together is indistinguishable from a shorter ledger; the
+    head hash is what a counterparty's statement pins. Check the ledger still reads as valid."""
+    written = filled(path, 5)
+    raw(path, "DELETE FROM entries WHERE idx >= 4")
+    raw(path, "UPDATE head SET count = 3, hash = ?", written[2].entry_hash)
+    with Ledger.open(path) as led:
+        assert led.head() == (3, written[2].entry_hash)
+
+
+def test_rows_not_covered_by_the_head_are_detected(path: Path) -> None:
+    filled(path, 5)
+    raw(path, "UPDATE head SET count = 4")
+    with pytest.raises(LedgerCorrupt, match="entry 5 onward"):
+        Ledger.open(path)
+
+
+def test_a_missing_head_row_is_detected(path: Path) -> None:
+    filled(path, 2)
+    raw(path, "DELETE FROM head")
+    with pytest.raises(LedgerCorrupt, match="head"):
+        Ledger.open(path)
+
+
+def test_a_garbage_file_is_reported_and_left_alone(path: Path) -> None:
+    junk = b"this is not a database, just some bytes\n" * 200
+    path.write_bytes(junk)
+    with pytest.raises(LedgerCorrupt):
+        Ledger.open(path)
+    assert path.read_bytes() == junk
+
+
+def test_another_sqlite_database_is_not_taken_over(path: Path) -> None:
+    raw(path, "CREATE TABLE notes (x TEXT)")
+    before = path.read_bytes()
+    with pytest.raises(LedgerCorrupt, match="not a ledger"):
+        Ledger.open(path)
+    assert path.read_bytes() == before
+
+
+def test_an_unknown_schema_version_is_refused(path: Path) -> None:
+    filled(path, 1)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    with pytest.raises(LedgerCorrupt, match="version 7"):
+        Ledger.open(path)
+
+
+def test_an_empty_file_becomes_a_ledger(path: Path) -> None:
+    path.write_bytes(b"")
+    with Ledger.open(path) as led:
+        assert led.append(**fields(1)).index == 1
