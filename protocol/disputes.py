@@ -13,9 +13,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from ._fields import check_bytes, check_float, check_int, check_seq, check_str, fields_of, set_field
-from .codec import Tensor, canonical_pack, unpack
-from .errors import InvalidMessage, InvalidSignature, MalformedFrame, UnsupportedVersion
+from ._fields import check_bytes, check_float, check_int, check_seq, check_str, set_field
+from ._signed import parse_canonical, versioned_fields
+from .codec import Tensor, canonical_pack
+from .errors import InvalidMessage, InvalidSignature
 from .identity import SIGNATURE_BYTES, Identity, public_key_from_peer_id, verify
 from .ids import MAX_ID_LEN, MAX_LAYERS, MAX_UINT64, PROTOCOL_VERSION, dispute_key
 
@@ -97,18 +98,11 @@ class DisputeRecord:
     @classmethod
     def from_bytes(cls, data: bytes) -> DisputeRecord:
         """Parse and validate the fields (not the signature: see verify_dispute)."""
-        if len(data) > MAX_DISPUTE_BYTES:
-            raise InvalidMessage(f"dispute of {len(data)} bytes, limit is {MAX_DISPUTE_BYTES}")
-        got = fields_of(unpack(data), "dispute", ("v", *_FIELDS, "signature"))
-        version = got.pop("v")
-        if type(version) is not int:
-            raise InvalidMessage("dispute version 'v' must be an integer")
-        if version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(f"dispute version {version} is not supported")
-        record = cls(**got)
-        if record.to_bytes() != bytes(data):
-            raise MalformedFrame("dispute is not in canonical msgpack form")
-        return record
+        return parse_canonical(cls, data, "dispute", MAX_DISPUTE_BYTES)
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> DisputeRecord:
+        return cls(**versioned_fields(obj, "dispute", (*_FIELDS, "signature")))
 
 
 def sign_dispute(identity: Identity, record: DisputeRecord) -> DisputeRecord:

@@ -22,16 +22,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ._fields import check_bool, check_bytes, check_float, check_hex, check_int, check_str, fields_of, set_field
-from .codec import canonical_pack, unpack
+from ._fields import check_bool, check_bytes, check_float, check_hex, check_int, check_str, set_field
+from ._signed import check_signature_slot, parse_canonical, versioned_fields
+from .codec import canonical_pack
 from .errors import (
     DuplicateReceipt,
-    InvalidMessage,
     InvalidSignature,
     KeyMismatch,
-    MalformedFrame,
     ReceiptMismatch,
-    UnsupportedVersion,
 )
 from .identity import SIGNATURE_BYTES, Identity, public_key_from_peer_id, verify
 from .ids import (
@@ -125,8 +123,7 @@ class Receipt:
             set_field(self, "unit_price", check_float("unit_price", self.unit_price, 0.0))
         check_bytes("io_digest", self.io_digest, IO_DIGEST_BYTES, exact=True)
         for name in ("server_sig", "client_sig"):
-            if len(check_bytes(name, getattr(self, name), SIGNATURE_BYTES)) not in (0, SIGNATURE_BYTES):
-                raise InvalidMessage(f"{name} must be empty or {SIGNATURE_BYTES} bytes")
+            check_signature_slot(name, getattr(self, name))
 
     @property
     def tokens(self) -> int:
@@ -157,23 +154,12 @@ class Receipt:
 
     @classmethod
     def from_wire(cls, obj: Any) -> Receipt:
-        got = fields_of(obj, "receipt", ("v", *_BODY_FIELDS, "server_sig", "client_sig"))
-        version = got.pop("v")
-        if type(version) is not int:
-            raise InvalidMessage("receipt version 'v' must be an integer")
-        if version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(f"receipt version {version} is not supported")
-        return cls(**got)
+        return cls(**versioned_fields(obj, "receipt", (*_BODY_FIELDS, "server_sig", "client_sig")))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Receipt:
         """Parse and validate the fields (not the signatures: see verify_receipt)."""
-        if len(data) > MAX_RECEIPT_BYTES:
-            raise InvalidMessage(f"receipt of {len(data)} bytes, MAX_RECEIPT_BYTES is {MAX_RECEIPT_BYTES}")
-        receipt = cls.from_wire(unpack(data))
-        if receipt.to_bytes() != bytes(data):
-            raise MalformedFrame("receipt is not in canonical msgpack form")
-        return receipt
+        return parse_canonical(cls, data, "receipt", MAX_RECEIPT_BYTES)
 
     def with_client_sig(self, sig: bytes) -> Receipt:
         """This receipt carrying ``sig`` as its countersignature (not verified here)."""

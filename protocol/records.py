@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._fields import check_bytes, check_choice, check_float, check_int, check_seq, check_str, fields_of, set_field
-from .codec import canonical_pack, unpack
+from ._signed import parse_canonical, versioned_fields
+from .codec import canonical_pack
 from .errors import (
     InvalidMessage,
     KeyMismatch,
-    MalformedFrame,
     RecordExpired,
     StaleSequence,
-    UnsupportedVersion,
 )
 from .identity import SIGNATURE_BYTES, Identity, public_key_from_peer_id, verify
 from .ids import (
@@ -142,12 +141,7 @@ class CapacityRecord:
 
     @classmethod
     def from_wire(cls, obj: Any) -> CapacityRecord:
-        got = fields_of(obj, "capacity record", ("v", *_RECORD_FIELDS, "signature"))
-        version = got.pop("v")
-        if type(version) is not int:
-            raise InvalidMessage("record version 'v' must be an integer")
-        if version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(f"record version {version} is not supported")
+        got = versioned_fields(obj, "capacity record", (*_RECORD_FIELDS, "signature"))
         got["spans"] = tuple(ServedSpan.from_wire(s) for s in check_seq("spans", got["spans"], MAX_SPANS))
         got["hardware"] = Hardware.from_wire(got["hardware"])
         return cls(**got)
@@ -155,12 +149,7 @@ class CapacityRecord:
     @classmethod
     def from_bytes(cls, data: bytes) -> CapacityRecord:
         """Parse and validate the fields (not the signature: see verify_record)."""
-        if len(data) > MAX_RECORD_BYTES:
-            raise InvalidMessage(f"record of {len(data)} bytes, MAX_RECORD_BYTES is {MAX_RECORD_BYTES}")
-        record = cls.from_wire(unpack(data))
-        if record.to_bytes() != bytes(data):
-            raise MalformedFrame("record is not in canonical msgpack form")
-        return record
+        return parse_canonical(cls, data, "capacity record", MAX_RECORD_BYTES)
 
 
 def sign_record(identity: Identity, record: CapacityRecord) -> CapacityRecord:

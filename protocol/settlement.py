@@ -18,17 +18,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._fields import check_bytes, check_float, check_int, check_str, fields_of, set_field
-from .codec import canonical_pack, unpack
+from ._fields import check_bytes, check_float, check_int, check_str, set_field
+from ._signed import check_signature_slot, parse_canonical, versioned_fields
+from .codec import canonical_pack
 from .errors import (
     BadProof,
     DuplicateReceipt,
     InvalidMessage,
     InvalidSignature,
     KeyMismatch,
-    MalformedFrame,
     ShizaError,
-    UnsupportedVersion,
 )
 from .identity import SIGNATURE_BYTES, Identity, public_key_from_peer_id, verify
 from .ids import (
@@ -153,8 +152,7 @@ class Statement:
             check_int(name, getattr(self, name), 0, MAX_UINT64)
         check_bytes("merkle_root", self.merkle_root, HASH_BYTES, exact=True)
         for name in ("issuer_sig", "counterparty_sig"):
-            if len(check_bytes(name, getattr(self, name), SIGNATURE_BYTES)) not in (0, SIGNATURE_BYTES):
-                raise InvalidMessage(f"{name} must be empty or {SIGNATURE_BYTES} bytes")
+            check_signature_slot(name, getattr(self, name))
 
     @property
     def is_countersigned(self) -> bool:
@@ -177,23 +175,12 @@ class Statement:
 
     @classmethod
     def from_wire(cls, obj: Any) -> Statement:
-        got = fields_of(obj, "statement", ("v", *_BODY_FIELDS, "issuer_sig", "counterparty_sig"))
-        version = got.pop("v")
-        if type(version) is not int:
-            raise InvalidMessage("statement version 'v' must be an integer")
-        if version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(f"statement version {version} is not supported")
-        return cls(**got)
+        return cls(**versioned_fields(obj, "statement", (*_BODY_FIELDS, "issuer_sig", "counterparty_sig")))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Statement:
         """Parse and validate the fields (not the signatures: see verify_statement)."""
-        if len(data) > MAX_STATEMENT_BYTES:
-            raise InvalidMessage(f"statement of {len(data)} bytes, MAX_STATEMENT_BYTES is {MAX_STATEMENT_BYTES}")
-        statement = cls.from_wire(unpack(data))
-        if statement.to_bytes() != bytes(data):
-            raise MalformedFrame("statement is not in canonical msgpack form")
-        return statement
+        return parse_canonical(cls, data, "statement", MAX_STATEMENT_BYTES)
 
 
 def check_unique(receipts: Iterable[Receipt]) -> None:

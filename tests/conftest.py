@@ -9,6 +9,17 @@ import pytest
 
 from node.engine.registry import ModelSource
 
+_TESTS = Path(__file__).resolve().parent
+# Folders whose tests start node processes, networks or namespaces: marked `integration`, so that
+# `make test-fast` (in-process tests only) leaves them out.
+_INTEGRATION = (_TESTS / "integration", _TESTS / "benchmarks")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(Path(item.path).is_relative_to(folder) for folder in _INTEGRATION):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def tiny_source_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., ModelSource]:

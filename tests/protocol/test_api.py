@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PUBLIC = {
     "PROTOCOL_VERSION", "INFO_PROTOCOL", "INFERENCE_PROTOCOL", "CAPACITY_NAMESPACE", "capacity_key",
-    "model_provider_key", "PURPOSE_CAPACITY_RECORD", "PURPOSE_RECEIPT", "PURPOSE_RECEIPT_COUNTERSIGN",
+    "model_provider_key", "ADMIT_PROTOCOL", "DISPUTE_NAMESPACE", "dispute_key", "dispute_provider_key", "PURPOSE_CAPACITY_RECORD", "PURPOSE_RECEIPT", "PURPOSE_RECEIPT_COUNTERSIGN",
     "PURPOSE_STATEMENT", "MAX_FRAME_BYTES", "MAX_NESTING", "MAX_STR_LEN", "MAX_LIST_LEN", "MAX_MAP_LEN",
     "MAX_TENSOR_ELEMENTS", "MAX_TENSOR_DIMS", "RECORD_MAX_TTL_S", "MAX_ADDRS", "MAX_SPANS",
     "ShizaError", "WireError", "TrustError", "ServiceError", "MalformedFrame", "FrameTooLarge",
@@ -32,6 +32,7 @@ PUBLIC = {
     "encode_document", "decode_document", "verify_documents", "VerifyReport",
     # disputes
     "PURPOSE_DISPUTE", "DisputeRecord", "output_digest", "sign_dispute", "verify_dispute",
+    "check_dispute", "MAX_DISPUTE_AGE_S", "MAX_DISPUTE_SKEW_S",
 }
 
 
