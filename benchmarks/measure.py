@@ -218,11 +218,12 @@ def step_profile(model: str, rounds: int) -> dict[str, float]:
 
     direct_s = timed(direct)
     sched = StepScheduler()
+    wx = from_torch(x)  # the scheduler takes wire tensors; the engine converts them (as served)
 
     async def via() -> float:
         t0 = time.perf_counter()
         for _ in range(rounds):
-            await sched.step(engine, "p", x, torch.tensor([[n[0]]]), None)
+            await sched.step(engine, "p", wx, int64_tensor([[n[0]]]), None)
             n[0] += 1
         return (time.perf_counter() - t0) / rounds
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.engine.registry import ModelSource
+from node.models import ModelSource
 
 _TESTS = Path(__file__).resolve().parent
 # Folders whose tests start node processes, networks or namespaces: marked `integration`, so that

@@ -18,6 +18,8 @@ from node.client.swarm import SwarmClient
 from node.devtools.localswarm import NodeProcess, start_chain, stop_all
 from node.client.routing import NoRoute
 from node.client.textgen import TextModel, generate_text
+from node.cli.model import load_text_model
+from node.models import DEFAULT_MODEL
 
 
 def _spans(text: str) -> list[tuple[int, int]]:
@@ -28,10 +30,19 @@ def _spans(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    demo = sub.add_parser("demo", help="start a local 3-node swarm and ask it a question")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--spans", default="0:10,10:20,20:30")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the one-process comparison")
+
+
+def run(args: argparse.Namespace) -> int:
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     say(f"[1/5] preparing {args.model} (converted once, then cached)")
-    model = TextModel.load(args.model)
+    model = load_text_model(args.model)  # converts the default model on first use
     say(f"      model id {model.model_id}")
     spans = _spans(args.spans)
     with tempfile.TemporaryDirectory(prefix="shiza-demo-") as tmp:

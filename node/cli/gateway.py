@@ -30,14 +30,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     from node.client.swarm import SwarmClient
-    from node.serve.daemon import default_data_dir
+    from node.util.dirs import default_data_dir
     from node.http.gateway import serve_gateway
-    from node.client.textgen import TextModel
+    from node.cli.model import load_text_model
+    from node.models import ModelError
 
     if not args.bootstrap:
         print("error: give at least one --bootstrap MULTIADDR of a node in the swarm", file=sys.stderr)
         return 2
-    models = [TextModel.load(spec) for spec in (args.model or [DEFAULT_MODEL])]
+    try:
+        models = [load_text_model(spec) for spec in (args.model or [DEFAULT_MODEL])]
+    except ModelError as exc:  # e.g. the default model not prepared on a light install
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     data_dir = args.data_dir or default_data_dir() / "gateway"
 
     async def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import trio
 
@@ -12,16 +13,41 @@ from protocol.errors import ShizaError
 from protocol.messages import SamplingParams
 
 from node.client.swarm import SwarmClient
-from node.serve.daemon import default_data_dir
+from node.util.dirs import default_data_dir
 from node.client.routing import NoRoute
-from node.client.textgen import TextModel, generate_text
+from node.client.errors import ClientError, InvalidRequest
+from node.client.textgen import generate_text
+from node.cli.model import load_text_model
+from node.models import DEFAULT_MODEL, ModelError
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    gen = sub.add_parser("generate", help="generate text through the swarm")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=DEFAULT_MODEL)
+    gen.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a peer of the swarm (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--wait", type=float, default=60.0, help="seconds to wait for full coverage")
+    gen.add_argument("--data-dir", type=Path, default=None,
+                     help="keep this agent's identity and receipt ledger here (default: ~/.shiza/client)")
+    gen.add_argument("--swarm-key", type=Path, default=None, metavar="FILE",
+                     help="the key of a private swarm (see `shiza node run --swarm-key`)")
+
+
+def run(args: argparse.Namespace) -> int:
     if not args.bootstrap:
         print("error: give at least one --bootstrap MULTIADDR of a node in the swarm", file=sys.stderr)
         return 2
-    model = TextModel.load(args.model)
+    try:
+        model = load_text_model(args.model)
+    except ModelError as exc:  # e.g. the default model not prepared on a light install
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     data_dir = args.data_dir or default_data_dir() / "client"
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
@@ -48,7 +74,10 @@ def run_generate(args: argparse.Namespace) -> int:
     except NoRoute as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except ShizaError as exc:
+    except InvalidRequest as exc:  # e.g. an unusable --swarm-key file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ClientError, ShizaError) as exc:  # a peer refused or failed (a PeerError is both)
         print(f"error: {exc}", file=sys.stderr)
         return 4
     if args.json:

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
-    from node.serve.daemon import default_data_dir
+    from node.util.dirs import default_data_dir
 
     return Path(args.data_dir) if args.data_dir else default_data_dir()
 

@@ -28,8 +28,7 @@ import trio
 from protocol.disputes import DisputeRecord
 from protocol.ids import dispute_key, dispute_provider_key
 
-from node.net.dht import SwarmDHT
-from node.net.records import fetch_disputes
+from node.net.records import RecordDHT, fetch_disputes
 
 __all__ = ["EXCLUDE_REPORTERS", "DisputeWatch", "publish_dispute"]
 
@@ -41,7 +40,7 @@ LOOKUP_TIMEOUT_S = 2.0
 CACHE_S = 60.0
 
 
-async def publish_dispute(dht: SwarmDHT, record: DisputeRecord, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> bool:
+async def publish_dispute(dht: RecordDHT, record: DisputeRecord, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> bool:
     """Store ``record`` and provide its accused's dispute key; best effort, never raises.
 
     Returns whether the value was stored and the provider announcement made within ``timeout_s``.
@@ -64,7 +63,7 @@ class DisputeWatch:
 
     def __init__(
         self,
-        dht: SwarmDHT,
+        dht: RecordDHT,
         *,
         threshold: int = EXCLUDE_REPORTERS,
         cache_s: float = CACHE_S,

@@ -17,7 +17,14 @@ place to cross is at an end of the overlap, i.e. at some candidate's start or en
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Iterable, Sequence
+
+from protocol.records import CapacityRecord
+
+from node.client.errors import NoRoute
+
+__all__ = ["DEFAULT_HOP_COST_S", "Candidate", "Hop", "NoRoute", "candidates_from", "find_chain",
+           "find_chain_between", "hop_time", "missing_layers", "num_layers_of"]
 
 # What one more hop costs per token, in seconds, before measured round-trip times are known.
 # FACTS.md: a py-libp2p round trip between processes on loopback is about 4 ms.
@@ -57,23 +64,24 @@ class Hop:
         return self.span is not None and self.span != (self.start, self.end)
 
 
-class NoRoute(Exception):
-    """No chain of candidates covers every layer."""
+def candidates_from(records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
+    """One candidate per span of ``model_id`` that the records advertise."""
+    out = []
+    for r in records:
+        for span in r.spans:
+            if span.model_id == model_id:
+                out.append(Candidate(r.peer_id, span.start, span.end, r.throughput, tuple(r.addrs),
+                                     cache_tokens_left=r.cache_tokens_left))
+    return out
 
-    def __init__(
-        self, num_layers: int, missing: list[tuple[int, int]], peers_seen: list[str], detail: str = ""
-    ):
-        self.num_layers = num_layers
-        self.missing = missing
-        self.peers_seen = peers_seen
-        gaps = ", ".join(f"{a}:{b}" for a, b in missing) or "none (spans do not chain)"
-        seen = ", ".join(peers_seen) or "none"
-        head = detail or f"no chain of peers covers layers 0:{num_layers}"
-        super().__init__(
-            f"{head}; missing layers: {gaps}; "
-            f"peers seen: {seen}. Start a node serving the missing layers "
-            f"(shiza node run --layers START:END) or bootstrap from another peer."
-        )
+
+def num_layers_of(records: Sequence[CapacityRecord], model_id: str) -> int | None:
+    """How many layers ``model_id`` has, as its records say (None: no record of it)."""
+    for r in records:
+        for span in r.spans:
+            if span.model_id == model_id:
+                return span.num_layers
+    return None
 
 
 def missing_layers(num_layers: int, spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

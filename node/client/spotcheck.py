@@ -1,17 +1,18 @@
 """Spot checks: verify a random sample of a node's steps against independent witnesses.
 
-For a sampled step of a hop, the client opens sessions for the same layers on up to
-``witnesses`` other nodes serving them, replays that hop's whole input history there (the
-output of a step depends on the KV cache built by every earlier step) and compares the last
-outputs. Hidden states agree when ``max|a - b| <= tolerance * max(1, max|b|)``; token ids
-(the last span) must be equal. The node is *accused* when the witnesses agree with each other
-and not with it. Then the client:
+For a sampled step of a hop, ``SpotChecker.check`` picks up to ``witnesses`` other nodes serving
+the same layers, has the client replay that hop's whole input history there (the output of a
+step depends on the KV cache built by every earlier step) and compares the last outputs. Hidden
+states agree when ``max|a - b| <= tolerance * max(1, max|b|)``; token ids (the last span) must be
+equal. The node is *accused* when the witnesses agree with each other and not with it.
 
-* signs a ``DisputeRecord`` (protocol/disputes.py) naming the node, the witnesses, the step and
-  both output digests, and keeps it in ``SpotChecker.disputes``;
-* marks the hop's receipts disputed (its next receipt is refused with the reason);
-* avoids the node (``PeerHealth.distrust``) and fails the hop over, replaying its history to a
-  replacement; the step goes on with the witnesses' output.
+The checker only judges. It reaches the network through the narrow ``CheckContext`` its client
+gives it (the records it knows, the peers it avoids, a way to replay a history on a witness,
+the identity that signs) and returns a ``Verdict``: skipped, agree, inconclusive, or disagree
+with a signed ``DisputeRecord`` (protocol/disputes.py) naming the node, the witnesses, the step
+and both output digests. The client decides what follows (node/client/swarm.py): it refuses the
+hop's receipts, fails the hop over, avoids the node and publishes the dispute; the step goes on
+with the witnesses' output.
 
 A single witness that disagrees proves nothing about who lied: with only one witness, a
 mismatch is logged and counted (``inconclusive``) but accuses nobody.
@@ -31,24 +32,76 @@ import random
 import struct
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from protocol.codec import Tensor, canonical_pack, itemsize
 from protocol.disputes import DisputeRecord, output_digest, sign_dispute
-from protocol.ids import DEFAULT_SWARM_ID
+from protocol.identity import Identity
+from protocol.records import CapacityRecord
 
 from node.client.routing import Hop
 
-if TYPE_CHECKING:
-    from node.client.swarm import SwarmClient
-
-__all__ = ["SpotChecker", "max_abs_diff", "outputs_agree"]
+__all__ = ["CheckContext", "CheckedStep", "SpotChecker", "Verdict", "max_abs_diff", "outputs_agree"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = 1e-2
-DISTRUST_S = 3600.0  # how long a client avoids a node it caught
+
+StepInputs = tuple[Tensor, Tensor, Tensor]  # (input, positions, mask) of one step
+
+
+@dataclass(frozen=True)
+class CheckedStep:
+    """The step a hop just answered, as the checker sees it."""
+
+    model_id: str
+    hop: Hop
+    session_id: str
+    step: int  # its number within the hop's session
+    history: Sequence[StepInputs]  # every input the hop got, this step's last
+    output: Tensor  # what the hop answered
+
+
+class CheckContext(Protocol):
+    """What a spot check needs from its client, and nothing more."""
+
+    @property
+    def identity(self) -> Identity:
+        """Who reports: signs the dispute records, is never a witness."""
+        ...
+
+    @property
+    def swarm_id(self) -> str: ...
+
+    def known_records(self, model_id: str) -> Sequence[CapacityRecord]:
+        """Unexpired records the client knows (no network): where witnesses come from."""
+        ...
+
+    def avoided(self) -> frozenset[str]:
+        """Peers the client does not use now (never witnesses)."""
+        ...
+
+    async def replay(self, witness: Hop, history: Sequence[StepInputs]) -> Tensor | None:
+        """Open a session on ``witness``, send it ``history``, close it: the last output, or
+        None when the witness failed or could not be reached."""
+        ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a check found; ``output`` is what the generation should go on with."""
+
+    outcome: str  # "skipped" (not sampled, no witness), "agree", "inconclusive", "disagree"
+    output: Tensor
+    diff: float = 0.0
+    witnesses: tuple[str, ...] = ()  # peers whose outputs were compared
+    dispute: DisputeRecord | None = None  # signed; set exactly when outcome == "disagree"
+
+    @property
+    def accused(self) -> str | None:
+        return self.dispute.accused if self.dispute is not None else None
 
 
 def _floats(t: Tensor) -> list[float]:
@@ -82,7 +135,8 @@ def outputs_agree(a: Tensor, b: Tensor, tolerance: float) -> tuple[bool, float]:
 
 @dataclass
 class SpotChecker:
-    """Attach to ``SwarmClient.spot_checker``; see the module docstring."""
+    """Checks a sampled share of steps; see the module docstring. Give it to the client
+    (``SwarmClient(spot_checker=...)``); its counters tell what it found."""
 
     rate: float = 0.05  # share of steps checked, per hop
     tolerance: float = DEFAULT_TOLERANCE
@@ -94,59 +148,59 @@ class SpotChecker:
     checked_peers: dict[str, int] = field(default_factory=dict)
     agreeing_diffs: list[float] = field(default_factory=list)  # measured tolerance headroom
 
-    async def check(self, client: "SwarmClient", chain: Any, index: int, output: Tensor) -> Tensor:
-        """Maybe check hop ``index``'s latest step; returns the output to go on with."""
+    async def check(self, ctx: CheckContext, step: CheckedStep) -> Verdict:
+        """Maybe check ``step`` (with probability ``rate``) against witnesses."""
+        skipped = Verdict("skipped", step.output)
         if self.rate <= 0 or self.rng.random() >= self.rate:
-            return output
-        h = chain.hops[index]
-        witness_hops = self._witness_hops(client, chain.model_id, h.hop)
+            return skipped
+        hop = step.hop
+        witness_hops = self._witness_hops(ctx, step.model_id, hop)
         if not witness_hops:
-            return output
+            return skipped
         self.checks += 1
-        self.checked_peers[h.hop.peer_id] = self.checked_peers.get(h.hop.peer_id, 0) + 1
+        self.checked_peers[hop.peer_id] = self.checked_peers.get(hop.peer_id, 0) + 1
         outs: list[tuple[Hop, Tensor]] = []
         for wh in witness_hops:
-            got = await self._replay(client, chain, wh, h.history)
+            got = await ctx.replay(wh, step.history)
             if got is not None:
                 outs.append((wh, got))
         if not outs:
-            return output
-        ref_hop, ref = outs[0]
-        agree, diff = outputs_agree(output, ref, self.tolerance)
+            return skipped
+        witnesses = tuple(w.peer_id for w, _ in outs)
+        ref = outs[0][1]
+        agree, diff = outputs_agree(step.output, ref, self.tolerance)
         if agree:
             self.agreeing_diffs.append(diff)
-            return output
+            return Verdict("agree", step.output, diff, witnesses)
         witnesses_agree = len(outs) >= 2 and all(outputs_agree(o, ref, self.tolerance)[0] for _, o in outs[1:])
         if not witnesses_agree:
             self.inconclusive += 1
             log.warning("spot check of %s step %d inconclusive (diff %.3g, %d witnesses)",
-                        h.hop.peer_id, h.steps - 1, diff, len(outs))
-            return output
-        payload, pos, mask = h.history[-1]
-        step_map = {"v": 0, "t": "step", "step": h.steps - 1, "input": payload.to_wire(),
-                    "positions": pos.to_wire(), "mask": mask.to_wire() if mask is not None else None}
-        record = sign_dispute(client.identity, DisputeRecord(
-            swarm_id=getattr(client, "swarm_id", DEFAULT_SWARM_ID), model_id=chain.model_id,
-            start=h.hop.start, end=h.hop.end, step=h.steps - 1, session_id=h.session_id,
-            accused=h.hop.peer_id, witnesses=tuple(w.peer_id for w, _ in outs), reporter=client.identity.peer_id,
-            input_digest=hashlib.sha256(canonical_pack(step_map)).digest(),
-            accused_digest=output_digest(output), witness_digest=output_digest(ref),
-            max_abs_diff=min(diff, 1e300), tolerance=self.tolerance, created_at=time.time(),
-        ))
+                        hop.peer_id, step.step, diff, len(outs))
+            return Verdict("inconclusive", step.output, diff, witnesses)
+        record = sign_dispute(ctx.identity, self._dispute(ctx, step, witnesses, ref, diff))
         self.disputes.append(record)
         log.warning("spot check: %s (layers %d:%d) step %d differs from %d witnesses by %.3g; disputed",
-                    h.hop.peer_id, h.hop.start, h.hop.end, record.step, len(outs), diff)
-        h.account.disputed_reason = f"spot check failed at step {record.step}: max diff {diff:.3g}"
-        client.health.distrust(h.hop.peer_id, time.monotonic(), DISTRUST_S)
-        from node.client.swarm import HopFailed
+                    hop.peer_id, hop.start, hop.end, record.step, len(outs), diff)
+        return Verdict("disagree", ref, diff, witnesses, record)
 
-        await client._fail_over(chain, index, HopFailed(h.hop, "spot check: output disagrees with witnesses"))
-        return ref
+    def _dispute(self, ctx: CheckContext, step: CheckedStep, witnesses: tuple[str, ...],
+                 ref: Tensor, diff: float) -> DisputeRecord:
+        payload, pos, mask = step.history[-1]
+        step_map = {"v": 0, "t": "step", "step": step.step, "input": payload.to_wire(),
+                    "positions": pos.to_wire(), "mask": mask.to_wire() if mask is not None else None}
+        return DisputeRecord(
+            swarm_id=ctx.swarm_id, model_id=step.model_id, start=step.hop.start, end=step.hop.end,
+            step=step.step, session_id=step.session_id, accused=step.hop.peer_id, witnesses=witnesses,
+            reporter=ctx.identity.peer_id, input_digest=hashlib.sha256(canonical_pack(step_map)).digest(),
+            accused_digest=output_digest(step.output), witness_digest=output_digest(ref),
+            max_abs_diff=min(diff, 1e300), tolerance=self.tolerance, created_at=time.time(),
+        )
 
-    def _witness_hops(self, client: "SwarmClient", model_id: str, hop: Hop) -> list[Hop]:
-        avoid = client.health.avoided(time.monotonic()) | {hop.peer_id, client.identity.peer_id}
+    def _witness_hops(self, ctx: CheckContext, model_id: str, hop: Hop) -> list[Hop]:
+        avoid = ctx.avoided() | {hop.peer_id, ctx.identity.peer_id}
         found: list[Hop] = []
-        records = list(client.known_records(model_id))
+        records = list(ctx.known_records(model_id))
         self.rng.shuffle(records)
         for r in records:
             if r.peer_id in avoid or r.state != "online":
@@ -159,22 +213,3 @@ class SpotChecker:
             if len(found) >= self.witnesses:
                 break
         return found
-
-    async def _replay(self, client: "SwarmClient", chain: Any, hop: Hop, history: list) -> Tensor | None:
-        from node.client.swarm import HopFailed
-
-        try:
-            wh = await client._open_hop(chain, hop)
-        except HopFailed as exc:
-            log.info("witness %s unavailable: %s", hop.peer_id, exc.reason)
-            return None
-        try:
-            out = None
-            for payload, pos, mask in history:
-                out = await client._run(wh, payload, pos, mask)
-            return out
-        except HopFailed as exc:
-            log.info("witness %s failed: %s", hop.peer_id, exc.reason)
-            return None
-        finally:
-            await client._close_hop(wh)

@@ -1,4 +1,4 @@
-"""Inference across a chain of peers: discovery, routing, and pipelined generation.
+"""Inference across a chain of peers: discovery, routing, pipelined generation, failover.
 
 The client drives the pipeline (SPEC.md, "Inference session"): it opens one session per hop,
 sends token ids to the first hop, passes each hop's hidden states on to the next unchanged, and
@@ -7,6 +7,11 @@ torch.
 
     async with SwarmClient.open(bootstrap=[addr]) as client:
         result = await client.generate(model_id, [prompt_ids], max_new_tokens=32)
+
+What it is built from, each passed in at construction: a ``Connector`` that opens streams to
+peers (libp2p through the host, or node/net/memory.py in one process), a DHT to read records
+from and publish disputes to, an identity and a ledger for receipts, the swarm id, an optional
+``SpotChecker``. Hop sessions are node/client/hops.py; what it raises is node/client/errors.py.
 """
 
 from __future__ import annotations
@@ -17,52 +22,42 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
+import multiaddr
 import trio
 
-from protocol import direct as direct_wire
 from protocol.codec import Tensor
-from protocol.errors import InvalidMessage, ShizaError
+from protocol.errors import ShizaError
 from protocol.identity import Identity
-from protocol.messages import (
-    CloseSession,
-    Closed,
-    Countersign,
-    Dispute,
-    Error,
-    OpenSession,
-    SamplingParams,
-    SessionOpened,
-    Step,
-    StepResult,
-)
+from protocol.ids import DEFAULT_SWARM_ID
+from protocol.messages import SamplingParams
 from protocol.records import CapacityRecord
-from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL
 
-from node.util.groups import unwrap_single_groups
-from node.ledger.accounting import ClientAccount, store
-from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
-from node.net.dht import SwarmDHT, open_dht
-from node.net.direct import DirectChannel, connect as connect_direct
 from node.client.disputes import DisputeWatch, publish_dispute
+from node.client.errors import HopFailed, InvalidRequest, LayersLost, NoRoute, PeerError, peer_error
 from node.client.health import PeerHealth, RttTracker
-from node.net.host import Host, Stream, StreamBroken, open_host
+from node.client.hops import CLOSE_TIMEOUT_S, STEP_TIMEOUT_S, HopSession, HopSessions, SessionSpec, StepInput
+from node.client.routing import Candidate, Hop, candidates_from, find_chain, find_chain_between, num_layers_of
+from node.client.spotcheck import CheckedStep, SpotChecker, Verdict
 from node.ledger.store import LEDGER_FILE, Ledger
-from node.client.routing import Candidate, Hop, NoRoute, find_chain, find_chain_between
-from node.net.admission import SwarmKey, check_admitted, open_admission
+from node.net.admission import SwarmKey, SwarmKeyError, check_admitted, open_admission
+from node.net.dht import open_dht
+from node.net.host import Host, Libp2pConnector, open_host
+from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, RecordDHT, fetch_records
+from node.net.streams import Connector
+from node.net.wire import concat_steps, int64_tensor, int64_values
+from node.util.groups import unwrap_single_groups
 
-if TYPE_CHECKING:
-    from node.client.spotcheck import SpotChecker
-from node.net.wire import concat_steps, int64_tensor, int64_values, recv_message, send_message
+__all__ = ["CLOSE_TIMEOUT_S", "PREFILL_CHUNK", "STEP_TIMEOUT_S", "GenerationResult", "HopFailed",
+           "LayersLost", "NoRoute", "SwarmClient", "candidates_from", "num_layers_of"]
 
 log = logging.getLogger(__name__)
 
-STEP_TIMEOUT_S = 60.0  # a hop that answers no step within this is taken for stalled
 MAX_FAILOVERS = 8  # per generation
 FAILOVER_LOOKUP_S = 15.0  # bound on a fresh DHT lookup during failover
-CLOSE_TIMEOUT_S = 10.0
 PREFILL_CHUNK = 256  # prompt tokens per prefill step; longer prompts go in several steps
+DISTRUST_S = 3600.0  # how long the client avoids a node its spot check caught
 
 
 @dataclass
@@ -81,78 +76,67 @@ class GenerationResult:
         return (self.steps - 1) / self.decode_s if self.steps > 1 and self.decode_s > 0 else 0.0
 
 
-@dataclass
-class _HopSession:
-    hop: Hop
-    stream: "Stream | DirectChannel"  # the session's frames: its libp2p stream or direct channel
-    session_id: str
-    account: ClientAccount
-    anchor: Stream | None = None  # the libp2p stream the session was opened on, if it moved
-    steps: int = 0
-    # Every input sent to this hop, so a replacement can rebuild its KV cache (failover).
-    history: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
-
-    async def reset(self) -> None:
-        """Abandon the session: its frames' transport and the stream it was opened on."""
-        await self.stream.reset()
-        if self.anchor is not None:
-            await self.anchor.reset()
-
-
-def candidates_from(records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
-    out = []
-    for r in records:
-        for span in r.spans:
-            if span.model_id == model_id:
-                out.append(Candidate(r.peer_id, span.start, span.end, r.throughput, tuple(r.addrs),
-                                     cache_tokens_left=r.cache_tokens_left))
-    return out
-
-
-def num_layers_of(records: Sequence[CapacityRecord], model_id: str) -> int | None:
-    for r in records:
-        for span in r.spans:
-            if span.model_id == model_id:
-                return span.num_layers
-    return None
-
-
 class SwarmClient:
-    """A libp2p peer that finds spans through the DHT and drives generation across them."""
+    """A peer of the swarm that finds spans through the DHT and drives generation across them.
+
+    ``host`` is the libp2p host it runs on (None in one process: then ``connector`` reaches the
+    peers and there is no private-swarm check); ``connector`` defaults to one over ``host``.
+    ``swarm_id`` is the swarm whose receipts it countersigns (a private swarm's
+    ``SwarmKey.swarm_id``); ``bootstrap`` the addresses it joined by, asked whether the swarm is
+    private when the DHT shows nothing; ``spot_checker`` verifies sampled steps.
+    """
 
     def __init__(
         self,
-        host: Host,
-        dht: SwarmDHT,
+        host: Host | None,
+        dht: RecordDHT,
         identity: Identity,
         ledger: Ledger | None = None,
         *,
+        connector: Connector | None = None,
+        swarm_id: str = DEFAULT_SWARM_ID,
+        bootstrap: Sequence[str] = (),
         step_timeout_s: float = STEP_TIMEOUT_S,
         replay: str = "exact",
         direct: bool = True,
+        spot_checker: SpotChecker | None = None,
     ) -> None:
         if replay not in ("exact", "merged"):
-            raise ValueError("replay must be 'exact' (step by step) or 'merged' (one prefill)")
+            raise InvalidRequest("replay must be 'exact' (step by step) or 'merged' (one prefill)")
+        if connector is None:
+            if host is None:
+                raise InvalidRequest("a SwarmClient needs a host or a connector")
+            connector = Libp2pConnector(host)
         self.replay = replay
-        # Ask nodes for a direct activation channel (SPEC 9.5); peers where connecting it
-        # failed are asked no more (their sessions stay on libp2p streams).
-        self.direct = direct
-        self.direct_failed: set[str] = set()
-        self.direct_sessions = 0  # hop sessions that ran over a direct channel
         self.host = host
         self.dht = dht
         self.identity = identity
         self.ledger = ledger
-        self.step_timeout_s = step_timeout_s
+        self.bootstrap_addrs = list(bootstrap)
         self.health = PeerHealth()
         self.rtt = RttTracker()
+        self.sessions = HopSessions(connector, identity, ledger, swarm_id=swarm_id,
+                                    step_timeout_s=step_timeout_s, direct=direct, rtt=self.rtt)
+        self.spot_checker = spot_checker
+        self.disputes = DisputeWatch(dht)  # peers disputed by enough reporters (node/client/disputes.py)
+        self.failovers_total = 0  # over the client's life (node/http/metrics.py exports it)
         self._known: dict[str, list[CapacityRecord]] = {}
-        self.failovers_total = 0  # over the client's life (node/metrics.py exports it)
-        self.swarm_id = DEFAULT_SWARM_ID  # the private swarm's, with a swarm key
-        self.bootstrap_addrs: list[str] = []
-        self._admission_checked = False
-        self.spot_checker: SpotChecker | None = None  # verify sampled steps (node/spotcheck.py)
-        self.disputes = DisputeWatch(dht)  # peers disputed by enough reporters (node/disputes.py)
+        self._admission_checked = host is None  # nobody to ask in one process
+
+    @property
+    def swarm_id(self) -> str:
+        """The swarm whose receipts this client countersigns (set at construction)."""
+        return self.sessions.swarm_id
+
+    @property
+    def direct_sessions(self) -> int:
+        """Hop sessions that ran over a direct channel."""
+        return self.sessions.direct_sessions
+
+    @property
+    def direct_failed(self) -> set[str]:
+        """Peers whose direct channel failed to connect (asked for one no more)."""
+        return self.sessions.direct_failed
 
     @classmethod
     @asynccontextmanager
@@ -167,27 +151,34 @@ class SwarmClient:
         replay: str = "exact",
         swarm_key: "str | Path | SwarmKey | None" = None,
         direct: bool = True,
+        spot_checker: SpotChecker | None = None,
     ) -> AsyncIterator["SwarmClient"]:
         """A client; with ``data_dir`` it keeps its identity and a receipt ledger there.
-        With ``swarm_key`` (a key file or a SwarmKey) it joins that private swarm."""
+        With ``swarm_key`` (a key file or a SwarmKey) it joins that private swarm. A key file
+        that cannot be used, or a ``listen`` address that is no multiaddr, is InvalidRequest."""
+        try:
+            multiaddr.Multiaddr(listen)
+        except Exception as exc:  # noqa: BLE001 - py-multiaddr raises several kinds
+            raise InvalidRequest(f"cannot listen on {listen!r}: {exc}") from None
         if swarm_key is not None and not isinstance(swarm_key, SwarmKey):
-            swarm_key = SwarmKey.load(swarm_key)
+            try:
+                swarm_key = SwarmKey.load(swarm_key)
+            except SwarmKeyError as exc:
+                raise InvalidRequest(str(exc)) from None
         ledger = None
         if data_dir is not None:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
             identity = identity or Identity.load_or_create(data_dir)
             ledger = Ledger.open(Path(data_dir) / LEDGER_FILE)
         identity = identity or Identity.generate()
+        swarm_id = swarm_key.swarm_id if swarm_key is not None else DEFAULT_SWARM_ID
         try:
             with unwrap_single_groups():
                 async with open_host(identity.seed, listen) as host, open_admission(host, swarm_key):
                     async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
-                        client = cls(host, dht, identity, ledger, step_timeout_s=step_timeout_s,
-                                     replay=replay, direct=direct)
-                        client.bootstrap_addrs = list(bootstrap)
-                        if swarm_key is not None:
-                            client.swarm_id = swarm_key.swarm_id
-                        yield client
+                        yield cls(host, dht, identity, ledger, swarm_id=swarm_id, bootstrap=bootstrap,
+                                  step_timeout_s=step_timeout_s, replay=replay, direct=direct,
+                                  spot_checker=spot_checker)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -205,11 +196,16 @@ class SwarmClient:
         return [r for r in self._known.get(model_id, []) if r.expires_at > now]
 
     async def route(self, model_id: str, *, num_layers: int | None = None, need_tokens: int = 0) -> list[Hop]:
-        """The fastest chain covering the model, from the records in the DHT now."""
+        """The fastest chain covering the model, from the records in the DHT now.
+
+        Raises NoRoute, or PeerNotAllowed when a bootstrap peer says the swarm is private."""
         records = await self.records(model_id)
-        if not records and not self._admission_checked:  # a private swarm's node says so
-            self._admission_checked = True
-            await check_admitted(self.host, self.bootstrap_addrs)
+        if not records and not self._admission_checked and self.host is not None:
+            self._admission_checked = True  # a private swarm's node says so
+            try:
+                await check_admitted(self.host, self.bootstrap_addrs)
+            except ShizaError as exc:
+                raise peer_error(exc) from None
         num_layers = num_layers or num_layers_of(records, model_id)
         if num_layers is None:
             raise NoRoute(0, [], [], detail=f"no peer advertises model {model_id}")
@@ -223,7 +219,7 @@ class SwarmClient:
         self, model_id: str, timeout_s: float = 120.0, *, num_layers: int | None = None
     ) -> list[Hop]:
         """Poll the DHT (bounded in time) until the model is fully covered."""
-        last: Exception | None = None
+        last: NoRoute | None = None
         with trio.move_on_after(timeout_s):
             while True:
                 try:
@@ -250,11 +246,12 @@ class SwarmClient:
 
         A hop that fails or stalls past ``step_timeout_s`` is replaced mid-generation: another
         chain for its layers gets the history replayed, and generation goes on (failover).
+        Raises InvalidRequest, NoRoute (LayersLost mid-generation) or PeerError.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise InvalidRequest("every prompt needs at least one token")
         if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+            raise InvalidRequest("max_new_tokens must be at least 1")
         batch = len(prompts)
         width = max(len(p) for p in prompts)
         max_length = width + max_new_tokens
@@ -268,7 +265,7 @@ class SwarmClient:
         t0 = time.perf_counter()
         ttft = 0.0
         steps = 0
-        chain = _Chain(model_id, batch, max_length, sampling)
+        chain = _Chain(SessionSpec(model_id, batch, max_length, sampling))
         async with self._open_chain(chain, route):
             step_ids, step_pos, step_mask = ids, positions, mask
             # A long prompt goes in chunks (bounded memory per step); each chunk keeps >= 2
@@ -305,7 +302,7 @@ class SwarmClient:
         prompt: Sequence[int],
         **kwargs: object,
     ) -> AsyncIterator[int]:
-        """Yield the new token ids of one prompt as they arrive."""
+        """Yield the new token ids of one prompt as they arrive (errors as ``generate``'s)."""
         send, recv = trio.open_memory_channel[int](math.inf)
 
         async def run() -> None:
@@ -314,124 +311,24 @@ class SwarmClient:
                     model_id, [prompt], on_tokens=lambda toks: send.send_nowait(toks[0]), **kwargs  # type: ignore[arg-type]
                 )
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            async with recv:
-                async for tok in recv:
-                    yield tok
+        with unwrap_single_groups():  # the caller sees generate's error, not a group of one
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                async with recv:
+                    async for tok in recv:
+                        yield tok
 
     @asynccontextmanager
     async def _open_chain(self, chain: "_Chain", route: list[Hop]) -> AsyncIterator[None]:
         try:
-            for hop in route:
-                try:
-                    chain.hops.append(await self._open_hop(chain, hop))
-                except HopFailed as exc:
-                    # Opening failed (busy, refused, gone): the caller sees the peer's error.
-                    raise exc.error or ShizaError(str(exc)) from None
+            for hop in route:  # a hop that cannot be opened (busy, refused, gone): PeerError
+                chain.hops.append(await self.sessions.open(chain.spec, hop))
             yield
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 async with trio.open_nursery() as nursery:
                     for h in chain.hops:
-                        nursery.start_soon(self._close_hop, h)
-
-    async def _open_hop(self, chain: "_Chain", hop: Hop) -> _HopSession:
-        """Open the hop's session; over a direct channel where the node offers one and it
-        connects, else (or when it fails to connect: once more without asking) over libp2p."""
-        if self.direct and hop.peer_id not in self.direct_failed:
-            try:
-                return await self._open_hop_once(chain, hop, direct=True)
-            except _DirectFailed as exc:
-                log.info("direct channel to %s failed (%s); using its libp2p stream", hop.peer_id, exc)
-                self.direct_failed.add(hop.peer_id)
-        return await self._open_hop_once(chain, hop, direct=False)
-
-    async def _open_hop_once(self, chain: "_Chain", hop: Hop, *, direct: bool) -> _HopSession:
-        t0 = time.perf_counter()
-        for addr in hop.addrs:
-            try:
-                await self.host.connect(addr)
-                break
-            except Exception as exc:  # noqa: BLE001 - try the next address
-                log.debug("dial %s failed: %s", addr, exc)
-        try:
-            stream = await self.host.open_stream(hop.peer_id, INFERENCE_PROTOCOL)
-        except Exception as exc:  # noqa: BLE001 - unreachable, refused: this hop failed
-            raise HopFailed(hop, f"cannot open a stream: {exc}") from None
-        public, secret = direct_wire.keypair() if direct else (None, None)
-        try:
-            await send_message(stream, OpenSession(chain.model_id, hop.start, hop.end, chain.max_length,
-                                                   chain.batch, chain.sampling, direct_key=public))
-            reply = await recv_message(stream, self.step_timeout_s)
-            opened = _expect(reply, SessionOpened, hop)
-            if opened.direct_port is not None and public is None:
-                raise InvalidMessage("the node offered a direct channel nobody asked for")
-        except (ShizaError, StreamBroken) as exc:
-            await stream.reset()
-            raise HopFailed(hop, str(exc), exc if isinstance(exc, ShizaError) else None) from None
-        self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
-        account = ClientAccount(self.identity, hop.peer_id, chain.model_id, hop.start, hop.end,
-                                opened.session_id, swarm_id=self.swarm_id)
-        if opened.direct_port is None or public is None or secret is None:
-            return _HopSession(hop, stream, opened.session_id, account)
-        remote = stream.libp2p.get_remote_address()
-        try:
-            if remote is None:
-                raise StreamBroken("no IP address for this peer's connection")
-            channel = await connect_direct(remote[0], opened.direct_port, opened.direct_key or b"",
-                                           hop.peer_id, public, secret, self.step_timeout_s)
-        except StreamBroken as exc:
-            await stream.reset()
-            raise _DirectFailed(str(exc)) from None
-        self.direct_sessions += 1
-        return _HopSession(hop, channel, opened.session_id, account, anchor=stream)
-
-    async def _close_hop(self, h: _HopSession) -> None:
-        """Close one hop's session and settle its final receipt (best effort)."""
-        try:
-            await send_message(h.stream, CloseSession())
-            reply = await recv_message(h.stream, CLOSE_TIMEOUT_S)
-            if isinstance(reply, Closed) and reply.receipt is not None:
-                await self._judge(h, reply.receipt)
-            await h.stream.close()
-            if h.anchor is not None:
-                await h.anchor.close()
-        except Exception as exc:  # noqa: BLE001 - the peer may be gone; its checkpoints stay
-            log.info("closing session on %s: %s", h.hop.peer_id, exc)
-            await h.reset()
-
-    async def _judge(self, h: _HopSession, data: bytes) -> None:
-        """Check a receipt against what we sent and received; countersign or dispute it."""
-        receipt, client_sig, reason = h.account.judge(data)
-        if receipt is None:
-            log.warning("unreadable receipt from %s: %s", h.hop.peer_id, reason)
-            return
-        if client_sig is not None:
-            await send_message(h.stream, Countersign(receipt.receipt_id, client_sig))
-            await trio.to_thread.run_sync(store, self.ledger, receipt, "countersigned", "")
-        else:
-            log.warning("disputing receipt %s from %s: %s", receipt.receipt_id, h.hop.peer_id, reason)
-            await send_message(h.stream, Dispute(receipt.receipt_id, reason[:1000]))
-            await trio.to_thread.run_sync(store, self.ledger, receipt, "disputed", reason)
-
-    async def _run(self, h: _HopSession, payload: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
-        """One step on one hop; any failure or a stall past the deadline raises HopFailed."""
-        step = Step(h.steps, payload, pos, mask)
-        try:
-            await send_message(h.stream, step)
-            reply = await recv_message(h.stream, self.step_timeout_s)
-            result = _expect(reply, StepResult, h.hop)
-            if result.step != h.steps:
-                raise InvalidMessage(f"answered step {result.step}, expected {h.steps}")
-            h.account.record(step, result.output)
-            if result.receipt is not None:
-                await self._judge(h, result.receipt)
-        except (ShizaError, StreamBroken) as exc:
-            raise HopFailed(h.hop, str(exc)) from None
-        h.history.append((payload, pos, mask))
-        h.steps += 1
-        return result.output
+                        nursery.start_soon(self.sessions.close, h)
 
     async def _step(
         self,
@@ -445,22 +342,45 @@ class SwarmClient:
         payload: Tensor = int64_tensor(ids)
         i = 0
         while i < len(chain.hops):
+            h = chain.hops[i]
             try:
-                payload = await self._run(chain.hops[i], payload, pos_t, mask_t)
-                if self.spot_checker is not None:
-                    accused = len(self.spot_checker.disputes)
-                    payload = await self.spot_checker.check(self, chain, i, payload)
-                    for record in self.spot_checker.disputes[accused:]:
-                        await publish_dispute(self.dht, record)  # bounded, best effort, never raises
-            except HopFailed as exc:
+                payload = await self.sessions.step(h, payload, pos_t, mask_t)
+            except PeerError as exc:
                 await self._fail_over(chain, i, exc)
                 continue  # retry this step on the replacement
-            self.health.succeeded(chain.hops[i].hop.peer_id)
+            self.health.succeeded(h.hop.peer_id)
+            if self.spot_checker is not None:
+                verdict = await self.spot_checker.check(_Witnessing(self, chain), CheckedStep(
+                    chain.spec.model_id, h.hop, h.session_id, h.steps - 1, h.history, payload))
+                if verdict.dispute is not None:
+                    i += await self._caught(chain, i, verdict)
+                    payload = verdict.output
+                    continue
             i += 1
-        return int64_values(payload)
+        try:
+            return int64_values(payload)
+        except ShizaError as exc:  # the last hop answered something other than token ids
+            last = chain.hops[-1].hop
+            raise peer_error(exc, peer_id=last.peer_id, layers=(last.start, last.end)) from None
 
-    async def _fail_over(self, chain: "_Chain", index: int, failure: "HopFailed") -> None:
-        """Replace hop ``index`` by a chain for its layers and replay its history there."""
+    async def _caught(self, chain: "_Chain", index: int, verdict: Verdict) -> int:
+        """A spot check caught hop ``index``: refuse its receipts, replace it (its history is
+        replayed, the checked step included), avoid it and publish the dispute. Returns how
+        many hops replaced it (the step goes on after them with the witnesses' output)."""
+        record = verdict.dispute
+        assert record is not None
+        h = chain.hops[index]
+        h.account.disputed_reason = f"spot check failed at step {record.step}: max diff {verdict.diff:.3g}"
+        replaced_by = await self._fail_over(chain, index, PeerError(
+            "spot check: output disagrees with witnesses", peer_id=h.hop.peer_id,
+            layers=(h.hop.start, h.hop.end)))
+        self.health.distrust(record.accused, time.monotonic(), DISTRUST_S)  # after failover's back-off
+        await publish_dispute(self.dht, record)  # bounded, best effort, never raises
+        return replaced_by
+
+    async def _fail_over(self, chain: "_Chain", index: int, failure: PeerError) -> int:
+        """Replace hop ``index`` by a chain for its layers and replay its history there.
+        Returns the number of hops that replaced it."""
         failed = chain.hops[index]
         log.warning("hop %s (layers %d:%d) failed: %s; failing over",
                     failed.hop.peer_id, failed.hop.start, failed.hop.end, failure.reason)
@@ -471,19 +391,20 @@ class SwarmClient:
             raise LayersLost(failed.hop.start, failed.hop.end, f"gave up after {MAX_FAILOVERS} failovers")
         with trio.CancelScope(shield=True):
             await failed.reset()
+        spec = chain.spec
         for attempt in range(MAX_FAILOVERS):
             # Records already known first: asking the DHT can wait on the very peer that stalled.
             hops = None
             for fresh in (False, True):
                 if fresh:
                     with trio.move_on_after(FAILOVER_LOOKUP_S):
-                        await self.records(chain.model_id)
-                records = self.known_records(chain.model_id)
+                        await self.records(spec.model_id)
+                records = self.known_records(spec.model_id)
                 try:
                     hops = find_chain_between(
-                        failed.hop.start, failed.hop.end, self._candidates(records, chain.model_id),
+                        failed.hop.start, failed.hop.end, self._candidates(records, spec.model_id),
                         avoid=self.health.avoided(time.monotonic()),
-                        need_tokens=chain.batch * chain.max_length,
+                        need_tokens=spec.batch * spec.max_length,
                     )
                     break
                 except NoRoute as exc:
@@ -491,26 +412,26 @@ class SwarmClient:
                         raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
             assert hops is not None
             history = failed.history
-            sampled = failed.hop.end == hops[-1].end and chain.sampling.temperature > 0
+            sampled = failed.hop.end == hops[-1].end and spec.sampling.temperature > 0
             if self.replay == "merged" and len(history) > 1 and not sampled:
                 # One prefill of the whole history: much faster, equal up to float rounding
                 # (greedy text may differ in rare near-ties, hence not the default).
                 history = [tuple(concat_steps([h[k] for h in history]) for k in range(3))]  # type: ignore[misc]
             try:
-                replacement = [await self._open_hop(chain, hop) for hop in hops]
+                replacement = [await self.sessions.open(spec, hop) for hop in hops]
                 for payload, pos, mask in history:  # rebuild the KV caches
                     for h in replacement:
-                        payload = await self._run(h, payload, pos, mask)
-            except HopFailed as exc:
-                self.health.failed(exc.hop.peer_id, time.monotonic())
-                log.warning("replacement %s failed too: %s", exc.hop.peer_id, exc.reason)
+                        payload = await self.sessions.step(h, payload, pos, mask)
+            except PeerError as exc:
+                self.health.failed(exc.peer_id, time.monotonic())
+                log.warning("replacement %s failed too: %s", exc.peer_id, exc.reason)
                 continue
             chain.retired.append(failed)
             chain.hops[index:index + 1] = replacement
             log.warning("failover to %s after replaying %d steps",
                         ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement),
                         len(failed.history))
-            return
+            return len(replacement)
         raise LayersLost(failed.hop.start, failed.hop.end, "every replacement failed")
 
     def _candidates(self, records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
@@ -521,45 +442,47 @@ class SwarmClient:
 
 @dataclass
 class _Chain:
-    model_id: str
-    batch: int
-    max_length: int
-    sampling: SamplingParams
-    hops: list[_HopSession] = field(default_factory=list)
-    retired: list[_HopSession] = field(default_factory=list)  # replaced by failover
+    spec: SessionSpec
+    hops: list[HopSession] = field(default_factory=list)
+    retired: list[HopSession] = field(default_factory=list)  # replaced by failover
     failovers: int = 0
 
 
-class _DirectFailed(Exception):
-    """The node offered a direct channel but connecting it failed (the client retries once
-    over libp2p)."""
+class _Witnessing:
+    """What a spot check of one chain may use of its client (a ``spotcheck.CheckContext``)."""
 
+    def __init__(self, client: SwarmClient, chain: _Chain) -> None:
+        self._client = client
+        self._chain = chain
 
-class HopFailed(Exception):
-    """One hop failed (internal to the client: failover handles it)."""
+    @property
+    def identity(self) -> Identity:
+        return self._client.identity
 
-    def __init__(self, hop: Hop, reason: str, error: ShizaError | None = None) -> None:
-        super().__init__(f"{hop.peer_id} (layers {hop.start}:{hop.end}): {reason}")
-        self.hop = hop
-        self.reason = reason
-        self.error = error
+    @property
+    def swarm_id(self) -> str:
+        return self._client.swarm_id
 
+    def known_records(self, model_id: str) -> Sequence[CapacityRecord]:
+        return self._client.known_records(model_id)
 
-class LayersLost(NoRoute):
-    """A hop failed mid-generation and nobody else serves its layers."""
+    def avoided(self) -> frozenset[str]:
+        return self._client.health.avoided(time.monotonic())
 
-    def __init__(self, start: int, end: int, detail: str) -> None:
-        Exception.__init__(self, f"layers {start}:{end} were lost mid-generation and no peer can take "
-                                 f"them over ({detail})")
-        self.num_layers, self.missing, self.peers_seen = end, [(start, end)], []
-
-
-def _expect(reply: object, cls: type, hop: Hop):  # type: ignore[no-untyped-def]
-    if isinstance(reply, cls):
-        return reply
-    if isinstance(reply, Error):
-        exc = reply.to_exception()
-        raise type(exc)(f"peer {hop.peer_id} (layers {hop.start}:{hop.end}): {exc}")
-    if reply is None:
-        raise ShizaError(f"peer {hop.peer_id} closed the stream")
-    raise InvalidMessage(f"peer {hop.peer_id} sent {type(reply).__name__}, expected {cls.__name__}")
+    async def replay(self, witness: Hop, history: Sequence[StepInput]) -> Tensor | None:
+        sessions = self._client.sessions
+        try:
+            wh = await sessions.open(self._chain.spec, witness)
+        except PeerError as exc:
+            log.info("witness %s unavailable: %s", witness.peer_id, exc.reason)
+            return None
+        try:
+            out = None
+            for payload, pos, mask in history:
+                out = await sessions.step(wh, payload, pos, mask)
+            return out
+        except PeerError as exc:
+            log.info("witness %s failed: %s", witness.peer_id, exc.reason)
+            return None
+        finally:
+            await sessions.close(wh)

@@ -11,28 +11,29 @@ Used by ``shiza generate``, the demo and agents:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from protocol.messages import SamplingParams
 
 from node.client.swarm import GenerationResult, SwarmClient
 from node.client.routing import Hop
+from node.models import ModelSource, Tokenizer, find_model, load_tokenizer
 
 
 @dataclass
 class TextModel:
     name: str
     model_id: str
-    tokenizer: Any
+    tokenizer: Tokenizer
     eos_token_ids: tuple[int, ...]
     num_layers: int
 
     @classmethod
-    def load(cls, spec: str) -> "TextModel":
-        """The model's content id and tokenizer, from ``smollm2-135m`` or a checkpoint dir."""
-        from node.engine.registry import load_tokenizer, resolve_model
-
-        source = resolve_model(spec)
+    def load(cls, spec: str | ModelSource) -> "TextModel":
+        """The model's content id and tokenizer, from ``smollm2-135m``, a checkpoint dir or a
+        resolved source. Reads files only (no torch): the default model must have been
+        prepared, else ``node.models.ModelNotPrepared``."""
+        source = spec if isinstance(spec, ModelSource) else find_model(spec)
         tok = load_tokenizer(source)
         eos: set[int] = set()
         for value in (tok.eos_token_id, source.config.get("eos_token_id")):
@@ -43,15 +44,20 @@ class TextModel:
         return cls(source.name, source.model_id, tok, tuple(sorted(eos)), source.num_layers)
 
     def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
-        if raw or not getattr(self.tokenizer, "chat_template", None):
-            return list(self.tokenizer.encode(prompt))
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if raw or not self.tokenizer.chat_template:
+            return self.tokenizer.encode(prompt)
+        return self.encode_chat([{"role": "user", "content": prompt}])
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """A conversation through the chat template, with the assistant's turn opened.
+
+        Raises ``node.models.ChatTemplateError`` when the template rejects the messages.
+        """
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 class _Detokenizer:

@@ -1,26 +1,38 @@
-"""The span engine: serve layers [start, end) of a decoder-only model.
+"""Engines: serve layers [start, end) of a decoder-only model behind one interface.
+
+    base.py          the interface the serving node uses (``Engine``, ``SupervisedEngine``,
+                     ``StepInput``, ``Sampling``) and the checks every engine shares; no torch
+    span.py          ``SpanEngine``: transformers, any span of layers, CPU or GPU
+    vllm/            ``VllmEngine``: the whole model through a managed vLLM server
+    torch_engine.py  the wire <-> torch edge and the step checks both engines share
+    throughput.py    ``measure_throughput``: one way for every engine
+    faults.py        ``FaultyEngine``: noise and delay around any engine (tests only)
+    hardware.py      what the node computes on (GPU via NVML or torch, else CPU and RAM)
+    sessions.py, errors.py, tensors.py, registry.py, testing.py, reference.py
 
 Importing this package does not import torch or transformers: ``SpanEngine`` and
-``measure_throughput`` (which need torch) are loaded on first access.
+``measure_throughput`` are loaded on first access.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from node.engine.base import Engine, EngineHealth, Sampling, StepInput, SupervisedEngine
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.engine.registry import DEFAULT_MODEL, ModelSource, default_cache_dir, load_tokenizer, resolve_model
 
 if TYPE_CHECKING:
-    from node.engine.span import SpanEngine, measure_throughput
+    from node.engine.span import SpanEngine
+    from node.engine.throughput import measure_throughput
 
 __all__ = [
-    "DEFAULT_MODEL", "BadInput", "CapacityExceeded", "EngineError", "ModelSource",
-    "SessionUnknown", "SpanEngine", "default_cache_dir", "load_tokenizer", "measure_throughput",
-    "resolve_model",
+    "DEFAULT_MODEL", "BadInput", "CapacityExceeded", "Engine", "EngineError", "EngineHealth",
+    "ModelSource", "Sampling", "SessionUnknown", "SpanEngine", "StepInput", "SupervisedEngine",
+    "default_cache_dir", "load_tokenizer", "measure_throughput", "resolve_model",
 ]
 
-_LAZY = {"SpanEngine": "span", "measure_throughput": "span"}
+_LAZY = {"SpanEngine": "span", "measure_throughput": "throughput"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Errors raised by the span engine.
+"""Errors raised by every engine (node/engine/base.py).
 
     EngineError              anything the engine refuses or cannot do
     ├── BadInput             wrong shape, dtype or hidden size; positions beyond max_length;
@@ -8,8 +8,8 @@
 
 The three leaves are also ValueErrors.
 
-Callers (the server) map these to wire error codes; nothing else escapes ``SpanEngine.step``
-except bugs.
+Callers (the server) map these to wire error codes; nothing else escapes an engine's step
+(``run_steps`` returns them per step) except bugs.
 """
 
 from __future__ import annotations

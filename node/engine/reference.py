@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from node.engine.registry import ModelSource
+from node.models import ModelSource
 
 
 def reference_greedy(source: ModelSource, prompt_ids: list[int] | list[list[int]],

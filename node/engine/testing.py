@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from node.engine.errors import EngineError
-from node.engine.registry import DEFAULT_MODEL, _COMPLETE, default_cache_dir, smollm2_gguf
+from node.engine.registry import smollm2_gguf
+from node.models import COMPLETE_MARKER as _COMPLETE, DEFAULT_MODEL, default_cache_dir
 
 ARCHS = ("llama", "mistral", "qwen2")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

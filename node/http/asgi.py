@@ -70,6 +70,20 @@ async def lifespan(receive: Callable[[], Awaitable[dict[str, Any]]],
             return
 
 
+def http_only(handler: ASGIApp) -> ASGIApp:
+    """An ASGI app that answers the lifespan protocol itself, ignores other non-HTTP scopes
+    (websockets) and hands every HTTP request to ``handler``: the preamble of each of our apps."""
+
+    async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                  send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        elif scope["type"] == "http":
+            await handler(scope, receive, send)
+
+    return app
+
+
 async def send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: object,
                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
     data = json.dumps(body).encode()

@@ -28,7 +28,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -37,9 +37,13 @@ from protocol.ids import MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
 from node.client.swarm import GenerationResult, SwarmClient
-from node.http.asgi import lifespan, read_body, send_json, serve_asgi
+from node.http.asgi import http_only, read_body, send_json, serve_asgi
 from node.client.routing import Hop, NoRoute
 from node.client.textgen import TextModel, _Detokenizer
+
+if TYPE_CHECKING:
+    from node.http.metrics import NodeMetrics
+    from node.serve.daemon import Node
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +231,12 @@ class Gateway:
         self.api_keys = set(api_keys)
         self.created = int(time.time())
         self._slots = trio.Semaphore(MAX_CONCURRENT)
+        self._app = http_only(self._answer)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
+        await self._app(scope, receive, send)
+
+    async def _answer(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         try:
             await self._handle(scope, receive, send)
         except ApiError as exc:
@@ -511,21 +514,28 @@ async def serve_gateway(
 
 
 async def gateway_service(
-    node: Any,
+    node: Node,
     *,
     port: int,
     api_keys: Sequence[str] = (),
     models: Sequence[str] = (),
     host: str = "127.0.0.1",
+    metrics: NodeMetrics | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A node service (NodeConfig.services): the gateway on the node's own host, DHT and ledger.
 
-    ``models`` default to the node's own. The node cannot open a session with itself (libp2p
-    refuses to dial oneself), so its gateway routes through other peers for its own layers.
+    Its client belongs to the node's swarm (``node.swarm_id``: a private swarm's receipts are
+    countersigned, not disputed as another swarm's). ``models`` default to the node's own. The
+    node cannot open a session with itself (libp2p refuses to dial oneself), so its gateway
+    routes through other peers for its own layers. ``metrics``: the node's, which then export
+    the client's failovers too. Cancellation closes the port; generations in flight settle
+    their receipts (see the module docstring).
     """
     specs = list(models) or [node.cfg.model]
     loaded = [await trio.to_thread.run_sync(TextModel.load, spec) for spec in specs]
-    client = SwarmClient(node.host, node.dht, node.identity, node.ledger)
+    client = SwarmClient(node.host, node.dht, node.identity, node.ledger, swarm_id=node.swarm_id)
     client.health.failed(node.identity.peer_id, math.inf)  # avoided forever: never route through ourselves
+    if metrics is not None:
+        metrics.add_client(client)
     await serve_gateway(client, loaded, host=host, port=port, api_keys=api_keys, task_status=task_status)

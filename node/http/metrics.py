@@ -3,8 +3,14 @@
 Most values are read from the node's own state at scrape time by a custom collector (the
 server's ``ServerStats``, the engine's KV-cache bookkeeping, the host's connections, the
 announcer's last record), so nothing has to be kept in step. Only what cannot be derived is
-observed as it happens: step latency and batch size (``SpanServer.on_step``) and DHT
-operations (the node's ``SwarmDHT`` methods are wrapped, per instance).
+observed as it happens: step latency and batch size (``NodeMetrics.on_step``, which the node is
+built with: ``NodeHooks(on_step=...)``) and DHT operations (the node's ``SwarmDHT`` methods are
+wrapped, per instance, when the service starts). A gateway in the node adds its client's
+failovers (``add_client``).
+
+Wiring (node/cli/main.py): ``metrics = NodeMetrics()`` before the node; ``run_node(...,
+hooks=NodeHooks(on_step=metrics.on_step))``; the service ``metrics_service(node,
+metrics=metrics, port=...)`` reads the node it runs in.
 
 Each node has its own ``CollectorRegistry``: no global state, several nodes in one process
 (tests) never share a metric. Labels stay low-cardinality: never a session id or a peer id.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -27,7 +33,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from node.http.asgi import lifespan, send_bytes, serve_asgi
+from node.http.asgi import http_only, send_bytes, serve_asgi
+from node.serve.server import StepDone
+
+if TYPE_CHECKING:
+    from node.client.swarm import SwarmClient
+    from node.serve.daemon import Node
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +49,21 @@ DHT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DHT_OPERATIONS = ("put", "get", "provide", "find_providers")
 
 
-def span_label(engine: Any) -> str:
-    return f"{engine.start}:{engine.end}"
+def span_label(span: tuple[int, int]) -> str:
+    return f"{span[0]}:{span[1]}"
 
 
 class NodeCollector(Collector):
     """Reads a running node's state at scrape time."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
         node = self.node
         server, engine, state = node.server, node.engine, node.state
-        span = span_label(engine) if engine is not None else ""
-        model = getattr(getattr(node, "source", None), "model_id", "")
+        span = span_label((engine.start, engine.end)) if engine is not None else ""
+        model = node.source.model_id
 
         info = GaugeMetricFamily(f"{PREFIX}_node_info", "Constant 1, labelled with what this node serves.",
                                  labels=["model", "span", "device"])
@@ -92,16 +103,15 @@ class NodeCollector(Collector):
             for code, count in sorted(st.errors_by_code.items()):
                 errors.add_metric([str(code)], count)
             yield errors
-            scheduler = getattr(server, "scheduler", None)  # batches concurrent sessions' steps
-            waiting = scheduler.pending if scheduler is not None else 0
-            yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Steps waiting for the engine.", value=waiting)
-            if scheduler is not None:
-                yield CounterMetricFamily(f"{PREFIX}_engine_batches", "Engine calls (each runs one batch of steps).",
-                                          value=scheduler.stats.batches)
-                yield CounterMetricFamily(f"{PREFIX}_engine_batched_steps", "Session steps run in engine batches.",
-                                          value=scheduler.stats.steps)
+            scheduler = server.scheduler  # batches concurrent sessions' steps
+            yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Steps waiting for the engine.",
+                                    value=scheduler.pending)
+            yield CounterMetricFamily(f"{PREFIX}_engine_batches", "Engine calls (each runs one batch of steps).",
+                                      value=scheduler.stats.batches)
+            yield CounterMetricFamily(f"{PREFIX}_engine_batched_steps", "Session steps run in engine batches.",
+                                      value=scheduler.stats.steps)
             capacity = server.limits.max_sessions * server.limits.max_length
-            reserved = engine.cache_tokens_reserved() if hasattr(engine, "cache_tokens_reserved") else 0
+            reserved = engine.cache_tokens_reserved() if engine is not None else 0
             yield GaugeMetricFamily(f"{PREFIX}_kv_cache_capacity_tokens", "KV-cache tokens this node offers.",
                                     value=capacity)
             yield GaugeMetricFamily(f"{PREFIX}_kv_cache_reserved_tokens", "KV-cache tokens reserved by sessions.",
@@ -113,30 +123,27 @@ class NodeCollector(Collector):
                                 value=len(node.host.connected_peers()))
         yield GaugeMetricFamily(f"{PREFIX}_dht_routing_table_peers", "Peers in the DHT routing table.",
                                 value=len(node.dht.routing_table_peers()))
-        client = getattr(node, "client", None)
-        if client is not None:
-            yield CounterMetricFamily(f"{PREFIX}_client_failovers", "Hops a client replaced mid-generation.",
-                                      value=getattr(client, "failovers_total", 0))
 
 
 class ClientCollector(Collector):
     """Client-side metrics of a ``SwarmClient`` (a gateway or an agent exports these)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: SwarmClient) -> None:
         self.client = client
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(f"{PREFIX}_client_failovers", "Hops a client replaced mid-generation.",
-                                  value=getattr(self.client, "failovers_total", 0))
+                                  value=self.client.failovers_total)
 
 
 class NodeMetrics:
-    """The registry of one node: the collector plus what is observed as it happens."""
+    """The registry of one node: what is observed as it happens (``on_step``, DHT operations)
+    plus, once ``collect_from(node)`` is called (the service does), the node's state at scrape
+    time. ``NodeMetrics(node)`` does both at once (tests)."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    def __init__(self, node: Node | None = None) -> None:
+        self.node: Node | None = None
         self.registry = CollectorRegistry()
-        self.registry.register(NodeCollector(node))
         self.step_seconds = Histogram(
             f"{PREFIX}_step_duration_seconds", "Engine time of one step (prefill or decode).",
             ["span", "phase"], buckets=STEP_BUCKETS, registry=self.registry)
@@ -153,42 +160,37 @@ class NodeMetrics:
             self.dht_seconds.labels(op)
             for outcome in ("ok", "error"):
                 self.dht_ops.labels(op, outcome)
+        if node is not None:
+            self.collect_from(node)
 
-    def attach(self) -> None:
-        """Start observing: the server's steps and the DHT's operations."""
-        if self.node.server is not None:
-            self.node.server.on_step = self.on_step
-        for op in DHT_OPERATIONS:
-            method = getattr(self.node.dht, op, None)
-            if method is not None and not getattr(method, "_shiza_timed", False):
-                setattr(self.node.dht, op, self._timed(op, method))
+    def collect_from(self, node: Node) -> None:
+        """Export ``node``'s state at every scrape (its DHT reports to ``on_dht``, passed
+        to the node as a hook when it was built)."""
+        if self.node is not None:
+            raise RuntimeError("these metrics already collect from a node")
+        self.node = node
+        self.registry.register(NodeCollector(node))
 
-    def on_step(self, prefill: bool, batch: int, seconds: float) -> None:
-        span = span_label(self.node.engine)
-        self.step_seconds.labels(span, "prefill" if prefill else "decode").observe(seconds)
-        self.batch_size.labels(span).observe(batch)
+    def add_client(self, client: SwarmClient) -> None:
+        """Export a client's metrics too (the node's gateway)."""
+        self.registry.register(ClientCollector(client))
 
-    def _timed(self, op: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        @functools.wraps(method)
-        async def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.monotonic()
-            outcome = "error"
-            try:
-                result = await method(*args, **kwargs)
-                outcome = "ok"
-                return result
-            finally:
-                self.dht_seconds.labels(op).observe(time.monotonic() - t0)
-                self.dht_ops.labels(op, outcome).inc()
+    def on_step(self, step: StepDone) -> None:
+        """A ``NodeHooks.on_step`` observer: one step's engine time and batch size."""
+        span = span_label(step.span)
+        self.step_seconds.labels(span, "prefill" if step.prefill else "decode").observe(step.seconds)
+        self.batch_size.labels(span).observe(step.rows)
 
-        timed._shiza_timed = True  # type: ignore[attr-defined]
-        return timed
+    def on_dht(self, op: str, outcome: str, seconds: float) -> None:
+        """A ``NodeHooks.on_dht`` observer: one DHT operation's outcome and duration."""
+        self.dht_seconds.labels(op).observe(seconds)
+        self.dht_ops.labels(op, outcome).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def readiness(node: Any) -> tuple[bool, str]:
+def readiness(node: Node) -> tuple[bool, str]:
     """(ready, reason): serving, accepting sessions, and an unexpired online record published."""
     if node.server is None or node.state is None:
         return False, "starting: not serving yet"
@@ -211,15 +213,10 @@ def metric_names(registry: CollectorRegistry) -> set[str]:
     return {s.name for m in registry.collect() for s in m.samples}
 
 
-def make_app(metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
-    node = metrics.node
+def make_app(metrics: NodeMetrics, node: Node) -> Callable[..., Awaitable[None]]:
 
+    @http_only
     async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
         path = scope["path"]
         if scope["method"] not in ("GET", "HEAD"):
             await send_bytes(send, 405, b"method not allowed\n", "text/plain")
@@ -237,18 +234,22 @@ def make_app(metrics: NodeMetrics) -> Callable[..., Awaitable[None]]:
 
 
 async def metrics_service(
-    node: Any,
+    node: Node,
     *,
+    metrics: NodeMetrics,
     port: int,
     host: str = "127.0.0.1",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A node service (``NodeConfig.services``): /metrics, /healthz and /readyz until cancelled."""
-    metrics = NodeMetrics(node)
-    metrics.attach()
-    node.metrics = metrics
+    """A node service (``NodeConfig.services``): /metrics, /healthz and /readyz until cancelled.
+
+    ``metrics``: the ones the node was built with (its ``NodeHooks.on_step``), so that steps
+    are observed; this service adds the node's state and serves them. Cancellation closes the
+    port.
+    """
+    metrics.collect_from(node)
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(functools.partial(serve_asgi, make_app(metrics), host=host, port=port))
+        bound = await nursery.start(functools.partial(serve_asgi, make_app(metrics, node), host=host, port=port))
         print(f"metrics on http://{host}:{bound}/metrics", flush=True)
         task_status.started(bound)
 

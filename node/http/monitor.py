@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import trio
 
@@ -29,8 +29,11 @@ from protocol.messages import InfoRequest, NodeInfo
 from protocol.records import CapacityRecord
 
 from node.net.records import fetch_records
-from node.http.asgi import lifespan, send_bytes, send_json, serve_asgi
+from node.http.asgi import http_only, send_bytes, send_json, serve_asgi
 from node.net.wire import recv_message, send_message
+
+if TYPE_CHECKING:
+    from node.serve.daemon import Node
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +175,8 @@ def page_html() -> bytes:
 def make_app(watcher: SwarmWatcher) -> Callable[..., Any]:
     page = page_html()
 
+    @http_only
     async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
         if scope["path"] in ("/", "/index.html"):
             await send_bytes(send, 200, page, "text/html; charset=utf-8")
         elif scope["path"] == "/api/swarm":
@@ -199,11 +198,12 @@ async def serve_monitor(watcher: SwarmWatcher, *, port: int, host: str = "127.0.
         task_status.started(bound)
 
 
-async def monitor_service(node: Any, *, port: int, host: str = "127.0.0.1",
+async def monitor_service(node: Node, *, port: int, host: str = "127.0.0.1",
                           task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A node service (``NodeConfig.services``): the swarm map, seen from this node."""
-    watcher = SwarmWatcher(node.host, node.dht,
-                           own_models=lambda: {node.source.model_id: node.source.num_layers})
+    """A node service (``NodeConfig.services``): the swarm map, seen from this node's host and
+    DHT (read only: it changes nothing of the node). Cancellation closes the port."""
+    source = node.source
+    watcher = SwarmWatcher(node.host, node.dht, own_models=lambda: {source.model_id: source.num_layers})
     await serve_monitor(watcher, port=port, host=host, task_status=task_status)
 
 

@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import trio
+
 from protocol.codec import Tensor
 from protocol.errors import ReceiptMismatch, ShizaError
 from protocol.identity import Identity
@@ -55,18 +57,42 @@ def store(ledger: Ledger | None, receipt: Receipt, status: str, reason: str = ""
 
 
 class SeqAllocator:
-    """Per-(server, client) receipt sequence numbers, continuing from the ledger."""
+    """Per-(server, client) receipt sequence numbers, continuing from the ledger.
+
+    A pair's first number is one more than the highest the ledger holds: ``prepare`` reads it
+    in a worker thread (SQLite blocks), once per pair; ``allocate`` then only counts in memory,
+    so issuing a receipt never blocks the event loop. Numbers of receipts issued but never
+    stored (the process died first) are reused after a restart, as the ledger never saw them.
+    """
 
     def __init__(self, ledger: Ledger | None) -> None:
         self._ledger = ledger
         self._next: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
+    async def prepare(self, server: str, client: str) -> None:
+        """Make ``allocate(server, client)`` ready: read the ledger off the trio thread unless
+        this pair was read before. Cancellation waits for a read in flight (milliseconds) and
+        then leaves the pair unprepared."""
+        key = (server, client)
+        with self._lock:
+            if key in self._next:
+                return
+        first = 1
+        if self._ledger is not None:
+            first = await trio.to_thread.run_sync(self._ledger.next_seq, server, client)
+        with self._lock:
+            # Another session of the pair may have prepared (and allocated) meanwhile: keep its.
+            self._next.setdefault(key, first)
+
     def allocate(self, server: str, client: str) -> int:
+        """The pair's next number (memory only). ``RuntimeError`` if ``prepare`` was not awaited:
+        reading the ledger here would block the caller's event loop."""
         with self._lock:
             key = (server, client)
             if key not in self._next:
-                self._next[key] = self._ledger.next_seq(server, client) if self._ledger else 1
+                raise RuntimeError(f"receipt numbers of ({server}, {client}) not prepared; "
+                                   "await SeqAllocator.prepare first")
             seq = self._next[key]
             self._next[key] = seq + 1
             return seq

@@ -39,6 +39,7 @@ code keep py-libp2p's provider policy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -77,6 +78,31 @@ log = logging.getLogger(__name__)
 
 ValidateFn = Callable[[str, bytes], None]
 SelectFn = Callable[[str, list[bytes]], int]
+# Told of every network operation: (operation, "ok" or "error", seconds). Called in the trio
+# thread once the operation ends; it must return at once (node/http/metrics.py counts them).
+DhtObserver = Callable[[str, str, float], None]
+
+
+def _observed(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Report one SwarmDHT operation to the DHT's observer, if it has one."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        async def observed(self: "SwarmDHT", *args: Any, **kwargs: Any) -> Any:
+            if self.observer is None:
+                return await method(self, *args, **kwargs)
+            t0 = time.monotonic()
+            outcome = "error"
+            try:
+                result = await method(self, *args, **kwargs)
+                outcome = "ok"
+                return result
+            finally:
+                self.observer(op, outcome, time.monotonic() - t0)
+
+        return observed
+
+    return wrap
 
 _SHA2_256 = b"\x12\x20"  # multihash code 0x12, length 32
 MAX_PROVIDERS_PER_KEY = 256  # providers one DHT node keeps per key (py-libp2p: 20)
@@ -191,8 +217,11 @@ class SwarmDHT:
         host: Host,
         validators: dict[str, ValidateFn],
         selectors: dict[str, SelectFn] | None = None,
+        *,
+        observer: DhtObserver | None = None,
     ) -> None:
         selectors = selectors or {}
+        self.observer = observer
         unknown = set(selectors) - set(validators)
         if unknown:
             raise ValueError(f"selectors for namespaces without validators: {sorted(unknown)}")
@@ -254,6 +283,7 @@ class SwarmDHT:
         peers = await self.kad.peer_routing.find_closest_peers_network(routing_key(key_bytes))
         return [p for p in peers if p != self._local_id]
 
+    @_observed("put")
     async def put(self, key: str, value: bytes) -> int:
         """Store `value` locally and at the peers closest to `key`.
 
@@ -286,6 +316,7 @@ class SwarmDHT:
                 nursery.start_soon(store_at, peer)
         return stored
 
+    @_observed("get")
     async def get(self, key: str) -> bytes | None:
         """The best valid value for `key` among the network's copies and ours.
 
@@ -387,6 +418,7 @@ class SwarmDHT:
 
     # -- providers ------------------------------------------------------------
 
+    @_observed("provide")
     async def provide(self, key: bytes) -> bool:
         """Announce this node as a provider of `key` to the closest peers.
 
@@ -410,6 +442,7 @@ class SwarmDHT:
             if not entries:
                 del store.providers[pkey]
 
+    @_observed("find_providers")
     async def find_providers(self, key: bytes, count: int = 50) -> list[str]:
         """Up to `count` distinct provider peer ids for `key`, asking the network.
 
@@ -468,6 +501,8 @@ async def open_dht(
     validators: dict[str, ValidateFn],
     selectors: dict[str, SelectFn] | None = None,
     bootstrap: Iterable[str] = (),
+    *,
+    observer: DhtObserver | None = None,
 ) -> AsyncIterator[SwarmDHT]:
     """Run a SwarmDHT on `host` and bootstrap it from `bootstrap` multiaddrs.
 
@@ -478,7 +513,7 @@ async def open_dht(
     once with no bootstrap peers: a new swarm). Leaving the block stops the
     DHT service; the host keeps running.
     """
-    dht = SwarmDHT(host, validators, selectors)
+    dht = SwarmDHT(host, validators, selectors, observer=observer)
     async with background_trio_service(dht.kad):
         await dht.bootstrap(bootstrap)
         yield dht

@@ -8,7 +8,7 @@ The client connects, proves it holds the keys (hello), gets the node's answer, a
 on the session's frames travel sealed on that connection. The libp2p stream stays open beside
 it and is closed with the session.
 
-``DirectChannel`` has the methods of ``node.host.Stream`` that node/wire.py uses, so the
+``DirectChannel`` is a ``FramedStream`` (node/net/streams.py) like a libp2p stream, so the
 server's and client's session code is the same on either path. Unlike a py-libp2p stream its
 reads are cancel-safe: a read cancelled by a deadline loses no bytes (trio's socket reads are
 atomic), so a timed-out read leaves the channel usable.
@@ -20,13 +20,15 @@ Why: a py-libp2p round trip of a 2 KB activation costs ~20x a plain TCP round tr
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from dataclasses import dataclass, field
 
 import trio
 
 from protocol import direct as wire
 
-from node.net.host import FrameTooLong, StreamBroken
+from node.net.streams import HEADER, FramedReader, FrameTooLong, StreamBroken
 
 log = logging.getLogger(__name__)
 
@@ -35,77 +37,64 @@ MAX_HANDSHAKES = 64  # unauthenticated connections at once; more are closed at o
 _RECV = 1 << 16
 
 
-class DirectChannel:
-    """One sealed TCP connection carrying one session's frames (the Stream interface)."""
+class DirectChannel(FramedReader):
+    """One sealed TCP connection carrying one session's frames (a FramedStream).
+
+    Each frame on the wire is the 4-byte length of the sealed body, then the body (payload
+    plus a 16-byte tag); ``read_frame(max_len)`` limits the payload. A frame that fails
+    authentication breaks the channel and closes the connection.
+
+    Cancellation: a cancelled read loses no bytes (trio's socket reads are atomic and the
+    shared reader keeps a partial frame buffered), so a read that timed out leaves the channel
+    usable. A cancelled send may have sent part of a frame: it breaks the channel.
+    ``close`` closes the connection in both directions (no half-close: the session ends).
+    """
 
     def __init__(self, sock: trio.SocketStream, sealer: wire.Sealer, opener: wire.Opener,
                  remote_peer_id: str, buf: bytes = b"") -> None:
+        super().__init__(buf)
         self._sock = sock
         self._sealer = sealer
         self._opener = opener
-        self._buf = bytearray(buf)
-        self._broken: str | None = None
         self._closed = False
         self.remote_peer_id = remote_peer_id
         self.ended = trio.Event()  # set once closed or reset (the listener's task waits on it)
 
-    async def send(self, data: bytes) -> None:
-        """Send one message frame (4-byte length + payload, as ``encode_message`` makes it)."""
+    async def send_frame(self, payload: bytes) -> None:
+        """Seal ``payload`` and send it as one frame."""
         self._check_usable()
-        if len(data) < 4 or int.from_bytes(data[:4], "big") != len(data) - 4:
-            raise ValueError("DirectChannel.send takes exactly one length-prefixed frame")
-        sealed = self._sealer.seal(memoryview(data)[4:])
+        sealed = self._sealer.seal(payload)
         try:
             await self._sock.send_all(sealed)
         except trio.Cancelled:
             self._broken = "a send was cancelled midway"
             raise
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._broken = f"send failed: {exc}"
-            raise StreamBroken(self._broken) from None
+            raise self._break(f"send failed: {exc}") from None
 
-    async def send_frame(self, payload: bytes) -> None:
-        await self.send(len(payload).to_bytes(4, "big") + payload)
-
-    async def _fill(self, n: int) -> bool:
-        while len(self._buf) < n:
-            try:
-                chunk = await self._sock.receive_some(max(_RECV, n - len(self._buf)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._broken = f"read failed: {exc}"
-                raise StreamBroken(self._broken) from None
-            if not chunk:
-                return False
-            self._buf += chunk
-        return True
-
-    async def read_frame(self, max_len: int) -> bytes | None:
-        """The next message payload, opened; None on a clean EOF between frames."""
-        self._check_usable()
-        if not await self._fill(4):
-            if self._buf:
-                self._broken = "channel ended inside a frame header"
-                raise StreamBroken(self._broken)
-            return None
+    async def _receive_some(self, missing: int) -> bytes:
         try:
-            length = wire.frame_length(bytes(self._buf[:4]))
+            return await self._sock.receive_some(max(_RECV, missing))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._break(f"read failed: {exc}") from None
+
+    def _frame_size(self, announced: int, max_len: int) -> int:
+        # The header counts the sealed body: payload plus the tag.
+        try:
+            wire.frame_length(HEADER.pack(announced))
         except wire.ChannelBroken as exc:
-            self._broken = str(exc)
-            raise StreamBroken(self._broken) from None
-        if length > max_len + wire.TAG_BYTES:
-            self._broken = "frame too long"
-            raise FrameTooLong(length - wire.TAG_BYTES, max_len)
-        if not await self._fill(4 + length):
-            self._broken = "channel ended inside a frame"
-            raise StreamBroken(self._broken)
-        body = bytes(self._buf[4:4 + length])
-        del self._buf[:4 + length]
+            raise self._break(str(exc)) from None
+        if announced > max_len + wire.TAG_BYTES:
+            raise FrameTooLong(announced - wire.TAG_BYTES, max_len)
+        return announced
+
+    async def _open_frame(self, body: bytes) -> bytes:
         try:
             return self._opener.open(body)
         except wire.ChannelBroken as exc:
-            self._broken = str(exc)
+            error = self._break(str(exc))
             await self.reset()
-            raise StreamBroken(self._broken) from None
+            raise error from None
 
     async def close(self) -> None:
         """Close the connection (the session ends with it). Idempotent, never raises."""
@@ -120,12 +109,18 @@ class DirectChannel:
         self.ended.set()
 
     async def reset(self) -> None:
+        """Abort: reset the connection (TCP RST, so the peer reads StreamBroken, not a clean end)
+        and mark the channel broken. Idempotent, never raises."""
         self._broken = self._broken or "reset locally"
+        if not self._closed:
+            try:  # linger 0: close() sends RST and drops what is unsent
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:  # already gone
+                pass
         await self.close()
 
     def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise StreamBroken(self._broken)
+        super()._check_usable()
         if self._closed:
             raise StreamBroken("channel closed")
 
@@ -163,9 +158,14 @@ class DirectListener:
         self.handshake_timeout_s = handshake_timeout_s
         self.max_handshakes = max_handshakes
         self._offers: dict[bytes, Offer] = {}
-        self._handshaking = 0
+        self._handshaking = 0  # unauthenticated connections now (bounded by max_handshakes)
         self.refused = 0  # connections closed before a session was bound (bad hello, unknown key)
         self.channels = 0  # channels bound to sessions since start
+
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Connections accepted and not yet authenticated (or timed out)."""
+        return self._handshaking
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)

@@ -2,8 +2,10 @@
 
 `open_host(seed)` runs a py-libp2p host for the life of an `async with` block
 and yields a `Host`, a thin wrapper that speaks in base58 peer ids and
-multiaddr strings. Streams are wrapped in `Stream`, which adds length-prefixed
-frames and converts py-libp2p's exceptions into two of our own:
+multiaddr strings. Streams are wrapped in `Stream`, a `FramedStream`
+(node/net/streams.py: the framing, the errors and the contract shared with
+direct channels and in-memory streams), which converts py-libp2p's
+exceptions into our own:
 
     StreamBroken   the peer reset the stream, the connection died, the stream
                    ended in the middle of a frame, or a read/send on it was
@@ -11,15 +13,14 @@ frames and converts py-libp2p's exceptions into two of our own:
     FrameTooLong   a frame header announced more than the caller's max_len.
 
 A clean end of stream between frames is not an error: `read_frame` returns
-None. Every frame is a 4-byte big-endian length followed by that many bytes,
-the same layout as `protocol.codec.encode_frame`.
+None. `Libp2pConnector` is how a client opens streams to peers through a host
+(the client's connector seam; node/net/memory.py has the in-process one).
 """
 
 from __future__ import annotations
 
 import logging
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import multiaddr
@@ -31,11 +32,14 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 
 from node.net._libp2p import build_libp2p_host, peer_info_from_maddr, to_id, was_reset
+from node.net.streams import HEADER, FramedReader, FramedStream, FrameTooLong, StreamBroken, frame, serve_stream
 
 __all__ = [
+    "HEADER",
     "FrameTooLong",
     "Handler",
     "Host",
+    "Libp2pConnector",
     "Stream",
     "StreamBroken",
     "frame",
@@ -44,33 +48,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">I")
 # How long addresses we were told about stay in the peerstore (seconds).
 ADDR_TTL = 6 * 60 * 60
 # Bound on the best-effort reset sent when a read or send is cancelled.
 _RESET_GRACE = 1.0
 
 
-class StreamBroken(Exception):
-    """The stream can no longer be used: reset, dropped, truncated or cancelled."""
-
-
-class FrameTooLong(Exception):
-    """A frame header announced more bytes than the reader allows."""
-
-    def __init__(self, length: int, max_len: int) -> None:
-        super().__init__(f"frame of {length} bytes exceeds the limit of {max_len}")
-        self.length = length
-        self.max_len = max_len
-
-
-def frame(payload: bytes) -> bytes:
-    """`payload` with its 4-byte big-endian length prefix."""
-    return HEADER.pack(len(payload)) + payload
-
-
-class Stream:
-    """One libp2p stream to one remote peer.
+class Stream(FramedReader):
+    """One libp2p stream to one remote peer (a FramedStream).
 
     One task may read while another sends; two concurrent readers (or senders)
     interleave bytes and are not supported.
@@ -82,13 +67,13 @@ class Stream:
     example by `trio.fail_after` around it), the stream is reset (best effort,
     bounded to one second, shielded) and every later call raises StreamBroken.
     The Cancelled exception itself propagates unchanged. Treat a deadline on a
-    stream as the end of that stream.
+    stream as the end of that stream. (Direct channels and memory streams keep
+    the shared reader's cancel-safety instead: node/net/streams.py.)
     """
 
     def __init__(self, raw: INetStream) -> None:
+        super().__init__()
         self._raw = raw
-        self._buf = bytearray()
-        self._broken: str | None = None
         self._done = False  # closed or reset by us
         self.remote_peer_id: str = raw.muxed_conn.peer_id.to_base58()
 
@@ -101,10 +86,17 @@ class Stream:
     def libp2p(self) -> INetStream:
         return self._raw
 
+    @property
+    def remote_ip(self) -> str | None:
+        """The IP address of the peer's end of this stream's connection, if it has one."""
+        remote = self._raw.get_remote_address()
+        return None if remote is None else str(remote[0])
+
     # -- sending ------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
-        """Write all of `data`. Raises StreamBroken if the stream is unusable.
+        """Write all of `data` (raw bytes: whole frames, or anything a test
+        wants to send). Raises StreamBroken if the stream is unusable.
 
         py-libp2p resets a stream whose reader leaves the window full for 5 s;
         that surfaces here as StreamBroken.
@@ -116,8 +108,7 @@ class Stream:
             await self._break_on_cancel()
             raise
         except StreamError as exc:
-            self._broken = f"send failed: {type(exc).__name__}: {exc}"
-            raise StreamBroken(self._broken) from exc
+            raise self._break(f"send failed: {type(exc).__name__}: {exc}") from exc
 
     async def send_frame(self, payload: bytes) -> None:
         """Send `payload` as one length-prefixed frame."""
@@ -125,65 +116,19 @@ class Stream:
 
     # -- receiving ----------------------------------------------------------
 
-    async def _fill(self, n: int) -> bool:
-        """Read until the buffer holds `n` bytes; False on EOF before that."""
-        while len(self._buf) < n:
-            try:
-                chunk = await self._raw.read(n - len(self._buf))
-            except StreamEOF:
-                if was_reset(self._raw):
-                    self._broken = "reset by the peer"
-                    raise StreamBroken(self._broken) from None
-                return False
-            except trio.Cancelled:
-                await self._break_on_cancel()
-                raise
-            except StreamError as exc:
-                self._broken = f"read failed: {type(exc).__name__}: {exc}"
-                raise StreamBroken(self._broken) from exc
-            if not chunk:
-                # Some py-libp2p paths return b"" at EOF instead of raising.
-                return False
-            self._buf += chunk
-        return True
-
-    def _take(self, n: int) -> bytes:
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
-
-    async def read_exactly(self, n: int) -> bytes:
-        """Exactly `n` bytes; StreamBroken if the stream ends before them."""
-        self._check_usable()
-        if not await self._fill(n):
-            got = len(self._buf)
-            self._broken = f"stream ended after {got} of {n} bytes"
-            raise StreamBroken(self._broken)
-        return self._take(n)
-
-    async def read_frame(self, max_len: int) -> bytes | None:
-        """The payload of the next frame, or None on a clean EOF between frames.
-
-        Raises FrameTooLong (without reading the body) if the header announces
-        more than `max_len` bytes; the stream is then out of sync and should be
-        reset. Raises StreamBroken on EOF inside a frame, on reset, and after a
-        cancelled call.
-        """
-        self._check_usable()
-        if not await self._fill(HEADER.size):
-            if self._buf:
-                self._broken = f"stream ended inside a frame header ({len(self._buf)} bytes)"
-                raise StreamBroken(self._broken)
-            return None
-        (length,) = HEADER.unpack_from(self._buf)
-        if length > max_len:
-            raise FrameTooLong(length, max_len)
-        if not await self._fill(HEADER.size + length):
-            got = len(self._buf) - HEADER.size
-            self._broken = f"stream ended inside a frame ({got} of {length} bytes)"
-            raise StreamBroken(self._broken)
-        del self._buf[: HEADER.size]
-        return self._take(length)
+    async def _receive_some(self, missing: int) -> bytes:
+        try:
+            chunk = await self._raw.read(missing)
+        except StreamEOF:
+            if was_reset(self._raw):
+                raise self._break("reset by the peer") from None
+            return b""
+        except trio.Cancelled:
+            await self._break_on_cancel()
+            raise
+        except StreamError as exc:
+            raise self._break(f"read failed: {type(exc).__name__}: {exc}") from exc
+        return chunk or b""  # some py-libp2p paths return b"" at EOF instead of raising
 
     # -- ending -------------------------------------------------------------
 
@@ -208,10 +153,6 @@ class Stream:
             await self._raw.reset()
         except Exception:  # py-libp2p may raise anything from a dead connection
             log.debug("reset of a stream to %s failed", self.remote_peer_id, exc_info=True)
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise StreamBroken(self._broken)
 
     async def _break_on_cancel(self) -> None:
         self._broken = "a read or send on this stream was cancelled"
@@ -245,23 +186,7 @@ class Host:
         """
 
         async def run_handler(raw: INetStream) -> None:
-            stream = Stream(raw)
-            try:
-                await handler(stream)
-            except StreamBroken as exc:
-                # The peer went away or misbehaved: routine, no traceback.
-                log.debug("%s stream from %s broke: %s", protocol_id, stream.remote_peer_id, exc)
-                await stream.reset()
-            except Exception:
-                log.warning(
-                    "handler for %s from %s failed; resetting the stream",
-                    protocol_id,
-                    stream.remote_peer_id,
-                    exc_info=True,
-                )
-                await stream.reset()
-            else:
-                await stream.close()
+            await serve_stream(handler, Stream(raw), protocol_id, log)
 
         self.libp2p.set_stream_handler(TProtocol(protocol_id), run_handler)
 
@@ -311,6 +236,32 @@ class Host:
 
     async def disconnect(self, peer_id: str) -> None:
         await self.libp2p.disconnect(to_id(peer_id))
+
+
+class Libp2pConnector:
+    """How a client reaches peers through a libp2p host (a ``node.net.streams.Connector``)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def open_stream(self, peer_id: str, protocol_id: str, addrs: Sequence[str] = ()) -> Stream:
+        """Dial ``peer_id`` (the first of ``addrs`` that answers, else the peerstore's) and open
+        a ``protocol_id`` stream. Every failure to reach it or to negotiate is StreamBroken."""
+        for addr in addrs:
+            try:
+                await self.host.connect(addr)
+                break
+            except Exception as exc:  # noqa: BLE001 - py-libp2p raises many kinds; try the next
+                log.debug("dial %s failed: %s", addr, exc)
+        try:
+            return await self.host.open_stream(peer_id, protocol_id)
+        except StreamBroken:
+            raise
+        except Exception as exc:  # noqa: BLE001 - SwarmException and kin: unreachable
+            raise StreamBroken(f"cannot open {protocol_id} to {peer_id}: {exc}") from None
+
+    def remote_ip(self, stream: FramedStream) -> str | None:
+        return stream.remote_ip if isinstance(stream, Stream) else None
 
 
 CLOSE_TIMEOUT_S = 5.0  # closing a host's connections and listener, at most

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 import trio
 
@@ -28,14 +29,27 @@ from protocol.ids import (
 )
 from protocol.records import CapacityRecord, verify_record
 
-from node.net.dht import SwarmDHT
-
 __all__ = [
-    "DHT_SELECTORS", "DHT_VALIDATORS", "fetch_disputes", "fetch_records", "select_capacity",
-    "select_dispute", "validate_capacity", "validate_dispute",
+    "DHT_SELECTORS", "DHT_VALIDATORS", "RecordDHT", "fetch_disputes", "fetch_records",
+    "select_capacity", "select_dispute", "validate_capacity", "validate_dispute",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class RecordDHT(Protocol):
+    """What reading and publishing records needs of a DHT: ``node.net.dht.SwarmDHT``, or
+    ``node.net.memory.MemoryDHT`` in one process."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def get_from(self, peer_id: str, key: str, timeout_s: float = ...) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes) -> int: ...
+
+    async def provide(self, key: bytes) -> bool: ...
+
+    async def find_providers(self, key: bytes, count: int = ...) -> list[str]: ...
 
 
 def validate_capacity(key: str, value: bytes) -> None:
@@ -83,7 +97,7 @@ OWN_RECORD_TIMEOUT_S = 5.0  # asking a provider for its own record, before the D
 
 
 async def fetch_records(
-    dht: SwarmDHT, model_id: str, *, include_draining: bool = False, limit: int = 256
+    dht: RecordDHT, model_id: str, *, include_draining: bool = False, limit: int = 256
 ) -> list[CapacityRecord]:
     """Valid, unexpired records of the peers that provide ``model_id``, asked of the network.
 
@@ -118,7 +132,7 @@ async def fetch_records(
     return sorted(found, key=lambda r: r.peer_id)
 
 
-async def fetch_disputes(dht: SwarmDHT, accused: str, *, limit: int = 32) -> dict[str, DisputeRecord]:
+async def fetch_disputes(dht: RecordDHT, accused: str, *, limit: int = 32) -> dict[str, DisputeRecord]:
     """Valid disputes against ``accused`` found in the network, one per reporter (by reporter id)."""
     reporters = (await dht.find_providers(dispute_provider_key(accused), count=limit))[:limit]
     found: dict[str, DisputeRecord] = {}

@@ -1,4 +1,5 @@
-"""Typed messages over a framed libp2p stream, and token-id tensors built without torch."""
+"""Typed messages over a framed stream (any ``FramedStream``: libp2p, direct channel, memory),
+and token-id tensors built without torch."""
 
 from __future__ import annotations
 
@@ -8,23 +9,26 @@ from typing import Sequence
 
 import trio
 
-from protocol.codec import Tensor, unpack
+from protocol.codec import Tensor, pack, unpack
 from protocol.errors import FrameTooLarge, MalformedFrame, Timeout
 from protocol.ids import MAX_FRAME_BYTES
-from protocol.messages import Message, decode_message, encode_message
+from protocol.messages import Message, decode_message, message_to_wire
 
-from node.net.host import FrameTooLong, Stream
-
-
-async def send_message(stream: Stream, msg: Message) -> None:
-    await stream.send(encode_message(msg))
+from node.net.streams import FramedStream, FrameTooLong
 
 
-async def recv_message(stream: Stream, timeout: float | None = None) -> Message | None:
+async def send_message(stream: FramedStream, msg: Message) -> None:
+    """Send ``msg`` as one frame. Raises LimitExceeded or FrameTooLarge for a message over the
+    protocol's limits (nothing is sent), StreamBroken from the stream."""
+    await stream.send_frame(pack(message_to_wire(msg)))
+
+
+async def recv_message(stream: FramedStream, timeout: float | None = None) -> Message | None:
     """The next message, or None when the peer closed the stream cleanly between frames.
 
-    Raises a protocol error for a bad frame and Timeout past ``timeout`` seconds; on
-    cancellation a partly read frame is lost and the stream must not be read again.
+    Raises a protocol error for a bad frame and Timeout past ``timeout`` seconds, StreamBroken
+    from the stream. After a Timeout (or any cancellation) a libp2p stream is broken; a direct
+    channel or memory stream can be read again (node/net/streams.py).
     """
     try:
         with trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():

@@ -5,15 +5,22 @@ engine, throughput (cached), record, ``node.json``. While running, a node withou
 re-checks the swarm and moves when the weakest layers would gain clearly.
 Shutdown (the ``stop`` event, set by SIGINT/SIGTERM in the CLI): publish ``draining``, stop
 accepting sessions, let running ones finish (bounded), withdraw the record, close the ledger.
+
+What the node is built with comes in through constructors: its swarm id, ``NodeHooks`` (the
+observers of its steps: metrics), and for its server the engine, the accounting, the direct
+channel and the hooks of KV-cache room. An engine behind a process (vLLM) reports its health
+(``SupervisedEngine.watch``); ``supervise_engine`` here decides: drain, restart, online again.
+Test-only faults (``corrupt_outputs``, ``throttle_s``) wrap the engine (node/engine/faults.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -23,18 +30,24 @@ from protocol.messages import NodeInfo, ServedSpan
 from protocol.records import Hardware
 
 from node import __version__
-from node.util.atomic import write_json_atomic
+from node.engine.base import Engine, SupervisedEngine
+from node.engine.errors import EngineError
+from node.engine.faults import Faults, FaultyEngine, slowed_throughput
+from node.engine.hardware import HardwareInfo, detect_hardware
+from node.engine.registry import ModelSource
 from node.ledger.accounting import DEFAULT_RECEIPT_EVERY
+from node.ledger.store import LEDGER_FILE, Ledger
+from node.net.admission import SwarmKey, open_admission
+from node.net.dht import DhtObserver, SwarmDHT, open_dht
+from node.net.direct import DirectListener
+from node.net.host import Host, open_host
 from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
 from node.serve.announce import Announcer, RecordState
-from node.serve.capacity import HardwareInfo, cached_throughput, detect_hardware
-from node.net.dht import SwarmDHT, open_dht
-from node.net.host import Host, open_host
-from node.net.admission import SwarmKey, open_admission
-from node.ledger.store import LEDGER_FILE, Ledger
+from node.serve.capacity import cached_throughput
 from node.serve.placement import choose_span, estimate_layer_bytes, layers_that_fit, should_move
-from node.net.direct import DirectListener
-from node.serve.server import Accounting, ServerLimits, SpanServer
+from node.serve.server import Accounting, ServerHooks, ServerLimits, SpanServer, StepDone
+from node.util.atomic import write_json_atomic
+from node.util.dirs import default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +55,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN_PUBLISH_S = 3.0
 # The share of free memory a node without --layers plans to fill (weights plus KV cache).
 MEMORY_FRACTION = 0.8
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("SHIZA_HOME", Path.home() / ".shiza"))
+# Restarts of a supervised engine (vLLM) before the node gives up and ends.
+MAX_RESTARTS = 3
+# Bound on one publish while the node drains or comes back after a restart.
+SUPERVISION_PUBLISH_S = 5.0
 
 
 @dataclass
@@ -63,14 +76,14 @@ class NodeConfig:
     rebalance_interval_s: float = 60.0  # how often a node without --layers re-checks the swarm
     receipt_every: int = DEFAULT_RECEIPT_EVERY
     unit_price: float | None = None
-    throttle_s: float = 0.0  # extra delay per step (testing and demonstrations: a slow node)
+    throttle_s: float = 0.0  # testing and demonstrations: extra delay per engine call (a slow node)
     # "span" (transformers, any span) or "vllm" (the whole model through a managed vLLM server).
     engine: str = "span"
     tensor_parallel: int | None = None  # vllm: GPUs to shard over (None: all visible; CPU: 1)
     vllm_python: str | None = None  # vllm: its venv's python (None: .venv-vllm, else this one)
     limits: ServerLimits = field(default_factory=ServerLimits)
     swarm_key: Path | None = None  # --swarm-key: a private swarm (node/swarmkey.py)
-    corrupt_outputs: float = 0.0  # testing only: noise added to outputs (spot checks catch it)
+    corrupt_outputs: float = 0.0  # testing only: noise on hidden-state outputs (spot checks catch it)
     # Extra services run in the node's nursery once it serves (HTTP surfaces and the like):
     # ``await service(node, task_status=...)``; each calls task_status.started() when ready.
     services: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
@@ -94,18 +107,45 @@ class ReadyInfo:
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-class Node:
-    """A running node; ``run_node`` drives its life cycle."""
+@dataclass(frozen=True)
+class NodeHooks:
+    """Observers a node is built with; each is called in the trio thread and returns at once.
 
-    def __init__(self, cfg: NodeConfig, identity: Identity, source: Any, ledger: Ledger,
-                 host: Host, dht: SwarmDHT, hardware: HardwareInfo) -> None:
+    ``on_step``: after every session step the node serves; ``on_dht``: after every DHT
+    operation, (operation, "ok" or "error", seconds) (both: node/http/metrics.py).
+    """
+
+    on_step: Callable[[StepDone], None] | None = None
+    on_dht: DhtObserver | None = None
+
+
+@dataclass(frozen=True)
+class LoadedEngine:
+    engine: Engine  # what the server serves (the fault wrapper when the config asks for one)
+    supervised: SupervisedEngine | None  # the engine itself when it reports its health
+    throughput: float  # tokens/s it advertises
+
+
+class Node:
+    """A running node; ``run_node`` drives its life cycle.
+
+    Built with what it needs: ``swarm_id`` (a private swarm's, else the public one) names the
+    swarm in its receipts and is what its services (the gateway's client) belong to.
+    ``engine``, ``state``, ``announcer`` and ``server`` are the node's own, made as it starts
+    serving (None before).
+    """
+
+    def __init__(self, cfg: NodeConfig, identity: Identity, source: ModelSource, ledger: Ledger,
+                 host: Host, dht: SwarmDHT, hardware: HardwareInfo, *,
+                 swarm_id: str = DEFAULT_SWARM_ID, hooks: NodeHooks | None = None) -> None:
         self.cfg, self.identity, self.source, self.ledger = cfg, identity, source, ledger
         self.host, self.dht, self.hardware = host, dht, hardware
-        self.engine: Any = None
+        self.swarm_id = swarm_id
+        self.hooks = hooks or NodeHooks()
+        self.engine: Engine | None = None
         self.state: RecordState | None = None
         self.announcer: Announcer | None = None
         self.server: SpanServer | None = None
-        self.swarm_id = DEFAULT_SWARM_ID  # a private swarm's id when it has a swarm key
 
     # ---- span and engine --------------------------------------------------------------------
     def max_layers(self) -> int:
@@ -134,42 +174,54 @@ class Node:
         log.info("chose layers %d:%d from %d spans in the swarm", *chosen, len(spans))
         return chosen
 
-    async def load(self, start: int, end: int) -> tuple[Any, float]:
-        from node.engine.span import SpanEngine, measure_throughput
-
+    async def load(self, start: int, end: int) -> LoadedEngine:
+        """Load the engine for layers [start, end) and its throughput (measured once per model,
+        span and device, then cached), in a worker thread; wrap it in the config's faults."""
         cfg = self.cfg
-        if cfg.engine == "vllm":
-            from node.engine.vllm import engine as vllm_engine
 
-            def load_vllm() -> tuple[Any, float]:
-                engine = vllm_engine.VllmEngine.load(
+        def load_and_measure() -> tuple[Engine, SupervisedEngine | None, float]:
+            from node.engine.throughput import measure_throughput
+
+            engine: Engine
+            supervised: SupervisedEngine | None = None
+            if cfg.engine == "vllm":
+                from node.engine.vllm.engine import VllmEngine
+
+                vllm = VllmEngine.load(
                     self.source, vllm_python=cfg.vllm_python, device=cfg.device, dtype=cfg.dtype,
                     tensor_parallel=cfg.tensor_parallel, max_model_len=cfg.limits.max_length,
                     log_path=cfg.data_dir / "vllm.log")
-                key = {"engine": "vllm", "model": engine.model_id, "device": cfg.device,
-                       "dtype": cfg.dtype, "tp": engine.server.tensor_parallel}
-                try:
-                    tps = cached_throughput(cfg.data_dir / "throughput.json", key,
-                                            lambda: vllm_engine.measure_throughput(engine))
-                except BaseException:
-                    engine.close()
-                    raise
-                return engine, tps
+                engine = supervised = vllm
+                key: dict[str, object] = {"engine": "vllm", "model": vllm.model_id, "device": cfg.device,
+                                          "dtype": cfg.dtype, "tp": vllm.server.tensor_parallel}
+                steps = 16  # a stream's first tokens come in bursts: measure a little longer
+            else:
+                from node.engine.span import SpanEngine
 
-            return await trio.to_thread.run_sync(load_vllm)
+                engine = SpanEngine.load(self.source, start, end, device=cfg.device, dtype=cfg.dtype,
+                                         max_cache_tokens=cfg.limits.max_sessions * cfg.limits.max_length)
+                key = {"model": engine.model_id, "start": start, "end": end, "device": cfg.device,
+                       "dtype": cfg.dtype}
+                steps = 8
+            try:
+                tps = cached_throughput(cfg.data_dir / "throughput.json", key,
+                                        lambda: measure_throughput(engine, steps=steps))
+            except BaseException:
+                engine.close()
+                raise
+            return engine, supervised, tps
 
-        def load_and_measure() -> tuple[Any, float]:
-            engine = SpanEngine.load(self.source, start, end, device=cfg.device, dtype=cfg.dtype,
-                                     max_cache_tokens=cfg.limits.max_sessions * cfg.limits.max_length)
-            key = {"model": engine.model_id, "start": start, "end": end, "device": cfg.device, "dtype": cfg.dtype}
-            tps = cached_throughput(cfg.data_dir / "throughput.json", key, lambda: measure_throughput(engine))
-            if cfg.throttle_s > 0:  # advertise what clients will really get
-                tps = 1.0 / (1.0 / tps + cfg.throttle_s)
-            return engine, tps
-
-        return await trio.to_thread.run_sync(load_and_measure)
+        engine, supervised, tps = await trio.to_thread.run_sync(load_and_measure)
+        faults = Faults(corrupt_outputs=cfg.corrupt_outputs, delay_s=cfg.throttle_s)
+        if faults:
+            log.warning("testing faults on: %s", faults)
+            # Advertise what clients will really get from a throttled node.
+            return LoadedEngine(FaultyEngine(engine, faults), supervised,
+                                slowed_throughput(tps, faults.delay_s))
+        return LoadedEngine(engine, supervised, tps)
 
     def served_span(self) -> ServedSpan:
+        assert self.engine is not None
         return ServedSpan(self.source.model_id, self.engine.start, self.engine.end, self.source.num_layers)
 
     def node_info(self) -> NodeInfo:
@@ -182,7 +234,8 @@ class Node:
     async def serve(self, stop: trio.Event, task_status: trio.TaskStatus[ReadyInfo]) -> None:
         cfg, hw = self.cfg, self.hardware
         start, end = await self.choose_layers()
-        self.engine, throughput = await self.load(start, end)
+        loaded = await self.load(start, end)
+        self.engine, throughput = loaded.engine, loaded.throughput
         log.info("serving %s layers %d:%d at %.1f tok/s", self.source.model_id, start, end, throughput)
         self.state = RecordState(
             addrs=tuple(self.host.addrs), spans=(self.served_span(),),
@@ -191,39 +244,39 @@ class Node:
         )
         accounting = Accounting(self.identity, self.ledger, cfg.receipt_every, cfg.unit_price,
                                 swarm_id=self.swarm_id)
+        direct = (DirectListener(_listen_host(cfg.listen), cfg.direct_port)
+                  if cfg.direct_port is not None else None)
+        hooks = ServerHooks(on_step=self.hooks.on_step, on_cache_change=self._cache_changed)
         self.server = SpanServer(self.engine, node_info=self.node_info, limits=cfg.limits,
-                                 accounting=accounting, throttle_s=cfg.throttle_s)
-        state = self.state
-
-        def cache_changed(left: int | None) -> None:  # the announcer republishes it periodically
-            if left is not None:
-                state.cache_tokens_left = left
-
-        self.server.admission.on_change = cache_changed
-        self.server.corrupt_outputs = cfg.corrupt_outputs
+                                 accounting=accounting, hooks=hooks, direct=direct)
         self.host.set_handler(INFO_PROTOCOL, self.server.handle_info)
         self.host.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         self.announcer = Announcer(self.identity, self.dht, self.state, ttl_s=cfg.record_ttl_s,
                                    provide_keys=(self.source.model_id,))
         async with trio.open_nursery() as channels:  # outlives the drain: sessions finish on it
-            if cfg.direct_port is not None:
-                self.server.direct = DirectListener(_listen_host(cfg.listen), cfg.direct_port)
-                await channels.start(self.server.direct.serve)
-            await self._serve(start, end, stop, task_status)
+            if direct is not None:
+                await channels.start(direct.serve)
+            await self._serve(start, end, stop, task_status, loaded.supervised)
             channels.cancel_scope.cancel()
 
+    def _cache_changed(self, left: int | None) -> None:
+        """KV-cache room after an open or close; the announcer republishes it periodically."""
+        if left is not None and self.state is not None:
+            self.state.cache_tokens_left = left
+
     async def _serve(self, start: int, end: int, stop: trio.Event,
-                     task_status: trio.TaskStatus[ReadyInfo]) -> None:
+                     task_status: trio.TaskStatus[ReadyInfo],
+                     supervised: SupervisedEngine | None) -> None:
         cfg = self.cfg
         assert self.announcer is not None
         async with trio.open_nursery() as nursery:
             await nursery.start(self.announcer.serve)
             if cfg.layers is None:
                 nursery.start_soon(self.rebalance)
-            if cfg.engine == "vllm":
-                from node.engine.vllm.engine import supervise
-
-                nursery.start_soon(supervise, self)
+            if supervised is not None:
+                assert self.server is not None and self.state is not None
+                nursery.start_soon(functools.partial(
+                    supervise_engine, supervised, self.server, self.state, self.announcer.publish))
             for service in cfg.services:
                 await nursery.start(service, self)
             ready = ReadyInfo(self.identity.peer_id, list(self.host.addrs), self.source.model_id,
@@ -253,6 +306,7 @@ class Node:
         assert self.server is not None and self.state is not None and self.announcer is not None
         while True:
             await trio.sleep(self.cfg.rebalance_interval_s)
+            assert self.engine is not None
             spans = await self.swarm_spans()
             target = should_move(self.source.num_layers, spans, (self.engine.start, self.engine.end),
                                  self.state.throughput, peer_id=self.identity.peer_id)
@@ -260,10 +314,12 @@ class Node:
                 continue
             log.warning("moving from layers %d:%d to %d:%d", self.engine.start, self.engine.end, *target)
             await self.drain()
-            engine, throughput = await self.load(*target)
-            self.engine = self.server.engine = engine
+            loaded = await self.load(*target)
+            old, self.engine = self.engine, loaded.engine
+            self.server.replace_engine(loaded.engine)
+            old.close()
             self.state.spans = (self.served_span(),)
-            self.state.throughput = throughput
+            self.state.throughput = loaded.throughput
             self.state.state = "online"
             self.server.accepting = True
             await self.announcer.publish()
@@ -272,13 +328,55 @@ class Node:
                 target[0], target[1], self.source.num_layers).to_json())
 
 
+async def supervise_engine(engine: SupervisedEngine, server: SpanServer, state: RecordState,
+                           publish: Callable[[], Awaitable[object]], *,
+                           max_restarts: int = MAX_RESTARTS) -> None:
+    """Act on what ``engine`` reports (``engine.watch()``), until cancelled.
+
+    Up: its cache usage and the sessions' reservations feed the record's ``cache_tokens_left``.
+    Down: stop accepting sessions, publish the record as ``draining`` (clients route around it;
+    open sessions fail with SessionClosed and fail over), restart the engine, publish
+    ``online`` again. After ``max_restarts`` restarts it raises ``EngineError``, which ends the
+    node (its nursery cancels, the record is withdrawn, the engine closed). Cancellation: a
+    restart in progress is abandoned (its thread finishes on its own; the engine's ``close``
+    stops what it started); each publish is bounded by SUPERVISION_PUBLISH_S.
+    """
+    budget = int(state.cache_tokens_left)
+    restarts = 0
+    async with aclosing(engine.watch()) as reports:
+        async for health in reports:
+            if health.up:
+                free = budget - engine.cache_tokens_reserved()
+                if health.cache_usage is not None:
+                    free = min(free, int(budget * (1.0 - health.cache_usage)))
+                state.cache_tokens_left = max(0, free)
+                continue
+            log.error("engine down (%s), restart %d of %d: draining", health.detail,
+                      restarts + 1, max_restarts)
+            server.accepting = False
+            state.state = "draining"
+            with trio.move_on_after(SUPERVISION_PUBLISH_S):
+                await publish()
+            if restarts >= max_restarts:
+                raise EngineError(f"engine failed {restarts + 1} times ({health.detail}); giving up")
+            restarts += 1
+            await trio.to_thread.run_sync(engine.restart, abandon_on_cancel=True)
+            server.accepting = True
+            state.state = "online"
+            with trio.move_on_after(SUPERVISION_PUBLISH_S):
+                await publish()
+            log.warning("engine restarted; online again")
+
+
 async def run_node(
     cfg: NodeConfig,
     stop: trio.Event,
     *,
+    hooks: NodeHooks | None = None,
     task_status: trio.TaskStatus[ReadyInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a node until ``stop`` is set, then shut down gracefully."""
+    """Run a node until ``stop`` is set, then shut down gracefully. ``hooks``: the node's
+    observers (metrics), passed to everything that reports to them."""
     from node.engine.registry import resolve_model
 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -293,16 +391,16 @@ async def run_node(
     ledger = Ledger.open(cfg.data_dir / LEDGER_FILE)
     try:
         async with open_host(identity.seed, cfg.listen) as host, open_admission(host, swarm_key):
-            async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, cfg.bootstrap) as dht:
-                node = Node(cfg, identity, source, ledger, host, dht, detect_hardware(cfg.device))
-                if swarm_key is not None:
-                    node.swarm_id = swarm_key.swarm_id
+            async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, cfg.bootstrap,
+                                observer=hooks.on_dht if hooks else None) as dht:
+                swarm_id = swarm_key.swarm_id if swarm_key is not None else DEFAULT_SWARM_ID
+                node = Node(cfg, identity, source, ledger, host, dht, detect_hardware(cfg.device),
+                            swarm_id=swarm_id, hooks=hooks)
                 try:
                     await node.serve(stop, task_status)
                 finally:
-                    close = getattr(node.engine, "close", None)  # the vLLM engine's server process
-                    if close is not None:
-                        close()
+                    if node.engine is not None:
+                        node.engine.close()  # the vLLM engine's server process, among others
     finally:
         ledger.close()  # every receipt was committed as it was made; this releases the file
         try:

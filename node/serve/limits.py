@@ -15,12 +15,11 @@ seconds), so tests drive it explicitly. Pure bookkeeping: no I/O, no trio.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from protocol.errors import RateLimited
 
@@ -163,28 +162,6 @@ class PeerLimiter:
 
 
 # ---- command line (``shiza node run``) ----------------------------------------------------------
-def add_limit_args(parser: "argparse.ArgumentParser") -> None:
-    """The per-peer limit, deadline and admission flags of ``shiza node run``."""
-    d = PeerLimits()
-    g = parser.add_argument_group("abuse limits and admission")
-    g.add_argument("--open-timeout", type=float, default=30.0, help="seconds from stream open to OpenSession")
-    g.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a session may wait between frames")
-    g.add_argument("--peer-max-sessions", type=int, default=d.max_sessions, help="open sessions per peer")
-    g.add_argument("--peer-kv-tokens", type=int, default=d.max_kv_tokens,
-                   help="KV cache one peer may reserve (sum of batch_size x max_length)")
-    g.add_argument("--peer-steps-per-s", type=float, default=d.steps_per_s, help="Steps per second per peer")
-    g.add_argument("--peer-tokens-per-s", type=float, default=d.tokens_per_s, help="tokens per second per peer")
-    g.add_argument("--peer-bytes-per-s", type=float, default=d.bytes_per_s, help="input bytes per second per peer")
-    g.add_argument("--ban-after", type=int, default=d.strikes_to_ban,
-                   help="limit violations within a minute that ban a peer")
-    g.add_argument("--ban-s", type=float, default=d.ban_s, help="seconds a banned peer's streams are refused")
-    g.add_argument("--allow-peers", type=Path, default=None, metavar="FILE",
-                   help="only the peer ids in FILE (one per line) may open sessions")
-    g.add_argument("--swarm-key", type=Path, default=None, metavar="FILE",
-                   help="join the private swarm of this key: peers without it cannot connect")
-    g.add_argument("--corrupt-outputs", type=float, default=0.0, help=argparse.SUPPRESS)
-
-
 def read_peer_list(path: Path) -> frozenset[str]:
     """Peer ids, one per line; blank lines and ``#`` comments are ignored."""
     from protocol.identity import public_key_from_peer_id
@@ -200,21 +177,3 @@ def read_peer_list(path: Path) -> frozenset[str]:
             raise ValueError(f"{path}:{n}: not a peer id: {text!r} ({exc})") from None
         peers.add(text)
     return frozenset(peers)
-
-
-def apply_limit_args(cfg: Any, args: "argparse.Namespace") -> None:
-    """Fill a NodeConfig from the flags of ``add_limit_args``."""
-    from dataclasses import replace
-
-    peer = PeerLimits(
-        max_sessions=args.peer_max_sessions, max_kv_tokens=args.peer_kv_tokens,
-        steps_per_s=args.peer_steps_per_s, tokens_per_s=args.peer_tokens_per_s,
-        bytes_per_s=args.peer_bytes_per_s, strikes_to_ban=args.ban_after, ban_s=args.ban_s,
-    )
-    allow = read_peer_list(args.allow_peers) if args.allow_peers is not None else None
-    cfg.limits = replace(cfg.limits, open_timeout_s=args.open_timeout, idle_timeout_s=args.idle_timeout,
-                         peer=peer, allow_peers=allow)
-    if args.swarm_key is not None:
-        cfg.swarm_key = args.swarm_key
-    if args.corrupt_outputs:
-        cfg.corrupt_outputs = args.corrupt_outputs

@@ -1,6 +1,6 @@
 """Batching the steps of many sessions, and admission by KV-cache budget.
 
-``StepScheduler`` turns the steps that wait at one moment into one ``engine.step_batch`` call
+``StepScheduler`` turns the steps that wait at one moment into one ``engine.run_steps`` call
 (continuous batching: a session joins the next batch when its step arrives and leaves when it
 stops sending). The engine decides what shares a forward (decode steps of sessions on the
 same layers; the first steps of fresh sessions on the same layers, left-padded); any other step
@@ -22,7 +22,7 @@ through 3 SmolLM2 nodes on 2 cores, A/B in one sitting: 62-67 tok/s with it, 41-
 
 Where it computes: prefills (and any step of more than one token per row) run in a worker
 thread, so the node keeps reading its streams during a long forward. A batch of decode steps
-(one token per row) of an engine that sets ``inline_decode`` runs in the event loop's own
+(one token per row) of an engine whose ``inline_decode`` is true runs in the event loop's own
 thread: a decode forward is short, and handing it to a worker costs two thread wake-ups per
 step and a second OpenMP thread team. Measured on a 3-node SmolLM2 pipeline (2 cores): the
 client's time per hop beyond the nodes' engine time fell from ~1.7-2.8 ms to ~0.6-0.9 ms, and
@@ -38,17 +38,23 @@ starts its batch hands the leadership on.
 open time against the engine's ``max_cache_tokens``. When the budget is full an open waits,
 bounded by ``wait_s``, for room to be freed, then fails with ``Busy`` (wire code 25) and a hint
 of when to retry: a full node never runs out of memory, it says no.
+
+Both speak to the engine only through ``node.engine.base.Engine`` (wire tensors; no torch here).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import trio
 
+from protocol.codec import Tensor
 from protocol.errors import Busy
+
+from node.engine.base import Engine, StepInput
+from node.engine.errors import CapacityExceeded
 
 DEFAULT_MAX_ROWS = 64
 GROUP_GAP_S = 0.003  # steps of one group arrive closer together than this
@@ -69,11 +75,11 @@ class SchedulerStats:
 
 @dataclass(eq=False)
 class _Request:
-    engine: Any
-    item: tuple[Any, ...]  # (session_id, inputs, positions, mask)
+    engine: Engine
+    item: StepInput
     rows: int
     done: trio.Event = field(default_factory=trio.Event)
-    result: Any = None
+    result: Tensor | Exception | None = None
     engine_s: float = 0.0  # seconds of the engine call this step ran in (measured in the worker)
     batch_rows: int = 0  # rows of every step in that engine call
     lead: bool = False  # woken to lead the next batch, not with a result
@@ -99,16 +105,18 @@ class StepScheduler:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def step(self, engine: Any, session_id: str, inputs: Any, positions: Any,
-                   mask: Any) -> Any:
+    async def step(self, engine: Engine, session_id: str, inputs: Tensor, positions: Tensor,
+                   mask: Tensor | None) -> Tensor:
         """The engine's output for this step, or the engine's exception raised here."""
         return (await self.step_timed(engine, session_id, inputs, positions, mask))[0]
 
-    async def step_timed(self, engine: Any, session_id: str, inputs: Any, positions: Any,
-                         mask: Any) -> tuple[Any, float, int]:
+    async def step_timed(self, engine: Engine, session_id: str, inputs: Tensor, positions: Tensor,
+                         mask: Tensor | None) -> tuple[Tensor, float, int]:
         """``(output, seconds, rows)``: seconds is the engine call's own time (no queueing, no
-        thread hand-off), shared by every step of its batch; rows is that batch's rows."""
-        req = _Request(engine, (session_id, inputs, positions, mask), int(inputs.shape[0]))
+        thread hand-off), shared by every step of its batch; rows is that batch's rows.
+        Cancellation: see the module docstring (dropped while queued; once computing, the
+        batch finishes, shielded, and this step's result is discarded)."""
+        req = _Request(engine, StepInput(session_id, inputs, positions, mask), int(inputs.shape[0]))
         self._pending.append(req)
         self._arrived(session_id, _is_decode(req.item))
         if self._busy:
@@ -126,7 +134,7 @@ class StepScheduler:
         try:
             await trio.sleep(0)  # steps that arrive in this same tick join the batch
             if self.gather and _is_decode(req.item):
-                await self._gather(req.item[0])
+                await self._gather(req.item.session_id)
             batch = self._take(req.engine)
             with trio.CancelScope(shield=True):
                 await self._run(req.engine, batch)
@@ -194,12 +202,12 @@ class StepScheduler:
             now = trio.current_time()
 
     def _pending_ids(self) -> set[str]:
-        return {r.item[0] for r in self._pending}
+        return {r.item.session_id for r in self._pending}
 
     def _recent(self, now: float) -> list[str]:
         return [sid for sid, t in self._last.items() if now - t < GATHER_RECENT_S]
 
-    def _take(self, engine: Any) -> list[_Request]:
+    def _take(self, engine: Engine) -> list[_Request]:
         batch: list[_Request] = []
         rows = 0
         for r in list(self._pending):
@@ -211,19 +219,19 @@ class StepScheduler:
             self._pending.remove(r)
         return batch
 
-    async def _run(self, engine: Any, batch: list[_Request]) -> None:
+    async def _run(self, engine: Engine, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
-        run = getattr(engine, "step_batch", None) or (lambda items: _one_by_one(engine, items))
 
-        def timed(items: list[tuple[Any, ...]]) -> tuple[list[Any], float]:
+        def timed(items: Sequence[StepInput]) -> tuple[list[Tensor | Exception], float]:
             t = time.perf_counter()
-            out = run(items)
+            out = engine.run_steps(items)
             return out, time.perf_counter() - t
 
         engine_s = 0.0
         items = [r.item for r in batch]
+        results: list[Tensor | Exception]
         try:
-            if getattr(engine, "inline_decode", False) and all(_is_decode(i) for i in items):
+            if engine.inline_decode and all(_is_decode(i) for i in items):
                 results, engine_s = timed(items)  # in this thread: see the module doc
             else:
                 results, engine_s = await trio.to_thread.run_sync(timed, items)
@@ -252,26 +260,16 @@ class StepScheduler:
                 return
 
     @staticmethod
-    def _outcome(req: _Request) -> Any:
+    def _outcome(req: _Request) -> Tensor:
         if isinstance(req.result, BaseException):
             raise req.result
+        assert req.result is not None  # set with done, before any outcome is read
         return req.result
 
 
-def _is_decode(item: tuple[Any, ...]) -> bool:
-    inputs = item[1]
-    return len(inputs.shape) >= 2 and int(inputs.shape[1]) == 1
-
-
-def _one_by_one(engine: Any, items: list[tuple[Any, ...]]) -> list[Any]:
-    """For an engine without ``step_batch``: its steps in turn, each failure kept apart."""
-    out: list[Any] = []
-    for item in items:
-        try:
-            out.append(engine.step(*item))
-        except Exception as exc:  # noqa: BLE001 - reported to that session only
-            out.append(exc)
-    return out
+def _is_decode(item: StepInput) -> bool:
+    shape = item.inputs.shape
+    return len(shape) >= 2 and int(shape[1]) == 1
 
 
 class CacheAdmission:
@@ -289,18 +287,17 @@ class CacheAdmission:
         self.refused = 0  # opens answered Busy
 
     @staticmethod
-    def tokens_left(engine: Any) -> int | None:
-        budget = getattr(engine, "_max_cache_tokens", None)
+    def tokens_left(engine: Engine) -> int | None:
+        budget = engine.max_cache_tokens
         if budget is None:
             return None
         return max(0, int(budget) - int(engine.cache_tokens_reserved()))
 
-    async def open(self, engine: Any, open_session: Callable[[], None], tokens: int) -> None:
+    async def open(self, engine: Engine, open_session: Callable[[], None], tokens: int) -> None:
         """Run ``open_session`` (which raises CapacityExceeded when the budget is full),
-        retrying as room is freed for up to ``wait_s``; then ``Busy`` with a retry hint."""
-        from node.engine.errors import CapacityExceeded
-
-        budget = getattr(engine, "_max_cache_tokens", None)
+        retrying as room is freed for up to ``wait_s``; then ``Busy`` with a retry hint.
+        Cancellation while waiting for room: nothing was opened."""
+        budget = engine.max_cache_tokens
         if budget is not None and tokens > budget:
             self.refused += 1
             raise Busy(f"session asks {tokens} cache tokens, this node holds at most {budget}; "
@@ -320,12 +317,12 @@ class CacheAdmission:
                     await self._freed.wait()
         self._changed(engine)
 
-    def released(self, engine: Any) -> None:
+    def released(self, engine: Engine) -> None:
         """A session closed: wake every open that waits for room."""
         self._freed.set()
         self._freed = trio.Event()
         self._changed(engine)
 
-    def _changed(self, engine: Any) -> None:
+    def _changed(self, engine: Engine) -> None:
         if self.on_change is not None:
             self.on_change(self.tokens_left(engine))

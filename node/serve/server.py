@@ -3,6 +3,15 @@
 Each inference stream carries exactly one session (SPEC.md, "Inference session"). Anything
 wrong with what a peer sends ends that stream with an Error frame carrying the wire code; the
 node goes on serving every other stream.
+
+The server speaks to its engine only through ``node.engine.base.Engine`` (wire tensors in and
+out: no torch here) and to its streams through ``FramedStream``. What it depends on is passed
+in at construction: the engine, the limits, the accounting, the direct-channel listener and
+``ServerHooks`` (who hears of each step and of each change of KV-cache room).
+
+Cancellation: a handler cancelled (the node shutting down) ends its session; the engine step in
+flight finishes (the scheduler shields it) and what was done is settled in the ledger under a
+shield (``_settle_broken``).
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import trio
 
@@ -44,12 +53,15 @@ from protocol.messages import (
 from protocol.identity import Identity
 from protocol.receipts import Receipt, verify_receipt
 
+from node.engine.base import Engine, Sampling
+from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.ledger.accounting import DEFAULT_RECEIPT_EVERY, SeqAllocator, ServerAccount, store
-from node.net.host import Stream, StreamBroken
-from node.serve.limits import PeerLimiter, PeerLimits
 from node.ledger.store import Ledger
-from node.serve.scheduler import CacheAdmission, StepScheduler
+from node.net.direct import DirectListener, Offer
+from node.net.streams import FramedStream, StreamBroken
 from node.net.wire import recv_message, send_message
+from node.serve.limits import PeerLimiter, PeerLimits
+from node.serve.scheduler import CacheAdmission, StepScheduler
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +105,29 @@ class Accounting:
         self.seqs = SeqAllocator(self.ledger)
 
 
+@dataclass(frozen=True)
+class StepDone:
+    """One session step served (for metrics): its engine call's time and size."""
+
+    span: tuple[int, int]  # the engine's layers [start, end)
+    prefill: bool  # the session's first step
+    rows: int  # rows of every step in the engine call this step ran in
+    seconds: float  # that engine call's own time
+
+
+@dataclass(frozen=True)
+class ServerHooks:
+    """Who hears what the server does. Each is called in the trio thread and must return at once.
+
+    ``on_step``: after each step served (node/http/metrics.py). ``on_cache_change``: after each
+    open and close, with the KV-cache tokens left (None for an engine without a budget; the
+    daemon puts it in the node's record).
+    """
+
+    on_step: Callable[[StepDone], None] | None = None
+    on_cache_change: Callable[[int | None], None] | None = None
+
+
 @dataclass
 class _Session:
     session_id: str
@@ -106,38 +141,45 @@ class _Session:
 
 
 class SpanServer:
-    """Serves one engine (a span of one model) over the info and inference protocols."""
+    """Serves one engine (a span of one model) over the info and inference protocols.
+
+    ``direct``: a running ``DirectListener`` lets clients move sessions off libp2p (SPEC 9.5);
+    None serves every session on its stream. ``replace_engine`` swaps the engine (the node
+    moving to other layers).
+    """
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         *,
         node_info: Callable[[], NodeInfo],
         limits: ServerLimits | None = None,
         accounting: Accounting | None = None,
-        throttle_s: float = 0.0,
+        hooks: ServerHooks | None = None,
+        direct: DirectListener | None = None,
     ) -> None:
         self.engine = engine
         self.accounting = accounting
-        self.throttle_s = throttle_s
-        self.corrupt_outputs = 0.0  # testing only (--corrupt-outputs): noise relative to max |output|
         self.node_info = node_info
         self.limits = limits or ServerLimits()
+        self.hooks = hooks or ServerHooks()
+        self.direct = direct
         self.stats = ServerStats()
         self.peers = PeerLimiter(self.limits.peer)
-        # Called after each engine step with (prefill?, batch size, seconds): node/metrics.py.
-        self.on_step: Callable[[bool, int, float], None] | None = None
         self.accepting = True
-        # A DirectListener (node/direct.py) lets clients move sessions off libp2p (SPEC 9.5).
-        self.direct: Any = None
         # Steps of concurrent sessions run as batched forwards; opens wait for cache room.
         self.scheduler = StepScheduler()
-        self.admission = CacheAdmission()
+        self.admission = CacheAdmission(on_change=self.hooks.on_cache_change)
         self._idle = trio.Event()
         self._idle.set()
 
+    def replace_engine(self, engine: Engine) -> None:
+        """Serve ``engine`` from now on (the node moving to other layers, after a drain). A
+        session still open, past the drain's bound, fails its next step (SessionClosed)."""
+        self.engine = engine
+
     # ---- info -------------------------------------------------------------------------
-    async def handle_info(self, stream: Stream) -> None:
+    async def handle_info(self, stream: FramedStream) -> None:
         try:
             self.peers.check_banned(stream.remote_peer_id)  # refused at once, before reading
             msg = await recv_message(stream, self.limits.open_timeout_s)
@@ -150,9 +192,9 @@ class SpanServer:
         await stream.close()
 
     # ---- inference --------------------------------------------------------------------
-    async def handle_inference(self, stream: Stream) -> None:
+    async def handle_inference(self, stream: FramedStream) -> None:
         session: _Session | None = None
-        io: Any = stream  # where the session's frames go: this stream, or its direct channel
+        io: FramedStream = stream  # where the session's frames go: this stream, or its direct channel
         try:
             self._admit(stream.remote_peer_id)  # banned or not allowed: refused before reading
             msg = await recv_message(stream, self.limits.open_timeout_s)
@@ -162,9 +204,10 @@ class SpanServer:
                 raise InvalidMessage(f"expected open, got {type(msg).__name__}")
             session = await self._open(msg, stream.remote_peer_id)
             offer = None
-            if msg.direct_key is not None and self.direct is not None:
+            direct = self.direct
+            if msg.direct_key is not None and direct is not None:
                 try:
-                    offer = self.direct.offer(msg.direct_key, stream.remote_peer_id)
+                    offer = direct.offer(msg.direct_key, stream.remote_peer_id)
                 except ValueError as exc:
                     raise InvalidMessage(f"direct_key: {exc}") from None
             try:
@@ -172,13 +215,13 @@ class SpanServer:
                     session.session_id, msg.start, msg.end, self.engine.hidden_size,
                     offer.port if offer else None, offer.public if offer else None))
                 if offer is not None:  # SPEC 9.5: the session goes on over the direct channel
-                    io = await self._await_channel(stream, offer)
-                    if io is None:
-                        io = stream
+                    channel = await self._await_channel(stream, offer)
+                    if channel is None:
                         raise Timeout("the client did not connect the direct channel it asked for")
+                    io = channel
             finally:
-                if offer is not None:
-                    self.direct.withdraw(offer)  # type: ignore[union-attr]
+                if offer is not None and direct is not None:
+                    direct.withdraw(offer)
             await self._serve_steps(io, session)
         except ShizaError as exc:
             await self._fail(io, exc)
@@ -197,12 +240,12 @@ class SpanServer:
                 self._close(session.session_id)
                 await self._settle_broken(session)
 
-    async def _await_channel(self, stream: Stream, offer: Any) -> Any:
+    async def _await_channel(self, stream: FramedStream, offer: Offer) -> FramedStream | None:
         """The offer's direct channel, or None past the open timeout. A client that closes or
         resets the libp2p stream meanwhile gave up: StreamBroken ends the session at once.
         (The watch read is cancelled when the channel arrives, which resets the libp2p
         stream: from then on the channel alone carries the session.)"""
-        channel = None
+        channel: FramedStream | None = None
 
         async def watch() -> None:
             await stream.read_frame(64)
@@ -235,23 +278,20 @@ class SpanServer:
         if self.stats.sessions_open >= self.limits.max_sessions:
             raise Busy(f"{self.stats.sessions_open} sessions open; retry later")
         session_id = msg.session_id or secrets.token_hex(8)
-        sampling = {
-            "temperature": msg.sampling.temperature,
-            "top_p": msg.sampling.top_p,
-            "seed": msg.sampling.seed if msg.sampling.seed is not None else 0,
-        }
-        from node.engine.errors import BadInput, CapacityExceeded, SessionUnknown
-
+        sampling = Sampling(msg.sampling.temperature, msg.sampling.top_p,
+                            msg.sampling.seed if msg.sampling.seed is not None else 0)
         layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
         kv_tokens = msg.batch_size * msg.max_length
+        if self.accounting is not None:
+            # The receipts' sequence numbers continue from the ledger: read it off the trio
+            # thread now, so that issuing a receipt later never touches SQLite.
+            await self.accounting.seqs.prepare(self.accounting.identity.peer_id, client)
         self.peers.open_session(client, kv_tokens)  # RateLimited past the per-peer limits
-        def open_in_engine() -> None:
-            if layers is None:
-                eng.open_session(session_id, msg.batch_size, msg.max_length, sampling)
-            else:
-                eng.open_session(session_id, msg.batch_size, msg.max_length, sampling, layers=layers)
 
-        try:  # waits (bounded) for KV-cache room, then Busy: node/scheduler.py
+        def open_in_engine() -> None:
+            eng.open_session(session_id, msg.batch_size, msg.max_length, sampling, layers)
+
+        try:  # waits (bounded) for KV-cache room, then Busy: node/serve/scheduler.py
             await self.admission.open(eng, open_in_engine, kv_tokens)
         except BaseException as exc:
             self.peers.close_session(client, kv_tokens)
@@ -291,7 +331,7 @@ class SpanServer:
         await trio.to_thread.run_sync(store, self.accounting.ledger, receipt, status, reason)
         self.stats.receipts[status] = self.stats.receipts.get(status, 0) + 1
 
-    async def _await_verdict(self, stream: Stream, pending: Receipt, msg: object) -> bool:
+    async def _await_verdict(self, stream: FramedStream, pending: Receipt, msg: object) -> bool:
         """Store ``pending`` as the client's message decides; True if ``msg`` was consumed."""
         if isinstance(msg, Countersign) and msg.receipt_id == pending.receipt_id:
             try:
@@ -310,10 +350,7 @@ class SpanServer:
             return False  # the client left, or closes now: the final receipt follows
         raise InvalidMessage(f"expected cosign or dispute for receipt {pending.receipt_id}")
 
-    async def _serve_steps(self, stream: Stream, session: "_Session") -> None:
-        from node.engine.errors import BadInput, EngineError
-        from node.engine.tensors import from_torch, to_torch
-
+    async def _serve_steps(self, stream: FramedStream, session: "_Session") -> None:
         account = session.account
         expected_step = 0
         while True:
@@ -343,18 +380,14 @@ class SpanServer:
             self._check_step(msg, session)
             nbytes = len(msg.input.data) + len(msg.positions.data) + (len(msg.mask.data) if msg.mask else 0)
             self.peers.step(session.client, int(msg.input.shape[0]) * int(msg.input.shape[1]), nbytes)
-            inputs = to_torch(msg.input)
-            positions = to_torch(msg.positions)
-            mask = to_torch(msg.mask) if msg.mask is not None else None
+            engine = self.engine
             try:
-                out, step_s, batch_rows = await self.scheduler.step_timed(
-                    self.engine, session.session_id, inputs, positions, mask)
+                output, step_s, batch_rows = await self.scheduler.step_timed(
+                    engine, session.session_id, msg.input, msg.positions, msg.mask)
             except BadInput as exc:
                 raise BadShape(str(exc)) from None
             except EngineError as exc:
                 raise SessionClosed(str(exc)) from None
-            if self.throttle_s:
-                await trio.sleep(self.throttle_s)  # a deliberately slow node (tests, demos)
             self.stats.steps_total += 1
             tokens = int(msg.input.shape[0]) * int(msg.input.shape[1])
             if msg.step == 0:
@@ -362,13 +395,8 @@ class SpanServer:
             else:
                 self.stats.tokens_decode += tokens
             self.stats.work_units += tokens * (session.end - session.start)
-            if self.on_step is not None:
-                self.on_step(msg.step == 0, batch_rows, step_s)
-            if self.corrupt_outputs and out.is_floating_point():  # a lying node (spot-check tests)
-                import torch
-
-                out = out + torch.randn_like(out) * (self.corrupt_outputs * float(out.abs().max()))
-            output = from_torch(out)
+            if self.hooks.on_step is not None:
+                self.hooks.on_step(StepDone((engine.start, engine.end), msg.step == 0, batch_rows, step_s))
             receipt_bytes = None
             if account is not None:
                 account.record(msg, output)
@@ -410,7 +438,7 @@ class SpanServer:
         if shape[0] * shape[1] * (shape[2] if len(shape) == 3 else 1) > MAX_TENSOR_ELEMENTS:
             raise BadShape("step too large")
 
-    async def _fail(self, stream: Stream, exc: ShizaError) -> None:
+    async def _fail(self, stream: FramedStream, exc: ShizaError) -> None:
         self.stats.errors_by_code[exc.code] = self.stats.errors_by_code.get(exc.code, 0) + 1
         log.info("closing stream with error %s: %s", exc.code, exc)
         with trio.move_on_after(2):

@@ -67,17 +67,19 @@ def test_prometheus_scrapes_every_node_metrics_port():
 def exported_names() -> set[str]:
     """Every sample name a node's registry can export (walked on a fake node with a server)."""
     from node.http.metrics import NodeMetrics, metric_names
-    from node.serve.server import ServerLimits, ServerStats
+    from node.serve.scheduler import StepScheduler
+    from node.serve.server import ServerLimits, ServerStats, StepDone
 
     stats = ServerStats(errors_by_code={7: 1}, receipts={"countersigned": 1})
     engine = SimpleNamespace(start=0, end=2, cache_tokens_reserved=lambda: 0)
-    server = SimpleNamespace(stats=stats, limits=ServerLimits(), on_step=None)
+    server = SimpleNamespace(stats=stats, limits=ServerLimits(), scheduler=StepScheduler())
     fake = SimpleNamespace(server=server, engine=engine, state=None, announcer=None,
-                           cfg=SimpleNamespace(device="cpu"), client=SimpleNamespace(failovers_total=0),
+                           cfg=SimpleNamespace(device="cpu"), source=SimpleNamespace(model_id="m"),
                            host=SimpleNamespace(connected_peers=lambda: []),
                            dht=SimpleNamespace(routing_table_peers=lambda: []))
     metrics = NodeMetrics(fake)
-    metrics.on_step(True, 1, 0.01)
+    metrics.add_client(SimpleNamespace(failovers_total=0))  # a node's gateway exports its client's
+    metrics.on_step(StepDone((0, 2), True, 1, 0.01))
     names = metric_names(metrics.registry)
     names.add("shiza_throughput_tokens_per_second")  # exported once the node has a record state
     return names

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from node.engine import SpanEngine  # noqa: E402
-from node.engine.registry import ModelSource  # noqa: E402
+from node.models import ModelSource  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

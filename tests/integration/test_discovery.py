@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import trio
+
+from tests.polling import eventually
 
 from node.client.swarm import SwarmClient
 from node.engine.registry import resolve_model
@@ -31,12 +32,17 @@ def five_nodes(tiny_model, tmp_path_factory):
 
 async def _peers_seen(client, model_id, want, timeout=60):
     """Poll (bounded) until the set of live records equals ``want``; return the last set."""
-    seen = set()
-    with trio.move_on_after(timeout):
-        while seen != want:
-            seen = {(r.peer_id, r.spans[0].start, r.spans[0].end) for r in await client.records(model_id)}
-            if seen != want:
-                await trio.sleep(0.3)
+    seen: set = set()
+
+    async def look() -> bool:
+        seen.clear()
+        seen.update((r.peer_id, r.spans[0].start, r.spans[0].end) for r in await client.records(model_id))
+        return seen == want
+
+    try:
+        await eventually(look, timeout_s=timeout, interval_s=0.3, what="the live records")
+    except AssertionError:
+        pass  # the caller compares what was seen last
     return seen
 
 

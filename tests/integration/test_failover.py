@@ -12,7 +12,7 @@ from node.client.swarm import LayersLost, SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
-from node.devtools.localswarm import start_chain, start_node, stop_all
+from node.devtools.localswarm import start_chain, stop_all
 from protocol.receipts import Receipt
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 5140]

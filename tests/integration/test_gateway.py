@@ -16,6 +16,7 @@ import httpx
 import openai
 import trio
 
+from tests.polling import eventually
 from node.client.swarm import SwarmClient
 from node.engine.testing import make_tiny_model
 from node.http.gateway import serve_gateway
@@ -200,9 +201,9 @@ async def test_disconnect_mid_stream_closes_sessions(tiny_swarm, tiny_model, tmp
         seen = await _in_thread(read_a_few_then_close)
         assert "data: [DONE]" not in seen
         closed_at = time.monotonic()
-        with trio.fail_after(20):  # bounded polling: the final receipts of all three hops
-            while len(finals := [e for e in client.ledger.entries() if e.final]) < 3:
-                await trio.sleep(0.05)
+        finals = await eventually(lambda: f if len(f := [e for e in client.ledger.entries() if e.final]) >= 3
+                                  else None,
+                                  timeout_s=20, interval_s=0.05, what="the final receipts of all three hops")
         assert time.monotonic() - closed_at < 20
         assert {e.server for e in finals} == {n.peer_id for n in tiny_swarm}
         # The receipts record the work done: fewer tokens than the request allowed.

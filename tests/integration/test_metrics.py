@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+
+from tests.polling import eventually
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.client.swarm import SwarmClient
@@ -61,13 +62,14 @@ async def test_counters_move_by_what_a_generation_did(metered_node, tiny_model, 
         result = await client.generate(model_id, [PROMPT], max_new_tokens=NEW_TOKENS)
     assert len(result.token_ids[0]) == NEW_TOKENS
 
-    deadline = time.monotonic() + 10  # the final receipt is stored once the client's verdict is in
-    while True:
-        after = scrape(port)
-        if value(after, "shiza_receipts_total", status="countersigned") > \
-                value(before, "shiza_receipts_total", status="countersigned") or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    # The final receipt is stored once the client's verdict is in.
+    def countersigned() -> dict | None:
+        now = scrape(port)
+        done = value(now, "shiza_receipts_total", status="countersigned") > \
+            value(before, "shiza_receipts_total", status="countersigned")
+        return now if done else None
+
+    after = await eventually(countersigned, timeout_s=10, what="the countersigned receipt in /metrics")
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -112,7 +114,7 @@ def test_registry_walk_names():
     from node.http.metrics import NodeMetrics, metric_names
 
     fake = SimpleNamespace(server=None, engine=None, state=None, announcer=None,
-                           cfg=SimpleNamespace(device="cpu"),
+                           cfg=SimpleNamespace(device="cpu"), source=SimpleNamespace(model_id="m"),
                            host=SimpleNamespace(connected_peers=lambda: []),
                            dht=SimpleNamespace(routing_table_peers=lambda: []))
     metrics = NodeMetrics(fake)

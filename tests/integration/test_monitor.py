@@ -12,11 +12,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.polling import eventually_sync
 
 from node.http.asgi import free_port
 from node.devtools.localswarm import start_chain, stop_all
@@ -56,17 +57,6 @@ def peers_in(snapshot: dict) -> dict[str, str]:
     return {p["peer_id"]: f"{p['start']}:{p['end']}" for m in snapshot.get("models", []) for p in m["peers"]}
 
 
-def wait_for(pred, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = pred()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def rendered_peers(dom: str) -> dict[str, str]:
     rows = re.findall(r'<tr class="peer" data-peer="([^"]+)" data-span="([^"]+)"', dom)
     return dict(rows)
@@ -95,7 +85,8 @@ def test_map_shows_peers_and_spans_then_a_stopped_node_leaves(mapped_swarm, tmp_
     nodes, port = mapped_swarm
     expected = {n.peer_id: f"{a}:{b}" for n, (a, b) in zip(nodes, SPANS)}
     # The monitor learns the model id from the peers' NodeInfo, then reads the DHT.
-    snap = wait_for(lambda: (s := api(port)) and peers_in(s) == expected and s, 60, "all three peers in /api/swarm")
+    snap = eventually_sync(lambda: (s := api(port)) and peers_in(s) == expected and s, timeout_s=60,
+                           what="all three peers in /api/swarm")
     model = snap["models"][0]
     assert model["num_layers"] == 6 and model["coverage"] == [1] * 6 and model["uncovered"] == []
     assert snap["total_throughput"] > 0
@@ -112,7 +103,8 @@ def test_map_shows_peers_and_spans_then_a_stopped_node_leaves(mapped_swarm, tmp_
 
     gone = nodes[2]
     assert gone.stop() == 0  # SIGTERM: drains, withdraws its record (expires within seconds)
-    wait_for(lambda: (s := api(port)) and gone.peer_id not in peers_in(s), 60, "the stopped node to leave /api/swarm")
+    eventually_sync(lambda: (s := api(port)) and gone.peer_id not in peers_in(s), timeout_s=60,
+                    what="the stopped node to leave /api/swarm")
     dom = chromium(f"http://127.0.0.1:{port}/", tmp_path, "--dump-dom")
     shown = rendered_peers(dom)
     assert gone.peer_id not in shown and shown == {k: v for k, v in expected.items() if k != gone.peer_id}
@@ -127,7 +119,8 @@ async def test_map_inside_a_node(tiny_model, tmp_path):
     node = start_node(tmp_path / "n", model=str(tiny_model), layers=(0, 6), extra_args=["--monitor-port", str(port)])
     try:
         node.wait_ready(120)
-        snap = wait_for(lambda: (s := api(port)) and peers_in(s) and s, 30, "the node's own record")
+        snap = eventually_sync(lambda: (s := api(port)) and peers_in(s) and s, timeout_s=30,
+                               what="the node's own record")
         assert peers_in(snap) == {node.peer_id: "0:6"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
             page = r.read().decode()

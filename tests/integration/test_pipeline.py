@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy

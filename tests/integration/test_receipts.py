@@ -13,7 +13,7 @@ import pytest
 from node.client.swarm import SwarmClient
 from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
-from node.devtools.localswarm import start_chain, start_node, stop_all
+from node.devtools.localswarm import start_chain, stop_all
 from protocol.identity import Identity
 from protocol.receipts import Receipt, latest_per_session, verify_receipt
 

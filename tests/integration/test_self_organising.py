@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 
-import pytest
 
 from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy

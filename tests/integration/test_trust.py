@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.polling import eventually
 from node.engine.registry import resolve_model
 from node.net.host import StreamBroken, open_host
 from node.devtools.localswarm import start_node, stop_all
@@ -358,9 +359,10 @@ def _route(client, model_id, first, second):
 
 
 async def _wait_for_all(client, model_id, peers):
-    with trio.fail_after(60):
-        while not set(peers) <= {r.peer_id for r in await client.records(model_id)}:
-            await trio.sleep(0.5)
+    async def all_seen() -> bool:
+        return set(peers) <= {r.peer_id for r in await client.records(model_id)}
+
+    await eventually(all_seen, timeout_s=60, interval_s=0.5, what="the records of every node")
 
 
 async def test_spot_check_catches_a_node_that_corrupts_its_outputs(three_full_nodes, model_id):

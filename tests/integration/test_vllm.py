@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import trio
+
+from tests.polling import eventually
 
 from node.net.records import fetch_records
 from node.client.swarm import SwarmClient, candidates_from
@@ -101,13 +102,14 @@ def mixed_swarm(tmp_path_factory):
     assert not _alive(supervisor), "the vLLM supervisor outlived its node"
 
 
+async def _four(client: SwarmClient, model_id: str) -> list:
+    records = await client.records(model_id)
+    return records if len(records) == 4 else []
+
+
 async def _routes(client: SwarmClient, model_id: str, vllm_peer: str, n: int):
-    with trio.fail_after(120):
-        while True:
-            records = await client.records(model_id)
-            if len(records) == 4:
-                break
-            await trio.sleep(0.5)
+    records = await eventually(lambda: _four(client, model_id), timeout_s=120, interval_s=0.5,
+                               what="the records of all four nodes")
     cands = candidates_from(records, model_id)
     whole = find_chain(n, [c for c in cands if c.peer_id == vllm_peer])
     spans = find_chain(n, [c for c in cands if c.peer_id != vllm_peer])
@@ -154,13 +156,15 @@ async def test_killed_vllm_server_drains_restarts_and_serves_again(mixed_swarm):
     os.kill(server, signal.SIGKILL)
     seen: list[str] = []
     async with SwarmClient.open([mixed_swarm[1].addr]) as client:
-        with trio.fail_after(300):
-            while not seen or seen[-1] != "online" or "draining" not in seen:
-                records = await fetch_records(client.dht, model.model_id, include_draining=True)
-                state = next((r.state for r in records if r.peer_id == vnode.peer_id), None)
-                if state and (not seen or seen[-1] != state):
-                    seen.append(state)
-                await trio.sleep(0.5)
+        async def drained_and_back() -> bool:
+            records = await fetch_records(client.dht, model.model_id, include_draining=True)
+            state = next((r.state for r in records if r.peer_id == vnode.peer_id), None)
+            if state and (not seen or seen[-1] != state):
+                seen.append(state)
+            return bool(seen) and seen[-1] == "online" and "draining" in seen
+
+        await eventually(drained_and_back, timeout_s=300, interval_s=0.5,
+                         what="the vLLM node to publish draining, then online again")
         assert vnode.proc.poll() is None, "the node must survive its vLLM server"
         assert not _alive(supervisor), "the dead server's supervisor (and group) must be gone"
         whole, _ = await _routes(client, model.model_id, vnode.peer_id, model.num_layers)

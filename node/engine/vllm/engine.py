@@ -17,9 +17,13 @@ The step protocol maps the node's session steps onto streaming completions:
   token of the stream is the output; otherwise (the client sampled or replayed something else)
   generation restarts from the row's full history.
 
-``step`` is synchronous and blocks on HTTP; the server runs it in a worker thread. Errors map
-to the engine's own (``errors.py``): a dead or failing server is an ``EngineError`` and the
-session is closed.
+``step`` is synchronous and blocks on HTTP; the server runs it in a worker thread (never in the
+event loop's: ``inline_decode`` is false). Errors map to the engine's own (``errors.py``): a
+dead or failing server is an ``EngineError`` and the session is closed.
+
+Health: the engine reports, the node decides. ``watch`` yields an ``EngineHealth`` per check
+(capacity while up; ``up=False`` once the server is down); node/serve/daemon.py drains,
+calls ``restart`` and announces the node online again.
 """
 
 from __future__ import annotations
@@ -33,22 +37,24 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncGenerator, Iterator, Mapping
 
 import torch
 
-from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
-from node.engine.registry import ModelSource
-from node.engine.sessions import SessionTable
+from node.engine.base import EngineHealth, Sampling, check_session_size, parse_sampling
+from node.engine.errors import BadInput, CapacityExceeded, EngineError
+from node.models import ModelSource
+from node.engine.torch_engine import TorchEngine, validate_step
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0
 STEP_TIMEOUT_S = 120.0
+HEALTH_INTERVAL_S = 2.0  # between two health checks (``watch``)
+UNHEALTHY_CHECKS = 3  # failed health checks in a row that make a live server unhealthy
 _WORKER = Path(__file__).with_name("worker.py")
 _PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -289,22 +295,21 @@ class _Row:
 class _Session:
     batch_size: int
     max_length: int
-    sampling: dict[str, float | int]
+    sampling: Sampling
     rows: list[_Row]
     steps: int = 0
     length: int = 0  # cache columns, padding included (as the span engine counts)
 
 
-class VllmEngine(SessionTable):
-    """The whole model through a vLLM server; the same interface as ``SpanEngine``."""
+class VllmEngine(TorchEngine[_Session]):
+    """The whole model through a vLLM server: an ``Engine`` and a ``SupervisedEngine``
+    (node/engine/base.py)."""
 
     def __init__(self, source: ModelSource, server: VllmServer,
                  max_cache_tokens: int | None = None) -> None:
         self.source = source
         self.server = server
-        self._max_cache_tokens = max_cache_tokens
-        self._sessions: dict[str, _Session] = {}
-        self._lock = threading.Lock()  # the session table only; steps of distinct sessions overlap
+        super().__init__(max_cache_tokens)  # its lock guards the table; steps of distinct sessions overlap
         self._vocab = int(source.config.get("vocab_size", 0)) or None
 
     @classmethod
@@ -333,6 +338,32 @@ class VllmEngine(SessionTable):
     def healthy(self) -> bool:
         return self.server.healthy()
 
+    async def watch(self, interval_s: float = HEALTH_INTERVAL_S) -> AsyncGenerator[EngineHealth, None]:
+        """Every ``interval_s``, ``GET /health``: while healthy, an ``EngineHealth(up=True)``
+        with vLLM's cache usage; once the server died, or a live one missed UNHEALTHY_CHECKS
+        checks in a row (one miss may just be a loaded CPU), ``up=False``. After reporting down
+        it counts misses afresh (the caller restarts it meanwhile). Runs until cancelled;
+        cancellation abandons a check in flight (its thread ends on its own, bounded by the
+        HTTP timeout). Use it in ``contextlib.aclosing``.
+        """
+        import trio
+
+        misses = 0
+        while True:
+            await trio.sleep(interval_s)
+            healthy = await trio.to_thread.run_sync(self.healthy, abandon_on_cancel=True)
+            misses = 0 if healthy else misses + 1
+            if healthy:
+                try:
+                    cap = await trio.to_thread.run_sync(self.capacity, abandon_on_cancel=True)
+                except (OSError, EngineError):
+                    continue  # no figures this time; the next check tries again
+                yield EngineHealth(True, cap.get("cache_usage"))
+            elif not self.server.alive() or misses >= UNHEALTHY_CHECKS:
+                why = "exited" if not self.server.alive() else f"missed {misses} health checks"
+                yield EngineHealth(False, detail=f"vLLM server {why}")
+                misses = 0
+
     def close(self) -> None:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
@@ -357,6 +388,10 @@ class VllmEngine(SessionTable):
     def hidden_size(self) -> int:
         return self.source.hidden_size
 
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab or 0
+
     is_first = True
     is_last = True
 
@@ -373,70 +408,36 @@ class VllmEngine(SessionTable):
         return self.server.dtype
 
     def open_session(self, session_id: str, batch_size: int, max_length: int,
-                     sampling: dict[str, Any] | None = None,
+                     sampling: Mapping[str, object] | Sampling | None = None,
                      layers: tuple[int, int] | None = None) -> None:
         if layers is not None and tuple(layers) != (0, self.num_layers):
             raise BadInput(f"the vLLM engine runs the whole model (0:{self.num_layers}), "
                            f"not layers {layers}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise BadInput(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(max_length, int) or max_length < 1:
-            raise BadInput(f"max_length must be a positive int, got {max_length!r}")
+        check_session_size(batch_size, max_length)
         if max_length > self.server.max_model_len:
             raise CapacityExceeded(f"max_length {max_length} exceeds vLLM's max_model_len "
                                    f"{self.server.max_model_len}")
-        sampling = dict(sampling or {})
-        unknown = set(sampling) - {"temperature", "top_p", "seed"}
-        if unknown:
-            raise BadInput(f"unknown sampling parameters {sorted(unknown)}")
-        try:
-            params = {"temperature": float(sampling.get("temperature", 0.0)),
-                      "top_p": float(sampling.get("top_p", 1.0)),
-                      "seed": int(sampling.get("seed", 0))}
-        except (TypeError, ValueError) as e:
-            raise BadInput(f"bad sampling parameters {sampling!r}: {e}") from e
-        if not params["temperature"] >= 0.0:
-            raise BadInput(f"temperature must be >= 0, got {params['temperature']}")
-        if not 0.0 < params["top_p"] <= 1.0:
-            raise BadInput(f"top_p must be in (0, 1], got {params['top_p']}")
-        with self._lock:
-            if session_id in self._sessions:
-                raise SessionUnknown(f"session {session_id!r} is already open")
-            if self._max_cache_tokens is not None:
-                reserved = sum(s.batch_size * s.max_length for s in self._sessions.values())
-                if reserved + batch_size * max_length > self._max_cache_tokens:
-                    raise CapacityExceeded(f"cache budget: {reserved} of {self._max_cache_tokens} "
-                                           f"tokens reserved, session asks {batch_size * max_length}")
-            self._sessions[session_id] = _Session(batch_size, max_length, params,
-                                                  [_Row() for _ in range(batch_size)])
+        params = parse_sampling(sampling)
+        self._add(session_id, _Session(batch_size, max_length, params,
+                                       [_Row() for _ in range(batch_size)]))
 
     def session_layers(self, session_id: str) -> tuple[int, int]:
         self._get(session_id)
         return 0, self.num_layers
 
     def close_session(self, session_id: str) -> None:
-        with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise SessionUnknown(f"no open session {session_id!r}")
-        _close_rows(session)
-
-    def _get(self, session_id: str) -> _Session:
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is None:
-            raise SessionUnknown(f"no open session {session_id!r}")
-        return session
+        _close_rows(self._pop(session_id))
 
     def step(self, session_id: str, inputs: torch.Tensor, positions: torch.Tensor,
              mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed T tokens per row (int64 (B, T)); returns the next token of each row, int64 (B,)."""
         session = self._get(session_id)
-        inputs, mask = self._validate(session, inputs, positions, mask)
+        inputs, _, mask = validate_step(
+            inputs, positions, mask, batch_size=session.batch_size, max_length=session.max_length,
+            length=session.length, takes_tokens=True, vocab=self._vocab,
+            hidden_size=self.hidden_size, what="the vLLM engine")
+        inputs, mask = inputs.cpu(), mask.cpu()
         t = int(inputs.shape[1])
-        if session.length + t > session.max_length:
-            raise CapacityExceeded(f"session {session_id!r} holds {session.length} of "
-                                   f"{session.max_length} tokens; {t} more do not fit")
         remaining = session.max_length - session.length - t + 1  # tokens left to generate
         out: list[int] = []
         try:
@@ -473,37 +474,13 @@ class VllmEngine(SessionTable):
         p = session.sampling
         body: dict[str, Any] = {
             "model": "shiza", "prompt": prompt, "max_tokens": max(1, max_tokens),
-            "temperature": p["temperature"], "top_p": p["top_p"], "stream": True,
+            "temperature": p.temperature, "top_p": p.top_p, "stream": True,
             "ignore_eos": True, "return_token_ids": True, "skip_special_tokens": False,
         }
-        if p["temperature"] > 0:
+        if p.temperature > 0:
             # A fresh seed per restart point, so a restarted stream does not repeat its draws.
-            body["seed"] = (int(p["seed"]) + len(prompt)) % (2**31)
+            body["seed"] = (p.seed + len(prompt)) % (2**31)
         return body
-
-    def _validate(self, session: _Session, inputs: Any, positions: Any,
-                  mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(inputs, torch.Tensor) or inputs.dtype != torch.int64 or inputs.dim() != 2:
-            raise BadInput("the vLLM engine takes int64 token ids (B, T)")
-        bt = tuple(inputs.shape)
-        if bt[0] != session.batch_size:
-            raise BadInput(f"session was opened with batch_size {session.batch_size}, "
-                           f"inputs have {bt[0]} rows")
-        if bt[1] < 1:
-            raise BadInput("inputs hold no tokens (T = 0)")
-        if self._vocab and inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= self._vocab):
-            raise BadInput(f"token ids must lie in [0, {self._vocab})")
-        if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64 \
-                or tuple(positions.shape) != bt:
-            raise BadInput(f"positions must be int64 {bt}")
-        if int(positions.min()) < 0 or int(positions.max()) >= session.max_length:
-            raise BadInput(f"positions must lie in [0, {session.max_length}) (max_length)")
-        if mask is None:
-            mask = torch.ones(bt, dtype=torch.int64)
-        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.int64 or tuple(mask.shape) != bt \
-                or bool(((mask != 0) & (mask != 1)).any()):
-            raise BadInput(f"mask must be int64 {bt} of 0/1 or None")
-        return inputs.cpu(), mask.cpu()
 
     # --- capacity -----------------------------------------------------------------------------
 
@@ -523,80 +500,3 @@ def _close_rows(session: _Session) -> None:
         if row.stream is not None:
             row.stream.close()
             row.stream = None
-
-
-def measure_throughput(engine: VllmEngine, steps: int = 16, prompt_length: int = 8) -> float:
-    """Decode tokens/s of one session through vLLM (after its prefill), as clients see it."""
-    sid = f"__throughput-{id(engine)}-{time.monotonic_ns()}"
-    engine.open_session(sid, batch_size=1, max_length=prompt_length + steps + 1)
-    try:
-        prompt = torch.arange(1, prompt_length + 1, dtype=torch.int64).unsqueeze(0)  # (1, T)
-        tok = engine.step(sid, prompt, torch.arange(prompt_length).unsqueeze(0))
-        begin = time.perf_counter()
-        for i in range(steps):
-            pos = torch.tensor([[prompt_length + i]], dtype=torch.int64)
-            tok = engine.step(sid, tok.unsqueeze(1), pos)
-        elapsed = time.perf_counter() - begin
-    finally:
-        engine.close_session(sid)
-    return steps / elapsed
-
-
-# --- supervision (runs in the node's nursery) ---------------------------------------------------
-
-HEALTH_INTERVAL_S = 2.0
-MAX_RESTARTS = 3
-UNHEALTHY_CHECKS = 3  # failed health checks in a row that make a live server unhealthy
-
-
-async def supervise(node: Any, *, interval_s: float = HEALTH_INTERVAL_S,
-                    max_restarts: int = MAX_RESTARTS, task_status: Any = None) -> None:
-    """Watch the vLLM server of ``node.engine``; on failure drain, restart, come back online.
-
-    Every ``interval_s``: ``GET /health``. While healthy, vLLM's cache usage and queue feed the
-    record's ``cache_tokens_left``. When unhealthy (the server died or stopped answering): stop
-    accepting sessions, publish the record as ``draining`` (clients route around it; open
-    sessions fail with SessionClosed and fail over), restart vLLM, publish ``online`` again.
-    After ``max_restarts`` restarts it raises ``EngineError``, which ends the node (its nursery
-    cancels, the record is withdrawn, the process group is killed). Cancellation: a restart in
-    progress is abandoned (its thread finishes on its own; ``close`` stops what it started).
-    """
-    import trio
-
-    engine: VllmEngine = node.engine
-    budget = int(node.state.cache_tokens_left)
-    restarts = misses = 0
-    if task_status is not None:
-        task_status.started()
-    while True:
-        await trio.sleep(interval_s)
-        healthy = await trio.to_thread.run_sync(engine.healthy, abandon_on_cancel=True)
-        # A live server that misses one check may just be busy (a loaded CPU): three in a row.
-        misses = 0 if healthy else misses + 1
-        if healthy or (engine.server.alive() and misses < UNHEALTHY_CHECKS):
-            if not healthy:
-                continue
-            try:
-                cap = await trio.to_thread.run_sync(engine.capacity, abandon_on_cancel=True)
-            except (OSError, EngineError):
-                continue
-            free = budget - engine.cache_tokens_reserved()
-            if "cache_usage" in cap:
-                free = min(free, int(budget * (1.0 - cap["cache_usage"])))
-            node.state.cache_tokens_left = max(0, free)
-            continue
-        log.error("vLLM server is unhealthy (restart %d of %d): draining", restarts + 1, max_restarts)
-        node.server.accepting = False
-        node.state.state = "draining"
-        with trio.move_on_after(5):
-            await node.announcer.publish()
-        if restarts >= max_restarts:
-            raise EngineError(f"vLLM server failed {restarts + 1} times; giving up")
-        restarts += 1
-        misses = 0
-        await trio.to_thread.run_sync(engine.restart, abandon_on_cancel=True)
-        node.server.accepting = True
-        node.state.state = "online"
-        with trio.move_on_after(5):
-            await node.announcer.publish()
-        log.warning("vLLM server restarted; online again")

@@ -9,13 +9,12 @@ from dataclasses import replace
 import pytest
 import trio
 
-from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_disputes, select_dispute, validate_dispute
+from tests.dht_swarm import dht_swarm
+from node.net.records import fetch_disputes, select_dispute, validate_dispute
 from node.serve.announce import Announcer, RecordState
 from node.client.swarm import SwarmClient
-from node.net.dht import open_dht
 from node.client.disputes import EXCLUDE_REPORTERS, DisputeWatch, publish_dispute
 from protocol.ids import dispute_key
-from node.net.host import open_host
 from protocol.codec import canonical_pack
 from protocol.disputes import PURPOSE_DISPUTE, DisputeRecord, sign_dispute
 from protocol.errors import ShizaError
@@ -25,18 +24,6 @@ from protocol.records import Hardware
 
 MODEL = "tiny@0123456789abcdef"
 WITNESSES = (Identity.generate().peer_id, Identity.generate().peer_id)
-
-
-async def _swarm(stack: AsyncExitStack, n: int):
-    ids = [Identity.generate() for _ in range(n)]
-    hosts, dhts = [], []
-    for ident in ids:
-        host = await stack.enter_async_context(open_host(ident.seed))
-        boot = [hosts[0].addrs[0]] if hosts else []
-        dht = await stack.enter_async_context(open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, boot))
-        hosts.append(host)
-        dhts.append(dht)
-    return ids, hosts, dhts
 
 
 def _dispute(reporter: Identity, accused: str, *, created_at: float | None = None, step: int = 3) -> DisputeRecord:
@@ -72,7 +59,7 @@ def test_validator_refuses_forged_misplaced_stale_and_future_records():
 
 async def test_disputes_are_stored_found_and_forgeries_refused():
     async with AsyncExitStack() as stack:
-        ids, hosts, dhts = await _swarm(stack, 3)
+        ids, hosts, dhts = await dht_swarm(stack, 3)
         accused, reporter = ids[0].peer_id, ids[1]
         # Forged: names reporter ids[1], signed by ids[2]; refused by the DHT.
         claim = _dispute(reporter, accused)
@@ -94,7 +81,7 @@ async def test_disputes_are_stored_found_and_forgeries_refused():
 async def test_distinct_reporters_exclude_a_peer_from_routing():
     async with AsyncExitStack() as stack:
         # 0, 1: nodes serving the whole model; 2..4: reporters; 5: the client.
-        ids, hosts, dhts = await _swarm(stack, 6)
+        ids, hosts, dhts = await dht_swarm(stack, 6)
         accused, honest = ids[0].peer_id, ids[1].peer_id
         async with trio.open_nursery() as nursery:
             for i in (0, 1):

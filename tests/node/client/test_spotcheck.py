@@ -1,11 +1,23 @@
-"""node.spotcheck's comparison of outputs (no network)."""
+"""node.client.spotcheck: comparing outputs, and the checker's verdicts through a fake
+CheckContext (no network: the context's replay answers with the tensors a test chose)."""
 
 from __future__ import annotations
 
+import hashlib
+import random
 import struct
+import time
+from collections.abc import Sequence
 
-from node.client.spotcheck import max_abs_diff, outputs_agree
+import pytest
+
+from node.client.routing import Hop
+from node.client.spotcheck import CheckedStep, SpotChecker, max_abs_diff, outputs_agree
 from protocol.codec import Tensor
+from protocol.disputes import verify_dispute
+from protocol.identity import Identity
+from protocol.messages import ServedSpan
+from protocol.records import CapacityRecord, Hardware, sign_record
 
 
 def f32(values: list[float], shape: tuple[int, ...] | None = None) -> Tensor:
@@ -34,3 +46,117 @@ def test_half_precision_decoding() -> None:
     assert max_abs_diff(bf, Tensor("bfloat16", (2,), struct.pack("<2H", 0x3F80, 0x4040))) == 1.0  # 2 vs 3
     h = Tensor("float16", (1,), struct.pack("<e", 1.5))
     assert max_abs_diff(h, Tensor("float16", (1,), struct.pack("<e", 1.0))) == 0.5
+
+
+# ---- verdicts ----------------------------------------------------------------------------------
+def _id(name: str) -> Identity:
+    return Identity.from_seed(hashlib.sha256(name.encode()).digest())
+
+
+MODEL = "tiny@" + "0" * 16
+REPORTER, ACCUSED = _id("reporter"), _id("accused")
+WITNESSES = [_id(f"witness-{i}") for i in range(3)]
+
+
+def _record(ident: Identity, start: int = 0, end: int = 6, state: str = "online") -> CapacityRecord:
+    now = time.time()
+    return sign_record(ident, CapacityRecord(
+        ident.peer_id, (), (ServedSpan(MODEL, start, end, 6),), Hardware("cpu", "x", 0, 0), 10.0, 1000,
+        state, 1, now, now + 60))
+
+
+class FakeContext:
+    """A CheckContext whose witnesses answer from ``answers`` (None: the witness failed)."""
+
+    def __init__(self, answers: dict[str, Tensor | None], records: list[CapacityRecord],
+                 avoided: frozenset[str] = frozenset()) -> None:
+        self.answers = answers
+        self.records = records
+        self._avoided = avoided
+        self.replayed: list[tuple[Hop, int]] = []
+
+    @property
+    def identity(self) -> Identity:
+        return REPORTER
+
+    @property
+    def swarm_id(self) -> str:
+        return "public"
+
+    def known_records(self, model_id: str) -> Sequence[CapacityRecord]:
+        assert model_id == MODEL
+        return self.records
+
+    def avoided(self) -> frozenset[str]:
+        return self._avoided
+
+    async def replay(self, witness: Hop, history: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor | None:
+        self.replayed.append((witness, len(history)))
+        return self.answers.get(witness.peer_id)
+
+
+def _step(output: Tensor, start: int = 0, end: int = 3) -> CheckedStep:
+    ids = Tensor("int64", (1, 2), struct.pack("<2q", 1, 2))
+    history = [(ids, ids, ids), (ids, ids, ids)]
+    return CheckedStep(MODEL, Hop(ACCUSED.peer_id, start, end, (), (0, 6)), "session-1", 1, history, output)
+
+
+GOOD, BAD = f32([1.0, 2.0, 3.0]), f32([1.5, 2.0, 3.0])
+
+
+async def test_an_unsampled_step_is_skipped_without_asking_anyone() -> None:
+    ctx = FakeContext({}, [_record(w) for w in WITNESSES])
+    verdict = await SpotChecker(rate=0.0).check(ctx, _step(GOOD))
+    assert verdict.outcome == "skipped" and verdict.output is GOOD and not ctx.replayed
+
+
+async def test_agreeing_witnesses_replay_the_whole_history_and_agree() -> None:
+    ctx = FakeContext({w.peer_id: GOOD for w in WITNESSES}, [_record(w) for w in WITNESSES] + [_record(ACCUSED)])
+    checker = SpotChecker(rate=1.0, rng=random.Random(1))
+    verdict = await checker.check(ctx, _step(GOOD))
+    assert verdict.outcome == "agree" and verdict.dispute is None and verdict.accused is None
+    assert len(ctx.replayed) == 2 and all(n == 2 for _, n in ctx.replayed)  # two witnesses, every step
+    # Witnesses run exactly the checked layers, as sub-ranges of their spans; never the accused.
+    assert {(h.start, h.end, h.span) for h, _ in ctx.replayed} == {(0, 3, (0, 6))}
+    assert ACCUSED.peer_id not in {h.peer_id for h, _ in ctx.replayed}
+    assert checker.checks == 1 and checker.agreeing_diffs == [0.0]
+
+
+async def test_two_agreeing_witnesses_convict_with_a_signed_dispute_and_their_output() -> None:
+    ctx = FakeContext({w.peer_id: GOOD for w in WITNESSES}, [_record(w) for w in WITNESSES])
+    checker = SpotChecker(rate=1.0, rng=random.Random(2))
+    verdict = await checker.check(ctx, _step(BAD))
+    assert verdict.outcome == "disagree" and verdict.output is GOOD and verdict.accused == ACCUSED.peer_id
+    record = verdict.dispute
+    assert record is not None and checker.disputes == [record]
+    verify_dispute(record)
+    assert record.reporter == REPORTER.peer_id and record.step == 1 and record.session_id == "session-1"
+    assert set(record.witnesses) == set(verdict.witnesses) and len(record.witnesses) == 2
+    assert record.max_abs_diff == pytest.approx(0.5) and (record.start, record.end) == (0, 3)
+
+
+async def test_one_witness_or_witnesses_that_disagree_prove_nothing() -> None:
+    lone = FakeContext({WITNESSES[0].peer_id: GOOD}, [_record(WITNESSES[0])])
+    checker = SpotChecker(rate=1.0)
+    assert (await checker.check(lone, _step(BAD))).outcome == "inconclusive"
+    split = FakeContext({WITNESSES[0].peer_id: GOOD, WITNESSES[1].peer_id: f32([9.0, 9.0, 9.0])},
+                        [_record(WITNESSES[0]), _record(WITNESSES[1])])
+    verdict = await checker.check(split, _step(BAD))
+    assert verdict.outcome == "inconclusive" and verdict.output is BAD and verdict.dispute is None
+    assert checker.inconclusive == 2 and not checker.disputes
+
+
+async def test_avoided_draining_and_narrow_peers_are_no_witnesses() -> None:
+    avoided, draining, narrow = WITNESSES
+    ctx = FakeContext({}, [_record(avoided), _record(draining, state="draining"), _record(narrow, 0, 2)],
+                      avoided=frozenset({avoided.peer_id}))
+    checker = SpotChecker(rate=1.0)
+    verdict = await checker.check(ctx, _step(BAD))
+    assert verdict.outcome == "skipped" and not ctx.replayed and checker.checks == 0
+
+
+async def test_witnesses_that_fail_leave_the_step_unjudged() -> None:
+    ctx = FakeContext({w.peer_id: None for w in WITNESSES}, [_record(w) for w in WITNESSES])
+    checker = SpotChecker(rate=1.0)
+    verdict = await checker.check(ctx, _step(BAD))
+    assert verdict.outcome == "skipped" and verdict.output is BAD and checker.checks == 1

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from node.engine import SpanEngine  # noqa: E402
 from node.engine.reference import reference_greedy  # noqa: E402
-from node.engine.registry import ModelSource  # noqa: E402
+from node.models import ModelSource  # noqa: E402
 
 PAD = 2
 SPANS = [(0, 2), (2, 4), (4, 6)]

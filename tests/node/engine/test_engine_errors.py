@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 from node.engine import (  # noqa: E402
     BadInput, CapacityExceeded, EngineError, SessionUnknown, SpanEngine,
 )
-from node.engine.registry import ModelSource  # noqa: E402
+from node.models import ModelSource  # noqa: E402
 
 
 @pytest.fixture(scope="module")

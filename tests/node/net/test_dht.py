@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
@@ -16,6 +16,7 @@ from multiaddr import Multiaddr
 
 from node.net.dht import MAX_PROVIDERS_PER_KEY, PROVIDER_TTL_S, DHTError, StaleValue, SwarmDHT, open_dht
 from node.net.host import Host, open_host
+from tests.polling import eventually
 
 N = 5
 NS = "shiza-test"
@@ -58,13 +59,6 @@ async def swarm(n: int = N) -> AsyncIterator[list[tuple[Host, SwarmDHT]]]:
         for _host, dht in nodes:
             await dht.kad.refresh_routing_table()
         yield nodes
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Poll `check` until it is true; fail after `timeout` seconds."""
-    with trio.fail_after(timeout):
-        while not await check():
-            await trio.sleep(0.05)
 
 
 async def test_five_node_swarm(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
@@ -142,7 +136,7 @@ async def test_five_node_swarm(capsys: pytest.CaptureFixture[str], caplog: pytes
             async def four_found() -> bool:
                 return len(await d4.find_providers(model)) == 4
 
-            await eventually(four_found)
+            await eventually(four_found, timeout_s=5, interval_s=0.05, what="the fourth provider")
 
             # provider addresses are usable for dialling
             async def pong(stream) -> None:  # type: ignore[no-untyped-def]
@@ -214,3 +208,20 @@ async def test_provider_lists_hold_more_than_twenty_and_let_stale_entries_go() -
         now[0] += PROVIDER_TTL_S
         store.cleanup_expired()
         assert listed() == set() and key not in store.providers
+
+
+async def test_observer_is_told_of_every_operation_and_its_outcome() -> None:
+    seen: list[tuple[str, str]] = []
+    with trio.fail_after(20):
+        async with open_host(seed(10)) as h0, open_host(seed(11)) as h1:
+            async with open_dht(h0, {NS: validate}, {NS: select}) as d0, \
+                    open_dht(h1, {NS: validate}, {NS: select}, bootstrap=[h0.addrs[0]],
+                             observer=lambda op, outcome, s: seen.append((op, outcome))) as d1:
+                await d1.put(f"/{NS}/k", b"1:v")
+                with pytest.raises(ValueError):
+                    await d1.put(f"/{NS}/k", b"2:bad")
+                assert await d1.get(f"/{NS}/k") == b"1:v"
+                assert await d1.provide(b"model:x")
+                assert await d1.find_providers(b"model:x") == [h1.peer_id]
+                assert await d0.get(f"/{NS}/k") == b"1:v"  # not d1's: not reported
+    assert seen == [("put", "ok"), ("put", "error"), ("get", "ok"), ("provide", "ok"), ("find_providers", "ok")]

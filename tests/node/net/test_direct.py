@@ -9,6 +9,7 @@ from typing import AsyncIterator
 import pytest
 import trio
 
+from tests.polling import eventually
 from node.net.direct import DirectChannel, DirectListener, connect
 from node.net.host import StreamBroken
 from protocol import direct as wire
@@ -111,9 +112,8 @@ async def test_an_altered_frame_breaks_the_channel():
 async def test_silent_connections_time_out_and_are_capped():
     async with _listener(handshake_timeout_s=0.5, max_handshakes=1) as listener:
         silent = await trio.open_tcp_stream("127.0.0.1", listener.port)
-        with trio.fail_after(10):  # wait until the listener is handshaking with it
-            while listener._handshaking == 0:
-                await trio.sleep(0.01)
+        await eventually(lambda: listener.handshakes_in_progress, timeout_s=10, interval_s=0.01,
+                         what="the listener to start the silent connection's handshake")
         second = await trio.open_tcp_stream("127.0.0.1", listener.port)
         assert await _closed_by_node(second)  # over the cap: closed at once
         assert await _closed_by_node(silent)  # no hello within the handshake timeout

@@ -18,6 +18,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
+from tests.polling import eventually
 from node.net.host import FrameTooLong, Stream, StreamBroken, frame, open_host
 
 ECHO = "/shiza-test/echo/1.0.0"
@@ -236,7 +237,7 @@ async def test_leaving_the_block_closes_listener_and_connections_even_after_a_dh
                 port = int(b.addrs[0].split("/tcp/")[1].split("/")[0])
             with socket.socket() as s:
                 assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there any more
-            while b.peer_id in a.connected_peers():  # the peer sees the connection end
-                await trio.sleep(0.05)
+            await eventually(lambda: b.peer_id not in a.connected_peers(), timeout_s=10, interval_s=0.05,
+                             what="the peer to see the connection end")
             with pytest.raises(Exception):
                 await a.open_stream(b.peer_id, ECHO)

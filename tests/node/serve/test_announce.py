@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 import trio
 
+from tests.polling import eventually
+from tests.dht_swarm import dht_swarm
 from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
 from node.serve.announce import Announcer, RecordState
 from node.net.dht import open_dht
@@ -30,21 +32,9 @@ def _state(addrs):
     )
 
 
-async def _swarm(stack: AsyncExitStack, n: int):
-    ids = [Identity.generate() for _ in range(n)]
-    hosts, dhts = [], []
-    for ident in ids:
-        host = await stack.enter_async_context(open_host(ident.seed))
-        boot = [hosts[0].addrs[0]] if hosts else []
-        dht = await stack.enter_async_context(open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, boot))
-        hosts.append(host)
-        dhts.append(dht)
-    return ids, hosts, dhts
-
-
 async def test_published_record_is_found_and_withdrawal_hides_it():
     async with AsyncExitStack() as stack:
-        ids, hosts, dhts = await _swarm(stack, 3)
+        ids, hosts, dhts = await dht_swarm(stack, 3)
         ann = Announcer(ids[1], dhts[1], _state(hosts[1].addrs), ttl_s=60, provide_keys=(MODEL,))
         async with trio.open_nursery() as nursery:
             await nursery.start(ann.serve)
@@ -70,7 +60,7 @@ def _record(ident: Identity, *, now: float, ttl: float = 60, seq: int = 1, peer_
 
 async def test_forged_expired_and_stale_records_are_rejected():
     async with AsyncExitStack() as stack:
-        ids, hosts, dhts = await _swarm(stack, 2)
+        ids, hosts, dhts = await dht_swarm(stack, 2)
         victim, attacker = ids[0], Identity.generate()
         now = time.time()
         key = capacity_key(victim.peer_id)
@@ -105,7 +95,7 @@ async def test_a_provider_that_left_is_still_found_through_the_dht():
     """Readers ask each provider for its own record first (SPEC 12.4.3); a provider that no
     longer answers is looked up in the DHT, where its record stays until it expires."""
     async with AsyncExitStack() as stack:
-        ids, hosts, dhts = await _swarm(stack, 3)
+        ids, hosts, dhts = await dht_swarm(stack, 3)
         gone = Identity.generate()
         async with AsyncExitStack() as leaving:
             host = await leaving.enter_async_context(open_host(gone.seed))
@@ -122,9 +112,8 @@ async def test_a_provider_that_left_is_still_found_through_the_dht():
                     return await network_get(key)
 
                 dhts[2].get = spied_get  # type: ignore[method-assign]
-                with trio.fail_after(20):
-                    while not await fetch_records(dhts[2], MODEL):  # until it has published
-                        await trio.sleep(0.05)
+                await eventually(lambda: fetch_records(dhts[2], MODEL), timeout_s=20, interval_s=0.05,
+                                 what="the node's published record")
                 lookups.clear()
                 with trio.fail_after(20):
                     assert [r.peer_id for r in await fetch_records(dhts[2], MODEL)] == [gone.peer_id]

@@ -1,4 +1,7 @@
-"""Batched decode steps equal each session run alone; admission by KV-cache budget."""
+"""Batched decode steps equal each session run alone; admission by KV-cache budget.
+
+The scheduler speaks wire tensors (the engine interface); the engine's own ``step`` and
+``step_batch`` take torch tensors, so the reference runs use those directly."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import trio
 torch = pytest.importorskip("torch")
 
 from node.engine import SpanEngine  # noqa: E402
-from node.engine.registry import ModelSource  # noqa: E402
+from node.models import ModelSource  # noqa: E402
+from node.engine.tensors import from_torch, to_torch  # noqa: E402
 from node.serve.scheduler import CacheAdmission, StepScheduler  # noqa: E402
+from protocol.codec import Tensor  # noqa: E402
 from protocol.errors import Busy  # noqa: E402
 
 PAD = 2
@@ -20,6 +25,14 @@ SESSIONS = [
     ([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 900, 901]], {}),
     ([[44]], {"temperature": 1.0, "seed": 7}),
 ]
+
+
+async def sched_step(sched: StepScheduler, engine, sid: str, x: torch.Tensor, pos: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """One step through the scheduler, torch tensors converted at its wire interface."""
+    out = await sched.step(engine, sid, from_torch(x), from_torch(pos),
+                           from_torch(mask) if mask is not None else None)
+    return to_torch(out)
 
 
 def _prefill(prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
@@ -136,7 +149,7 @@ async def test_scheduler_batches_concurrent_sessions(engines: dict[str, SpanEngi
         for _ in range(lengths[i]):
             h = run.x
             for (engine, _), sched in zip(chain, scheds):
-                h = await sched.step(engine, run.name, h, run.pos, run.mask)
+                h = await sched_step(sched, engine, run.name, h, run.pos, run.mask)
             run.advance(h)
         run.close()
         got[i] = run.out
@@ -184,18 +197,20 @@ async def test_prefills_run_in_a_worker_thread_and_decode_batches_inline(
     class Recording:
         inline_decode = engine.inline_decode
 
-        def step_batch(self, items):  # type: ignore[no-untyped-def]
-            threads.append((int(items[0][1].shape[1]), threading.get_ident()))
-            return engine.step_batch(items)
+        def run_steps(self, steps):  # type: ignore[no-untyped-def]
+            threads.append((int(steps[0].inputs.shape[1]), threading.get_ident()))
+            return engine.run_steps(steps)
 
     sched, rec = StepScheduler(), Recording()
     engine.open_session("t", 1, 16)
     try:
-        await sched.step(rec, "t", torch.tensor([[1, 5, 7, 9]]), torch.arange(4)[None], None)
-        out, seconds, rows = await sched.step_timed(rec, "t", torch.tensor([[11]]), torch.tensor([[4]]), None)
+        await sched.step(rec, "t", from_torch(torch.tensor([[1, 5, 7, 9]])), from_torch(torch.arange(4)[None]), None)
+        out, seconds, rows = await sched.step_timed(
+            rec, "t", from_torch(torch.tensor([[11]])), from_torch(torch.tensor([[4]])), None)
     finally:
         engine.close_session("t")
-    assert out.shape == (1, 1, 64) and seconds > 0 and rows == 1  # hidden states of the new token
+    assert isinstance(out, Tensor) and out.dtype == "float32"  # a wire tensor: hidden states
+    assert out.shape == (1, 1, 64) and seconds > 0 and rows == 1
     main = threading.get_ident()
     assert threads[0][0] == 4 and threads[0][1] != main  # the prefill: off the event loop
     assert threads[1] == (1, main)  # the decode step: in the event loop's thread
@@ -242,9 +257,9 @@ async def test_decode_groups_that_drift_apart_merge_within_a_round(autojump_cloc
     class Instant:  # the layer above the engine is under test: a forward costs no time
         inline_decode = True
 
-        def step_batch(self, items):  # type: ignore[no-untyped-def]
-            batches.append(len(items))
-            return [x for _, x, _, _ in items]
+        def run_steps(self, steps):  # type: ignore[no-untyped-def]
+            batches.append(len(steps))
+            return [s.inputs for s in steps]
 
     sched, engine = StepScheduler(), Instant()
     sched.gather = gather
@@ -253,7 +268,8 @@ async def test_decode_groups_that_drift_apart_merge_within_a_round(autojump_cloc
     async def session(name: str, offset: float) -> None:
         await trio.sleep(offset)
         for _ in range(rounds):
-            await sched.step(engine, name, torch.zeros(1, 1, 4), torch.zeros(1, 1), None)
+            await sched.step(engine, name, Tensor("float32", (1, 1, 4), bytes(16)),
+                             Tensor("int64", (1, 1), bytes(8)), None)
             await trio.sleep(period)  # at the other nodes of the chain, and at the client
         sched.forget(name)
 

@@ -1,0 +1,228 @@
+"""One hop's inference session, from the client's side: open, step, receipts, close.
+
+A hop is one peer running layers ``start:end`` for one generation (SPEC.md, "Inference
+session"). ``HopSessions`` opens its session through a ``Connector`` (libp2p in a real swarm,
+memory in one process), moves the session's frames to a direct channel when the node offers
+one (SPEC 9.5; when connecting it fails the hop is opened once more without asking), drives
+its steps, checks and countersigns (or disputes) its receipts, and closes it.
+
+This is the lowest layer of the client that sees the network, so every failure is converted
+here into the client's errors (node/client/errors.py): StreamBroken or a stream that ends
+becomes PeerUnreachable, an Error frame the peer's PeerError (e.g. PeerBusy), a message that
+breaks the protocol (or a stall past ``step_timeout_s``) the PeerError of that violation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import trio
+
+from protocol import direct as direct_wire
+from protocol.codec import Tensor
+from protocol.errors import InvalidMessage, ShizaError
+from protocol.identity import Identity
+from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL
+from protocol.messages import (
+    CloseSession,
+    Closed,
+    Countersign,
+    Dispute,
+    Error,
+    Message,
+    OpenSession,
+    SamplingParams,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+
+from node.client.errors import InvalidRequest, PeerError, PeerUnreachable, peer_error
+from node.client.health import RttTracker
+from node.client.routing import Hop
+from node.ledger.accounting import ClientAccount, store
+from node.ledger.store import Ledger
+from node.net.direct import connect as connect_direct
+from node.net.streams import Connector, FramedStream, StreamBroken
+from node.net.wire import recv_message, send_message
+
+__all__ = ["CLOSE_TIMEOUT_S", "STEP_TIMEOUT_S", "HopSession", "HopSessions", "SessionSpec", "StepInput"]
+
+log = logging.getLogger(__name__)
+
+STEP_TIMEOUT_S = 60.0  # a hop that answers no step within this is taken for stalled
+CLOSE_TIMEOUT_S = 10.0
+
+StepInput = tuple[Tensor, Tensor, Tensor]  # what one step sent a hop: (input, positions, mask)
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What every hop session of one generation is opened with."""
+
+    model_id: str
+    batch: int
+    max_length: int
+    sampling: SamplingParams
+
+
+@dataclass
+class HopSession:
+    hop: Hop
+    stream: FramedStream  # the session's frames: its libp2p stream or direct channel
+    session_id: str
+    account: ClientAccount
+    anchor: FramedStream | None = None  # the stream the session was opened on, if it moved
+    steps: int = 0
+    # Every input sent to this hop, so a replacement can rebuild its KV cache (failover).
+    history: list[StepInput] = field(default_factory=list)
+
+    async def reset(self) -> None:
+        """Abandon the session: its frames' transport and the stream it was opened on."""
+        await self.stream.reset()
+        if self.anchor is not None:
+            await self.anchor.reset()
+
+
+class _DirectFailed(Exception):
+    """The node offered a direct channel but connecting it failed (opened again without)."""
+
+
+class HopSessions:
+    """Opens, drives and closes hop sessions for one client (see the module docstring)."""
+
+    def __init__(self, connector: Connector, identity: Identity, ledger: Ledger | None = None, *,
+                 swarm_id: str = DEFAULT_SWARM_ID, step_timeout_s: float = STEP_TIMEOUT_S,
+                 direct: bool = True, rtt: RttTracker | None = None) -> None:
+        self.connector = connector
+        self.identity = identity
+        self.ledger = ledger
+        self.swarm_id = swarm_id  # receipts must name it
+        self.step_timeout_s = step_timeout_s
+        # Ask nodes for a direct activation channel (SPEC 9.5); peers where connecting it
+        # failed are asked no more (their sessions stay on libp2p streams).
+        self.direct = direct
+        self.direct_failed: set[str] = set()
+        self.direct_sessions = 0  # hop sessions that ran over a direct channel
+        self.rtt = rtt or RttTracker()
+
+    async def open(self, spec: SessionSpec, hop: Hop) -> HopSession:
+        """Open the hop's session; over a direct channel where the node offers one and it
+        connects, else (or when it fails to connect: once more without asking) on the stream."""
+        if self.direct and hop.peer_id not in self.direct_failed:
+            try:
+                return await self._open_once(spec, hop, direct=True)
+            except _DirectFailed as exc:
+                log.info("direct channel to %s failed (%s); using its libp2p stream", hop.peer_id, exc)
+                self.direct_failed.add(hop.peer_id)
+        return await self._open_once(spec, hop, direct=False)
+
+    async def _open_once(self, spec: SessionSpec, hop: Hop, *, direct: bool) -> HopSession:
+        public, secret = direct_wire.keypair() if direct else (None, None)
+        try:
+            request = OpenSession(spec.model_id, hop.start, hop.end, spec.max_length, spec.batch,
+                                  spec.sampling, direct_key=public)
+        except ShizaError as exc:  # the caller's batch or length is out of the protocol's range
+            raise InvalidRequest(f"cannot open a session: {exc}") from None
+        t0 = time.perf_counter()
+        try:
+            stream = await self.connector.open_stream(hop.peer_id, INFERENCE_PROTOCOL, hop.addrs)
+        except StreamBroken as exc:
+            raise _unreachable(hop, f"cannot open a stream: {exc}") from None
+        try:
+            await send_message(stream, request)
+            opened = _expect(await recv_message(stream, self.step_timeout_s), SessionOpened, hop)
+            if opened.direct_port is not None and public is None:
+                raise InvalidMessage("the node offered a direct channel nobody asked for")
+        except (ShizaError, StreamBroken) as exc:
+            await stream.reset()
+            raise _converted(exc, hop) from None
+        self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
+        account = ClientAccount(self.identity, hop.peer_id, spec.model_id, hop.start, hop.end,
+                                opened.session_id, swarm_id=self.swarm_id)
+        if opened.direct_port is None or public is None or secret is None:
+            return HopSession(hop, stream, opened.session_id, account)
+        try:
+            ip = self.connector.remote_ip(stream)
+            if ip is None:
+                raise StreamBroken("no IP address for this peer's connection")
+            channel = await connect_direct(ip, opened.direct_port, opened.direct_key or b"",
+                                           hop.peer_id, public, secret, self.step_timeout_s)
+        except StreamBroken as exc:
+            await stream.reset()
+            raise _DirectFailed(str(exc)) from None
+        self.direct_sessions += 1
+        return HopSession(hop, channel, opened.session_id, account, anchor=stream)
+
+    async def step(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """One step on one hop: its output. Any failure, or a stall past the step timeout,
+        raises PeerError (the caller fails the hop over)."""
+        try:
+            step = Step(h.steps, payload, pos, mask)
+            await send_message(h.stream, step)
+            result = _expect(await recv_message(h.stream, self.step_timeout_s), StepResult, h.hop)
+            if result.step != h.steps:
+                raise InvalidMessage(f"answered step {result.step}, expected {h.steps}")
+            h.account.record(step, result.output)
+            if result.receipt is not None:
+                await self._judge(h, result.receipt)
+        except (ShizaError, StreamBroken) as exc:
+            raise _converted(exc, h.hop) from None
+        h.history.append((payload, pos, mask))
+        h.steps += 1
+        return result.output
+
+    async def close(self, h: HopSession) -> None:
+        """Close one hop's session and settle its final receipt (best effort, never raises)."""
+        try:
+            await send_message(h.stream, CloseSession())
+            reply = await recv_message(h.stream, CLOSE_TIMEOUT_S)
+            if isinstance(reply, Closed) and reply.receipt is not None:
+                await self._judge(h, reply.receipt)
+            await h.stream.close()
+            if h.anchor is not None:
+                await h.anchor.close()
+        except Exception as exc:  # noqa: BLE001 - the peer may be gone; its checkpoints stay
+            log.info("closing session on %s: %s", h.hop.peer_id, exc)
+            await h.reset()
+
+    async def _judge(self, h: HopSession, data: bytes) -> None:
+        """Check a receipt against what we sent and received; countersign or dispute it."""
+        receipt, client_sig, reason = h.account.judge(data)
+        if receipt is None:
+            log.warning("unreadable receipt from %s: %s", h.hop.peer_id, reason)
+            return
+        if client_sig is not None:
+            await send_message(h.stream, Countersign(receipt.receipt_id, client_sig))
+            await trio.to_thread.run_sync(store, self.ledger, receipt, "countersigned", "")
+        else:
+            log.warning("disputing receipt %s from %s: %s", receipt.receipt_id, h.hop.peer_id, reason)
+            await send_message(h.stream, Dispute(receipt.receipt_id, reason[:1000]))
+            await trio.to_thread.run_sync(store, self.ledger, receipt, "disputed", reason)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _expect(reply: Message | None, cls: type[M], hop: Hop) -> M:
+    if isinstance(reply, cls):
+        return reply
+    if isinstance(reply, Error):
+        raise peer_error(reply.to_exception(), peer_id=hop.peer_id, layers=(hop.start, hop.end))
+    if reply is None:
+        raise _unreachable(hop, "it closed the stream")
+    raise InvalidMessage(f"it sent {type(reply).__name__}, expected {cls.__name__}")
+
+
+def _unreachable(hop: Hop, reason: str) -> PeerUnreachable:
+    return PeerUnreachable(reason, peer_id=hop.peer_id, layers=(hop.start, hop.end))
+
+
+def _converted(exc: ShizaError | StreamBroken, hop: Hop) -> PeerError:
+    """What a failure while talking to ``hop`` is to the client's callers."""
+    if isinstance(exc, StreamBroken):
+        return _unreachable(hop, str(exc))
+    return peer_error(exc, peer_id=hop.peer_id, layers=(hop.start, hop.end))

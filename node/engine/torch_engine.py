@@ -1,0 +1,121 @@
+"""What the two torch-side engines share: the wire <-> torch edge of ``Engine.run_steps`` and the
+checks of a step's tensors, written once.
+
+A subclass (``SpanEngine``, ``VllmEngine``) provides the torch-level ``step`` (and may override
+``step_batch`` to share forwards); in-process callers (tests, benchmarks, reference checks) use
+those directly with torch tensors. The server goes through ``run_steps`` (node/engine/base.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from protocol.codec import Tensor
+from protocol.errors import BadShape
+
+from node.engine.base import StepInput
+from node.engine.errors import BadInput, CapacityExceeded
+from node.engine.sessions import S, SessionTable
+from node.engine.tensors import from_torch, to_torch
+
+TorchStep = tuple[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+class TorchEngine(SessionTable[S]):
+    """Base of engines that compute on torch tensors; implements ``Engine.run_steps``."""
+
+    #: Decode batches are short forwards: the scheduler may run them in the event loop's thread.
+    inline_decode = False
+
+    def step(self, session_id: str, inputs: torch.Tensor, positions: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step_batch(self, items: Sequence[TorchStep]) -> list[torch.Tensor | Exception]:
+        """The steps in turn, each failure kept apart (an engine that batches overrides this)."""
+        out: list[torch.Tensor | Exception] = []
+        for item in items:
+            try:
+                out.append(self.step(*item))
+            except Exception as exc:  # noqa: BLE001 - reported to that session only
+                out.append(exc)
+        return out
+
+    def run_steps(self, steps: Sequence[StepInput]) -> list[Tensor | Exception]:
+        """``Engine.run_steps``: wire tensors to torch (views, no copy where possible), one
+        ``step_batch``, outputs back to wire tensors. A step whose tensors do not convert fails
+        alone with ``BadInput``."""
+        results: list[Tensor | Exception | None] = [None] * len(steps)
+        items: list[TorchStep] = []
+        where: list[int] = []
+        for i, s in enumerate(steps):
+            try:
+                mask = to_torch(s.mask) if s.mask is not None else None
+                items.append((s.session_id, to_torch(s.inputs), to_torch(s.positions), mask))
+            except (BadShape, KeyError) as exc:  # KeyError: a dtype torch does not take here
+                results[i] = BadInput(f"step tensors do not convert: {exc}")
+                continue
+            where.append(i)
+        for i, out in zip(where, self.step_batch(items) if items else []):
+            if isinstance(out, Exception):
+                results[i] = out
+                continue
+            try:
+                results[i] = from_torch(out)
+            except Exception as exc:  # noqa: BLE001 - a bug fails that step only
+                results[i] = exc
+        return results  # type: ignore[return-value]
+
+
+def validate_step(inputs: Any, positions: Any, mask: Any, *, batch_size: int, max_length: int,
+                  length: int, takes_tokens: bool, vocab: int | None, hidden_size: int,
+                  what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checks of one step against its session, the same for every engine.
+
+    ``takes_tokens``: the session embeds (int64 ids (B, T)), else it takes hidden states
+    (B, T, ``hidden_size``) as floats. ``length``: tokens the session holds already; the step
+    must fit in ``max_length``. ``what`` names the session in messages ("layers 2:4").
+    Returns ``(inputs, positions, mask)`` with ``mask`` all ones when None; raises ``BadInput``,
+    or ``CapacityExceeded`` when the tokens do not fit.
+    """
+    if not isinstance(inputs, torch.Tensor):
+        raise BadInput(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if not isinstance(positions, torch.Tensor):
+        raise BadInput(f"positions must be a torch.Tensor, got {type(positions).__name__}")
+    if takes_tokens:
+        if inputs.dtype != torch.int64 or inputs.dim() != 2:
+            raise BadInput(f"{what}: expects int64 token ids (B, T); got "
+                           f"{inputs.dtype} {tuple(inputs.shape)}")
+        if vocab and inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+            raise BadInput(f"token ids must lie in [0, {vocab})")
+    elif not inputs.dtype.is_floating_point or inputs.dim() != 3 or inputs.shape[2] != hidden_size:
+        raise BadInput(f"{what}: expects hidden states (B, T, {hidden_size}) as floats; got "
+                       f"{inputs.dtype} {tuple(inputs.shape)}")
+    bt = tuple(inputs.shape[:2])
+    if bt[0] != batch_size:
+        raise BadInput(f"session was opened with batch_size {batch_size}, inputs have {bt[0]} rows")
+    if bt[1] < 1:
+        raise BadInput("inputs hold no tokens (T = 0)")
+    if positions.dtype != torch.int64 or tuple(positions.shape) != bt:
+        raise BadInput(f"positions must be int64 {bt}; got {positions.dtype} "
+                       f"{tuple(positions.shape)}")
+    if int(positions.min()) < 0 or int(positions.max()) >= max_length:
+        raise BadInput(f"positions must lie in [0, {max_length}) (max_length)")
+    if mask is None:
+        mask = torch.ones(bt, dtype=torch.int64)
+    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.int64 or tuple(mask.shape) != bt:
+        raise BadInput(f"mask must be int64 {bt} of 0/1 or None")
+    elif bool(((mask != 0) & (mask != 1)).any()):
+        raise BadInput("mask must hold only 0 and 1")
+    check_room(length, bt[1], max_length)
+    return inputs, positions, mask
+
+
+def check_room(length: int, new: int, max_length: int) -> None:
+    """``CapacityExceeded`` unless ``new`` more tokens fit after ``length`` in ``max_length``."""
+    if length + new > max_length:
+        raise CapacityExceeded(f"session holds {length} of {max_length} tokens; "
+                               f"{new} more do not fit")

@@ -1,0 +1,119 @@
+"""The OpenAI-compatible gateway as an ASGI app (httpx's ASGITransport) in front of an in-process
+swarm (tests/node/client/inproc.py): responses, streaming, receipts and the error mapping, with
+no HTTP server, no node process and no libp2p."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import httpx
+import pytest
+
+from node.client.textgen import TextModel
+from node.http.gateway import Gateway
+from node.serve.server import ServerLimits
+
+from tests.node.client.inproc import open_swarm, reference
+
+PROMPT_IDS = [1, 504, 3458, 282, 4649, 314]
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_llama) -> TextModel:
+    return TextModel.load(str(tiny_llama.path))
+
+
+@asynccontextmanager
+async def gateway(swarm, model: TextModel, api_keys=()) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
+    client = swarm.client("gateway")
+    transport = httpx.ASGITransport(app=Gateway(client, [model], api_keys))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=60) as http:
+        yield http, client
+
+
+def _completion(model: TextModel, **extra) -> dict:
+    return {"model": model.model_id, "prompt": PROMPT_IDS, "max_tokens": 6, "temperature": 0, **extra}
+
+
+def _expected_text(tiny_llama, model: TextModel, n: int) -> str:
+    ids = reference(tiny_llama, PROMPT_IDS, n)
+    return model.decode([t for t in ids if t not in model.eos_token_ids])
+
+
+async def test_models_are_listed_while_the_swarm_covers_them(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 3), (3, 6)]) as swarm:
+        async with gateway(swarm, text_model) as (http, _):
+            listed = (await http.get("/v1/models")).json()
+            assert [m["id"] for m in listed["data"]] == [text_model.model_id]
+            short = text_model.model_id.split("@")[0]
+            card = await http.get(f"/v1/models/{short}")
+            assert card.status_code == 200 and card.json()["id"] == text_model.model_id
+    async with open_swarm(tiny_llama, [(0, 3)]) as swarm:  # layers 3:6 missing
+        async with gateway(swarm, text_model) as (http, _):
+            assert (await http.get("/v1/models")).json()["data"] == []
+
+
+async def test_a_completion_is_the_reference_text_with_its_receipts(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 3), (3, 6)]) as swarm:
+        async with gateway(swarm, text_model) as (http, client):
+            resp = await http.post("/v1/completions", json=_completion(text_model))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "text_completion" and body["model"] == text_model.model_id
+    assert body["choices"][0]["text"] == _expected_text(tiny_llama, text_model, 6)
+    assert body["usage"] == {"prompt_tokens": len(PROMPT_IDS), "completion_tokens": 6,
+                             "total_tokens": len(PROMPT_IDS) + 6}
+    receipts = resp.headers["x-shiza-receipts"].split(",")
+    assert len(receipts) == 2 and all(len(r) == 32 for r in receipts)  # one final receipt per hop
+
+
+async def test_a_streamed_completion_says_the_same_and_ends_with_receipts_and_done(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 6)]) as swarm:
+        async with gateway(swarm, text_model) as (http, _):
+            resp = await http.post("/v1/completions", json=_completion(text_model, stream=True))
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in resp.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and events[-2].startswith(": x-shiza-receipts ")
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == _expected_text(tiny_llama, text_model, 6)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def _post_status(swarm, model: TextModel) -> tuple[int, dict, httpx.Headers]:
+    async with gateway(swarm, model) as (http, _):
+        resp = await http.post("/v1/completions", json=_completion(model))
+    return resp.status_code, resp.json()["error"], resp.headers
+
+
+async def test_no_coverage_is_503_with_retry_after(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 3)]) as swarm:
+        status, error, headers = await _post_status(swarm, text_model)
+    assert (status, error["code"]) == (503, "no_coverage") and "3:6" in error["message"]
+    assert headers["retry-after"].isdigit()
+
+
+async def test_a_busy_peer_is_503_busy(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 6)], limits=ServerLimits(max_sessions=0)) as swarm:
+        status, error, _ = await _post_status(swarm, text_model)
+    assert (status, error["code"], error["type"]) == (503, "busy", "service_unavailable")
+
+
+async def test_a_peer_that_refuses_otherwise_is_502(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 6)], limits=ServerLimits(allow_peers=frozenset())) as swarm:
+        status, error, _ = await _post_status(swarm, text_model)
+    assert (status, error["code"], error["type"]) == (502, "peer_error", "api_error")
+    assert "allow list" in error["message"]
+
+
+async def test_requests_the_gateway_itself_refuses(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 6)]) as swarm:
+        async with gateway(swarm, text_model, api_keys=["sesame"]) as (http, _):
+            assert (await http.get("/v1/models")).status_code == 401
+            auth = {"Authorization": "Bearer sesame"}
+            unknown = await http.post("/v1/completions", headers=auth, json={"model": "nope", "prompt": "x"})
+            assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "model_not_found")
+            bad = await http.post("/v1/completions", headers=auth, content=b"{not json")
+            assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_json")
+        assert swarm.net.streams_opened == 0  # none of these reached a peer
