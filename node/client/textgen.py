@@ -60,7 +60,7 @@ class TextModel:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-class _Detokenizer:
+class Detokenizer:
     """Turns a growing list of token ids into new text, never splitting a character."""
 
     def __init__(self, model: TextModel, sink: Callable[[str], None]) -> None:
@@ -93,7 +93,7 @@ async def generate_text(
 ) -> tuple[str, list[int], GenerationResult]:
     """Generate for one prompt; returns (text, prompt token ids, result)."""
     prompt_ids = model.encode(prompt, raw=raw)
-    detok = _Detokenizer(model, on_text or (lambda s: None))
+    detok = Detokenizer(model, on_text or (lambda s: None))
     result = await client.generate(
         model.model_id,
         [prompt_ids],

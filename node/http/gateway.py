@@ -39,7 +39,7 @@ from protocol.messages import SamplingParams
 from node.client.swarm import GenerationResult, SwarmClient
 from node.http.asgi import http_only, read_body, send_json, serve_asgi
 from node.client.routing import Hop, NoRoute
-from node.client.textgen import TextModel, _Detokenizer
+from node.client.textgen import TextModel, Detokenizer
 
 if TYPE_CHECKING:
     from node.http.metrics import NodeMetrics
@@ -358,7 +358,7 @@ class Gateway:
             if route is None:
                 raise _unavailable("no answer from the DHT in time", "no_coverage")
             text = _StopText(job.stop)
-            detok = _Detokenizer(job.model, lambda piece: on_text(text.push(piece)))
+            detok = Detokenizer(job.model, lambda piece: on_text(text.push(piece)))
             try:
                 result = await self.client.generate(
                     job.model.model_id, [job.prompt_ids], max_new_tokens=job.max_tokens, sampling=job.sampling,

@@ -28,6 +28,8 @@ from protocol.ids import INFO_PROTOCOL
 from protocol.messages import InfoRequest, NodeInfo
 from protocol.records import CapacityRecord
 
+from node.net.dht import SwarmDHT
+from node.net.host import Host
 from node.net.records import fetch_records
 from node.http.asgi import http_only, send_bytes, send_json, serve_asgi
 from node.net.wire import recv_message, send_message
@@ -96,7 +98,7 @@ def snapshot_of(records_by_model: dict[str, list[CapacityRecord]], num_layers: d
 class SwarmWatcher:
     """Keeps a snapshot of the swarm, seen through one host and its DHT."""
 
-    def __init__(self, host: Any, dht: Any, *, models: Sequence[str] = (),
+    def __init__(self, host: Host, dht: SwarmDHT, *, models: Sequence[str] = (),
                  own_models: Callable[[], dict[str, int]] | None = None, interval_s: float = 3.0) -> None:
         self.host, self.dht = host, dht
         self.explicit = list(models)

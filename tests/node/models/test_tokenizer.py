@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.client.textgen import TextModel, _Detokenizer
+from node.client.textgen import TextModel, Detokenizer
 from node.models import ModelSource, Tokenizer, load_tokenizer
 
 pytest.importorskip("transformers")
@@ -91,7 +91,7 @@ def test_text_model_prompt_ids_equal_the_transformers_path(tiny_llama: ModelSour
 
 def _pieces(model: TextModel, ids: list[int]) -> list[str]:
     out: list[str] = []
-    detok = _Detokenizer(model, out.append)
+    detok = Detokenizer(model, out.append)
     for t in ids:
         detok.push(t)
     return out
