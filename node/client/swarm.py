@@ -40,7 +40,7 @@ from node.client.health import PeerHealth, RttTracker
 from node.client.hops import CLOSE_TIMEOUT_S, STEP_TIMEOUT_S, HopSession, HopSessions, SessionSpec, StepInput
 from node.client.routing import Candidate, Hop, candidates_from, find_chain, find_chain_between, num_layers_of
 from node.client.spotcheck import CheckedStep, SpotChecker, Verdict
-from node.ledger.store import LEDGER_FILE, Ledger
+from node.ledger.store import LEDGER_FILE, Ledger, LedgerError
 from node.net.admission import SwarmKey, SwarmKeyError, check_admitted, open_admission
 from node.net.dht import open_dht
 from node.net.host import Host, Libp2pConnector, open_host
@@ -169,7 +169,10 @@ class SwarmClient:
         if data_dir is not None:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
             identity = identity or Identity.load_or_create(data_dir)
-            ledger = Ledger.open(Path(data_dir) / LEDGER_FILE)
+            try:  # opening verifies the whole hash chain: a worker thread, never the event loop
+                ledger = await trio.to_thread.run_sync(Ledger.open, Path(data_dir) / LEDGER_FILE)
+            except LedgerError as exc:
+                raise InvalidRequest(f"the ledger in {data_dir} cannot be used: {exc}") from None
         identity = identity or Identity.generate()
         swarm_id = swarm_key.swarm_id if swarm_key is not None else DEFAULT_SWARM_ID
         try:

@@ -223,3 +223,14 @@ async def test_open_refuses_an_unusable_swarm_key_or_listen_address_as_invalid_r
         with pytest.raises(InvalidRequest):
             async with SwarmClient.open([], **kwargs):
                 raise AssertionError("opened")
+
+
+async def test_open_reports_a_corrupt_ledger_as_an_invalid_request_and_keeps_the_file(tmp_path):
+    from node.client.swarm import SwarmClient
+    from node.ledger import LEDGER_FILE
+
+    (tmp_path / LEDGER_FILE).write_bytes(b"this is not a SQLite database" * 64)
+    with pytest.raises(InvalidRequest, match="ledger"):
+        async with SwarmClient.open([], data_dir=tmp_path):
+            raise AssertionError("opened")
+    assert (tmp_path / LEDGER_FILE).read_bytes() == b"this is not a SQLite database" * 64  # reported, not repaired
