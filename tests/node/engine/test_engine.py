@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 
 from node.engine import SpanEngine  # noqa: E402
 from node.engine.reference import reference_greedy  # noqa: E402
+from tests.node.engine.chain import decode_through  # noqa: E402
 from node.models import ModelSource  # noqa: E402
 
-PAD = 2
 SPANS = [(0, 2), (2, 4), (4, 6)]
 
 
@@ -24,29 +24,7 @@ def load_chain(source: ModelSource, spans: Sequence[tuple[int, int]] = SPANS) ->
 def generate(chain: list[SpanEngine], prompts: list[list[int]], new_tokens: int,
              sampling: dict | None = None, session: str = "s") -> list[list[int]]:
     """Left-pad the prompts into one batch and decode greedily (or sample) through the chain."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])  # (B, W)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, W)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, W): padding excluded
-    for span in chain:
-        span.open_session(session, batch_size=len(prompts), max_length=64, sampling=sampling)
-    out: list[list[int]] = [[] for _ in prompts]
-    try:
-        x, m = ids, mask
-        for _ in range(new_tokens):
-            h = x
-            for span in chain:
-                h = span.step(session, h, positions, m)
-            assert h.shape == (len(prompts),) and h.dtype == torch.int64
-            for row, tok in zip(out, h.tolist()):
-                row.append(tok)
-            x = h[:, None]  # (B, 1)
-            positions = positions[:, -1:] + 1  # (B, 1)
-            m = torch.ones_like(x)
-    finally:
-        for span in chain:
-            span.close_session(session)
-    return out
+    return decode_through([(span, None) for span in chain], prompts, new_tokens, sampling, session)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

@@ -10,37 +10,15 @@ torch = pytest.importorskip("torch")
 
 from node.engine import BadInput, SpanEngine  # noqa: E402
 from node.engine.reference import reference_greedy  # noqa: E402
+from tests.node.engine.chain import PAD, decode_through  # noqa: E402
 from node.models import ModelSource  # noqa: E402
 
-PAD = 2
 
 
 def generate(hops: list[tuple[SpanEngine, tuple[int, int] | None]], prompts: list[list[int]],
              new_tokens: int, session: str = "s") -> list[list[int]]:
     """Greedy decoding through engines, each session opened on the given sub-range."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])  # (B, W)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, W)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, W)
-    for engine, layers in hops:
-        engine.open_session(session, batch_size=len(prompts), max_length=64, layers=layers)
-    out: list[list[int]] = [[] for _ in prompts]
-    try:
-        x, m = ids, mask
-        for _ in range(new_tokens):
-            h = x
-            for engine, _layers in hops:
-                h = engine.step(session, h, positions, m)
-            assert h.shape == (len(prompts),) and h.dtype == torch.int64
-            for row, tok in zip(out, h.tolist()):
-                row.append(tok)
-            x = h[:, None]  # (B, 1)
-            positions = positions[:, -1:] + 1  # (B, 1)
-            m = torch.ones_like(x)
-    finally:
-        for engine, _layers in hops:
-            engine.close_session(session)
-    return out
+    return decode_through(hops, prompts, new_tokens, session=session)
 
 
 def test_crossing_overlapping_spans_matches_whole_model(tiny_llama: ModelSource) -> None:
