@@ -291,7 +291,7 @@ def receipts(n: int) -> dict[str, float]:
         verify_receipt(r)
     verify_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
-        ledger = Ledger.open(Path(d) / "ledger.sqlite")
+        ledger = Ledger.open(Path(d) / "ledger.sqlite", server)
         t0 = time.perf_counter()
         for r in signed:
             store(ledger, r, "server_only", "")

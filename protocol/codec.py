@@ -17,6 +17,7 @@ import msgpack
 from .errors import BadShape, FrameTooLarge, InvalidMessage, LimitExceeded, MalformedFrame
 from .ids import (
     FRAME_HEADER_BYTES,
+    MAX_DECODED_OBJECTS,
     MAX_FRAME_BYTES,
     MAX_LIST_LEN,
     MAX_MAP_LEN,
@@ -37,35 +38,45 @@ def _ext_rejected(code: int, data: bytes) -> Any:
 
 
 def _check(obj: Any, depth: int) -> None:
-    """Walk ``obj`` and enforce types, nesting, string, list and map limits."""
+    """Walk ``obj`` and enforce types, nesting, string, list, map and object-count limits."""
+    if _count(obj, depth) > MAX_DECODED_OBJECTS:
+        raise LimitExceeded(f"more than MAX_DECODED_OBJECTS ({MAX_DECODED_OBJECTS}) objects")
+
+
+def _count(obj: Any, depth: int) -> int:
+    """``_check``'s walk; returns the objects counted as ``_ObjectBudget`` counts them."""
     if isinstance(obj, _SCALARS):
         if type(obj) is int and not _INT_MIN <= obj <= _INT_MAX:
             raise LimitExceeded(f"integer {obj} does not fit in 64 bits")
-        return
+        return 0
     if isinstance(obj, str):
         # UTF-8 is at most 4 bytes a character: skip the encode when it cannot exceed.
         if len(obj) * 4 > MAX_STR_LEN and len(obj.encode("utf-8")) > MAX_STR_LEN:
             raise LimitExceeded(f"string longer than MAX_STR_LEN ({MAX_STR_LEN} bytes)")
-        return
+        return 0
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        return
+        return 0
     if isinstance(obj, (list, tuple, dict)):
         if depth >= MAX_NESTING:
             raise LimitExceeded(f"nesting deeper than MAX_NESTING ({MAX_NESTING})")
         if isinstance(obj, dict):
             if len(obj) > MAX_MAP_LEN:
                 raise LimitExceeded(f"map longer than MAX_MAP_LEN ({MAX_MAP_LEN})")
+            n = 1 + 2 * len(obj)
             for key, value in obj.items():
                 if not isinstance(key, str):
                     raise InvalidMessage(f"map keys must be strings, got {type(key).__name__}")
-                _check(key, depth + 1)
-                _check(value, depth + 1)
+                _count(key, depth + 1)
+                n += _count(value, depth + 1)
         else:
             if len(obj) > MAX_LIST_LEN:
                 raise LimitExceeded(f"array longer than MAX_LIST_LEN ({MAX_LIST_LEN})")
+            n = 1 + len(obj)
             for item in obj:
-                _check(item, depth + 1)
-        return
+                n += _count(item, depth + 1)
+        if n > MAX_DECODED_OBJECTS:  # stop the walk early on a huge object
+            raise LimitExceeded(f"more than MAX_DECODED_OBJECTS ({MAX_DECODED_OBJECTS}) objects")
+        return n
     raise InvalidMessage(f"type {type(obj).__name__} cannot be encoded")
 
 
@@ -85,17 +96,49 @@ def pack(obj: Any) -> bytes:
     return data
 
 
+class _ObjectBudget:
+    """msgpack hooks counting the objects of one decode, so that it stops once they pass
+    MAX_DECODED_OBJECTS. msgpack calls a hook as each array or map is complete (inner ones
+    first), so a frame is abandoned holding at most MAX_DECODED_OBJECTS objects plus the
+    scalars of the containers still open (bounded by the frame's size: a scalar that allocates
+    takes at least 2 bytes). One byte of msgpack (an empty array) is a ~60-byte Python object:
+    without this a frame within every size limit cost 64 times its size. Legitimate messages hold few
+    containers (tensors are single bin values), so the hooks cost them nothing measurable."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_DECODED_OBJECTS
+
+    def _spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise LimitExceeded(f"more than MAX_DECODED_OBJECTS ({MAX_DECODED_OBJECTS}) objects")
+
+    def list_hook(self, items: list) -> list:
+        self._spend(1 + len(items))
+        return items
+
+    def object_hook(self, mapping: dict) -> dict:
+        self._spend(1 + 2 * len(mapping))
+        return mapping
+
+
 def unpack(data: bytes | bytearray | memoryview) -> Any:
     """Decode exactly one msgpack object, enforcing every limit.
 
-    Raises FrameTooLarge, LimitExceeded or MalformedFrame; never a msgpack exception.
+    Raises FrameTooLarge, LimitExceeded or MalformedFrame; never a msgpack exception. Decoding
+    stops after MAX_DECODED_OBJECTS objects (``_ObjectBudget``).
     Binary values come back as ``bytes`` objects that callers may keep without copying.
     """
     if len(data) > MAX_FRAME_BYTES:
         raise FrameTooLarge(f"{len(data)} bytes, MAX_FRAME_BYTES is {MAX_FRAME_BYTES}")
+    budget = _ObjectBudget()
     try:
         obj = msgpack.unpackb(
             data,
+            list_hook=budget.list_hook,
+            object_hook=budget.object_hook,
             raw=False,
             use_list=True,
             strict_map_key=True,

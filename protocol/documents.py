@@ -205,11 +205,14 @@ def verify_documents(docs: list[dict[str, Any]]) -> VerifyReport:
        (a countersigned copy and a server-only copy of one receipt agree), a (server, client,
        seq) one receipt, and a session checkpoint one receipt (DuplicateReceipt);
     3. every statement verifies with its receipts (verify_statement), each receipt is proved
-       against the root, and no receipt or session is settled by two statements.
+       against the root, no receipt or session is settled by two statements, and no two
+       statements of one pair (same swarm, same two parties, either the issuer) have
+       overlapping periods (DuplicateReceipt): they could bill one session twice.
     """
     by_id: dict[str, tuple[Receipt, int]] = {}
     owners: dict[tuple[str, str, int] | tuple[str, str, str, int], tuple[str, int]] = {}
     settled: dict[str | tuple[str, str, str], int] = {}
+    periods: dict[tuple[str, frozenset[str]], list[tuple[float, float, int]]] = {}
     statements = 0
     for index, raw in enumerate(docs):
         rid: str | None = None
@@ -226,6 +229,7 @@ def verify_documents(docs: list[dict[str, Any]]) -> VerifyReport:
             rid = None
             if doc["kind"] == "statement":
                 _check_statement(doc["statement"], receipts, settled, index)
+                _check_period(doc["statement"], periods, index)
                 statements += 1
         except ShizaError as exc:
             raise _at(index, rid, exc) from None
@@ -280,3 +284,17 @@ def _check_statement(statement: Statement, receipts: list[Receipt], settled: dic
             where = settled.setdefault(key, index)
             if where != index:
                 raise DuplicateReceipt(f"receipt {receipt.receipt_id}: already settled by the statement in document {where}")
+
+
+def _check_period(statement: Statement, periods: dict[Any, list[tuple[float, float, int]]], index: int) -> None:
+    """Refuse a statement whose period [start, end) overlaps that of an earlier statement of
+    the same swarm and pair (either party the issuer). Empty periods overlap nothing."""
+    start, end = statement.period_start, statement.period_end
+    held = periods.setdefault((statement.swarm_id, frozenset((statement.issuer, statement.counterparty))), [])
+    for other_start, other_end, where in held:
+        if start < other_end and other_start < end:
+            raise DuplicateReceipt(
+                f"statement period [{start!r}, {end!r}) overlaps the period [{other_start!r}, {other_end!r}) "
+                f"of the statement in document {where} for the same parties"
+            )
+    held.append((start, end, index))

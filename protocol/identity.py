@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import nacl.exceptions
@@ -129,8 +130,8 @@ class Identity:
     def load_or_create(cls, data_dir: str | Path) -> Identity:
         """Load ``data_dir/identity.key`` (32 raw seed bytes), creating it if absent.
 
-        A new file is written to a temporary file opened with mode 0600, fsynced and linked
-        into place, so a crash never leaves a partial key and a concurrent creator never
+        A new file is written to a uniquely named temporary file opened with mode 0600, fsynced
+        and linked into place (a temporary file left by a crash is ignored), so a crash never leaves a partial key and a concurrent creator never
         overwrites another's key. An existing file that is not a regular file, not 32 bytes,
         or readable or writable by group or others raises IdentityFileError.
         """
@@ -194,8 +195,10 @@ def _read_key_file(path: Path) -> bytes:
 
 
 def _create_key_file(path: Path, seed: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # A unique temporary name: a leftover from a crash (the same pid comes back after a restart,
+    # pid 1 in every container) never blocks creating the key. mkstemp opens it O_EXCL, 0600.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
         try:
             os.fchmod(fd, 0o600)  # in case of an unusual umask or ACL default

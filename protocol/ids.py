@@ -72,6 +72,15 @@ MAX_NESTING: Final = 16  # containers (maps, arrays) nested in one another; top-
 MAX_STR_LEN: Final = 64 * 2**10  # bytes of UTF-8 in one msgpack str
 MAX_LIST_LEN: Final = 65536  # elements of one msgpack array
 MAX_MAP_LEN: Final = 256  # entries of one msgpack map
+# Objects decoded from one frame: every array and map, plus their elements (map entries count
+# two). Bounds the memory a frame costs (a Python object is ~30-60 bytes, where its msgpack
+# encoding can be one byte); no message of this protocol needs more than a few hundred.
+MAX_DECODED_OBJECTS: Final = 2 * MAX_LIST_LEN + 1024
+# A serving node reads every frame but a session's Steps under this bound (info_req, open,
+# close, cosign, dispute); a Step frame is bounded by what its session opened (SPEC.md 9.2).
+MAX_CONTROL_FRAME_BYTES: Final = 64 * 2**10
+# Frames larger than this are decoded in a worker thread, off the event loop.
+DECODE_IN_THREAD_BYTES: Final = 1 * 2**20
 
 # Tensors.
 MAX_TENSOR_ELEMENTS: Final = 16 * 2**20

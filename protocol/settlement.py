@@ -128,7 +128,7 @@ _BODY_FIELDS = ("swarm_id", "issuer", "counterparty", "period_start", "period_en
 class Statement:
     """The receipts ``issuer`` and ``counterparty`` settle for a period: the latest
     countersigned checkpoint of each of their sessions (either may be the server) that ended
-    by ``period_end``, counted, summed and committed to by ``merkle_root``."""
+    in [``period_start``, ``period_end``), counted, summed and committed to by ``merkle_root``."""
 
     swarm_id: str
     issuer: str
@@ -198,19 +198,31 @@ def check_unique(receipts: Iterable[Receipt]) -> None:
 
 
 def settleable(
-    receipts: Iterable[Receipt], *, party_a: str, party_b: str, until: float | None
+    receipts: Iterable[Receipt],
+    *,
+    party_a: str,
+    party_b: str,
+    until: float | None,
+    since: float | None = None,
 ) -> list[Receipt]:
     """The receipts a statement between ``party_a`` and ``party_b`` covers, in tree order
     (server, client, seq): those between the two (either the server), countersigned, reduced
-    to the latest countersigned checkpoint of each session, which ended by ``until``.
+    to the latest countersigned checkpoint of each session, which ended in [``since``,
+    ``until``) (None: unbounded on that side).
 
-    The latest checkpoint is chosen before ``until`` applies, so a session still running at
-    ``until`` is settled later, once, rather than partly in two periods."""
+    The latest checkpoint is chosen before the window applies, so a session still running at
+    ``until`` is settled later, once, rather than partly in two periods; and because the window
+    is half-open, statements for consecutive periods [a, b), [b, c) never count one receipt
+    twice."""
     receipts = list(receipts)
     check_unique(receipts)
     pair = {party_a, party_b}
     between = [r for r in receipts if r.is_countersigned and {r.server, r.client} == pair and r.server != r.client]
-    return [r for r in latest_per_session(between) if until is None or r.ended_at <= until]
+    return [r for r in latest_per_session(between) if _in_period(r, since, until)]
+
+
+def _in_period(receipt: Receipt, since: float | None, until: float | None) -> bool:
+    return (since is None or receipt.ended_at >= since) and (until is None or receipt.ended_at < until)
 
 
 def _totals(receipts: Sequence[Receipt]) -> dict[str, Any]:
@@ -233,9 +245,13 @@ def build_statement(
     swarm_id: str = DEFAULT_SWARM_ID,
 ) -> Statement:
     """The statement ``identity`` issues to ``counterparty`` over the settleable receipts of
-    ``swarm_id`` that ended by ``period_end``, signed by ``identity``."""
+    ``swarm_id`` that ended in [``period_start``, ``period_end``), signed by ``identity``."""
     chosen = settleable(
-        [r for r in receipts if r.swarm_id == swarm_id], party_a=identity.peer_id, party_b=counterparty, until=period_end
+        [r for r in receipts if r.swarm_id == swarm_id],
+        party_a=identity.peer_id,
+        party_b=counterparty,
+        since=period_start,
+        until=period_end,
     )
     statement = Statement(
         swarm_id=swarm_id,
@@ -269,6 +285,7 @@ def cosign_statement(identity: Identity, statement: Statement, receipts: Iterabl
         [r for r in receipts if r.swarm_id == statement.swarm_id],
         party_a=statement.issuer,
         party_b=statement.counterparty,
+        since=statement.period_start,
         until=statement.period_end,
     )
     for name, value in _totals(mine).items():
@@ -288,7 +305,7 @@ def verify_statement(
     1. the issuer's signature, and the counterparty's when present or required
        (InvalidSignature);
     2. every receipt verifies with its countersignature (verify_receipt), is of the statement's
-       swarm, between its two parties and ended by period_end (BadProof);
+       swarm, between its two parties and ended in [period_start, period_end) (BadProof);
     3. no receipt id, (server, client, seq) or session occurs twice (DuplicateReceipt);
     4. count, token and work totals and the Merkle root are those of the receipts in (server,
        client, seq) order (BadProof).
@@ -307,7 +324,9 @@ def verify_statement(
             raise type(exc)(f"receipt {receipt.receipt_id}: {exc.message}", code=exc.code) from None
         if receipt.swarm_id != statement.swarm_id or {receipt.server, receipt.client} != pair:
             raise BadProof(f"receipt {receipt.receipt_id} is not of this statement's swarm and parties")
-        if receipt.ended_at > statement.period_end:
+        if receipt.ended_at < statement.period_start:
+            raise BadProof(f"receipt {receipt.receipt_id} ended before the statement's period")
+        if receipt.ended_at >= statement.period_end:
             raise BadProof(f"receipt {receipt.receipt_id} ended after the statement's period")
     check_unique(receipts)
     ordered = latest_per_session(receipts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from node.cli.gateway import ApiKeyError, add_api_key_args, read_api_keys
 from node.serve.limits import PeerLimits, read_peer_list
 from node.util.dirs import default_data_dir
 
@@ -53,8 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                      help="issue a cumulative receipt at least every N tokens of a session")
     run.add_argument("--unit-price", type=float, default=None, help="advertised price per work unit")
     run.add_argument("--gateway-port", type=int, default=None, help="serve the OpenAI-compatible API on this port")
-    run.add_argument("--gateway-api-key", action="append", default=[], metavar="KEY",
-                     help="the gateway accepts only Authorization: Bearer KEY (repeatable)")
+    add_api_key_args(run, "gateway-")  # --gateway-api-key KEY, --gateway-api-key-file FILE
     run.add_argument("--engine", default="span", choices=["span", "vllm"],
                      help="span: transformers, any span of layers; vllm: the whole model through vLLM")
     run.add_argument("--tensor-parallel", type=int, default=None,
@@ -117,6 +118,12 @@ def apply_limit_args(cfg: "NodeConfig", args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from node.serve.daemon import NodeConfig, NodeHooks, run_node
 
+    try:  # a usage error before anything starts (an empty key would let every request in)
+        gateway_api_keys = read_api_keys(args.gateway_api_key, args.gateway_api_key_file, os.environ)
+    except ApiKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     cfg = NodeConfig(
         model=args.model,
@@ -155,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         from node.http.gateway import gateway_service
 
         cfg.services.append(functools.partial(gateway_service, port=args.gateway_port, host=args.http_host,
-                                              api_keys=args.gateway_api_key, models=[cfg.model],
+                                              api_keys=gateway_api_keys, models=[cfg.model],
                                               metrics=metrics))
     apply_limit_args(cfg, args)
 

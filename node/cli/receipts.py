@@ -37,7 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = cmds.add_parser("settle", help="a signed settlement statement with one counterparty")
     data_dir(p)
     p.add_argument("--counterparty", required=True, help="peer id")
-    p.add_argument("--until", type=float, default=None, help="unix time; default now")
+    p.add_argument("--since", type=float, default=0.0,
+                   help="unix time the period starts (inclusive); pass the previous statement's "
+                   "--until so that no session is billed twice; default 0")
+    p.add_argument("--until", type=float, default=None, help="unix time the period ends (exclusive); default now")
     p.add_argument("--out", type=Path, required=True)
     p = cmds.add_parser("cosign", help="countersign a statement after recomputing it from this ledger")
     data_dir(p)
@@ -61,13 +64,17 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data_dir) if args.data_dir else default_data_dir()
 
 
-def _ledger(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from node.ledger.store import LEDGER_FILE, Ledger
+def _ledger(args: argparse.Namespace, identity: Identity | None = None):  # type: ignore[no-untyped-def]
+    """The data directory's ledger, checked against its owner's key (the identity there)."""
+    from node.ledger.store import LEDGER_FILE, Ledger, LedgerError
 
     path = _data_dir(args) / LEDGER_FILE
     if not path.exists():
         raise SystemExit(f"error: no ledger at {path}")
-    return Ledger.open(path)
+    try:
+        return Ledger.open(path, identity or Identity.load_or_create(_data_dir(args)))
+    except LedgerError as exc:
+        raise SystemExit(f"error: {type(exc).__name__}: {exc}") from None
 
 
 def _fmt(path: Path) -> str:
@@ -101,7 +108,7 @@ def _receipts(ledger) -> list[Receipt]:  # type: ignore[no-untyped-def]
 
 def _export(args: argparse.Namespace) -> int:
     identity = Identity.load_or_create(_data_dir(args))
-    with _ledger(args) as ledger:
+    with _ledger(args, identity) as ledger:
         receipts = _receipts(ledger)
     doc = {"v": 0, "kind": "receipts", "owner": identity.peer_id, "exported_at": time.time(),
            "receipts": [r.to_wire() for r in receipts]}
@@ -113,11 +120,12 @@ def _export(args: argparse.Namespace) -> int:
 def _settle(args: argparse.Namespace) -> int:
     identity = Identity.load_or_create(_data_dir(args))
     until = args.until if args.until is not None else time.time()
-    with _ledger(args) as ledger:
+    with _ledger(args, identity) as ledger:
         receipts = _receipts(ledger)
-    covered = settleable(receipts, party_a=identity.peer_id, party_b=args.counterparty, until=until)
-    start = min((r.started_at for r in covered), default=until)
-    statement = build_statement(identity, args.counterparty, receipts, period_start=start, period_end=until)
+    if not 0.0 <= args.since <= until:
+        raise SystemExit(f"error: --since {args.since} must be in 0..--until ({until})")
+    covered = settleable(receipts, party_a=identity.peer_id, party_b=args.counterparty, since=args.since, until=until)
+    statement = build_statement(identity, args.counterparty, receipts, period_start=args.since, period_end=until)
     doc = {"v": 0, "kind": "statement", "statement": statement.to_wire(),
            "receipts": [r.to_wire() for r in covered]}
     write_atomic(args.out, encode_document(doc, _fmt(args.out)))
@@ -134,7 +142,7 @@ def _cosign(args: argparse.Namespace) -> int:
     statement = doc["statement"]
     if not isinstance(statement, Statement):
         statement = Statement.from_wire(statement)
-    with _ledger(args) as ledger:
+    with _ledger(args, identity) as ledger:
         mine = _receipts(ledger)
     signed = cosign_statement(identity, statement, mine)
     doc["statement"] = signed.to_wire()

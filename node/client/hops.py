@@ -42,6 +42,7 @@ from protocol.messages import (
 
 from node.client.errors import InvalidRequest, PeerError, PeerUnreachable, peer_error
 from node.client.health import RttTracker
+from node.client.outputs import check_output
 from node.client.routing import Hop
 from node.ledger.accounting import ClientAccount, store
 from node.ledger.store import Ledger
@@ -67,6 +68,8 @@ class SessionSpec:
     batch: int
     max_length: int
     sampling: SamplingParams
+    num_layers: int | None = None  # the model's; a hop ending there answers token ids (None: unknown)
+    vocab_size: int | None = None  # token ids lie below it (None: unknown; see node/client/outputs.py)
 
 
 @dataclass
@@ -79,6 +82,9 @@ class HopSession:
     steps: int = 0
     # Every input sent to this hop, so a replacement can rebuild its KV cache (failover).
     history: list[StepInput] = field(default_factory=list)
+    spec: SessionSpec | None = None  # what it was opened with: its outputs are checked against it
+    hidden_size: int = 0  # as its SessionOpened said
+    out_dtype: str | None = None  # the float dtype of its first hidden-state output
 
     async def reset(self) -> None:
         """Abandon the session: its frames' transport and the stream it was opened on."""
@@ -108,6 +114,7 @@ class HopSessions:
         self.direct_failed: set[str] = set()
         self.direct_sessions = 0  # hop sessions that ran over a direct channel
         self.rtt = rtt or RttTracker()
+        self.countersigned: dict[str, int] = {}  # receipts countersigned per server, this client's life
 
     async def open(self, spec: SessionSpec, hop: Hop) -> HopSession:
         """Open the hop's session; over a direct channel where the node offers one and it
@@ -143,8 +150,9 @@ class HopSessions:
         self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
         account = ClientAccount(self.identity, hop.peer_id, spec.model_id, hop.start, hop.end,
                                 opened.session_id, swarm_id=self.swarm_id)
+        checked = {"spec": spec, "hidden_size": opened.hidden_size}
         if opened.direct_port is None or public is None or secret is None:
-            return HopSession(hop, stream, opened.session_id, account)
+            return HopSession(hop, stream, opened.session_id, account, **checked)
         try:
             ip = self.connector.remote_ip(stream)
             if ip is None:
@@ -155,17 +163,19 @@ class HopSessions:
             await stream.reset()
             raise _DirectFailed(str(exc)) from None
         self.direct_sessions += 1
-        return HopSession(hop, channel, opened.session_id, account, anchor=stream)
+        return HopSession(hop, channel, opened.session_id, account, anchor=stream, **checked)
 
     async def step(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         """One step on one hop: its output. Any failure, or a stall past the step timeout,
-        raises PeerError (the caller fails the hop over)."""
+        raises PeerError (the caller fails the hop over), and so does an output that this
+        session cannot have (node/client/outputs.py): that hop's receipt for it is disputed."""
         try:
             step = Step(h.steps, payload, pos, mask)
             await send_message(h.stream, step)
             result = _expect(await recv_message(h.stream, self.step_timeout_s), StepResult, h.hop)
             if result.step != h.steps:
                 raise InvalidMessage(f"answered step {result.step}, expected {h.steps}")
+            await self._check_output(h, payload, result)
             h.account.record(step, result.output)
             if result.receipt is not None:
                 await self._judge(h, result.receipt)
@@ -174,6 +184,24 @@ class HopSessions:
         h.history.append((payload, pos, mask))
         h.steps += 1
         return result.output
+
+    async def _check_output(self, h: HopSession, payload: Tensor, result: StepResult) -> None:
+        """Raise (BadShape or InvalidMessage) when ``result`` cannot answer this step of this
+        session, after disputing the receipt that came with it: the hop is not paid for it."""
+        spec = h.spec
+        if spec is None:
+            return
+        last = None if spec.num_layers is None else h.hop.end == spec.num_layers
+        try:
+            check_output(result.output, batch=spec.batch, length=payload.shape[1], hidden_size=h.hidden_size,
+                         last=last, dtype=h.out_dtype, vocab_size=spec.vocab_size)
+        except ShizaError as exc:
+            h.account.disputed_reason = f"step {h.steps}: {exc}"
+            if result.receipt is not None:
+                await self._judge(h, result.receipt)
+            raise
+        if result.output.dtype != "int64":
+            h.out_dtype = result.output.dtype
 
     async def close(self, h: HopSession) -> None:
         """Close one hop's session and settle its final receipt (best effort, never raises)."""
@@ -198,6 +226,7 @@ class HopSessions:
         if client_sig is not None:
             await send_message(h.stream, Countersign(receipt.receipt_id, client_sig))
             await trio.to_thread.run_sync(store, self.ledger, receipt, "countersigned", "")
+            self.countersigned[h.hop.peer_id] = self.countersigned.get(h.hop.peer_id, 0) + 1
         else:
             log.warning("disputing receipt %s from %s: %s", receipt.receipt_id, h.hop.peer_id, reason)
             await send_message(h.stream, Dispute(receipt.receipt_id, reason[:1000]))

@@ -23,7 +23,7 @@ from protocol.records import CapacityRecord
 
 from node.client.errors import NoRoute
 
-__all__ = ["DEFAULT_HOP_COST_S", "Candidate", "Hop", "NoRoute", "candidates_from", "find_chain",
+__all__ = ["DEFAULT_HOP_COST_S", "Candidate", "Hop", "NoRoute", "candidates_from", "eligible", "find_chain",
            "find_chain_between", "hop_time", "missing_layers", "num_layers_of"]
 
 # What one more hop costs per token, in seconds, before measured round-trip times are known.
@@ -117,6 +117,13 @@ def hop_time(candidate: Candidate, hop_cost_s: float = DEFAULT_HOP_COST_S,
     return compute + network
 
 
+def eligible(candidate: Candidate, *, avoid: frozenset[str] = frozenset(), need_tokens: int = 0) -> bool:
+    """Whether routing may use ``candidate`` for a session reserving ``need_tokens``: not
+    avoided, and room for it when the peer advertised its room (spot checks' witnesses too)."""
+    return candidate.peer_id not in avoid and (
+        candidate.cache_tokens_left is None or candidate.cache_tokens_left >= need_tokens)
+
+
 def find_chain(
     num_layers: int,
     candidates: Iterable[Candidate],
@@ -138,11 +145,9 @@ def find_chain(
     same chain from the same records whatever order they arrive in.
     """
     in_model = [c for c in candidates if 0 <= c.start < c.end <= num_layers]
-    skipped = sorted({c.peer_id for c in in_model if c.peer_id in avoid or (
-        c.cache_tokens_left is not None and c.cache_tokens_left < need_tokens)})
+    skipped = sorted({c.peer_id for c in in_model if not eligible(c, avoid=avoid, need_tokens=need_tokens)})
     usable = sorted(
-        (c for c in in_model if c.peer_id not in avoid
-         and (c.cache_tokens_left is None or c.cache_tokens_left >= need_tokens)),
+        (c for c in in_model if eligible(c, avoid=avoid, need_tokens=need_tokens)),
         key=lambda c: (c.start, c.end, c.peer_id, c.throughput, c.rtt_s or 0.0),
     )
     if allow_partial:

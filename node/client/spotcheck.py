@@ -15,7 +15,14 @@ hop's receipts, fails the hop over, avoids the node and publishes the dispute; t
 with the witnesses' output.
 
 A single witness that disagrees proves nothing about who lied: with only one witness, a
-mismatch is logged and counted (``inconclusive``) but accuses nobody.
+mismatch is logged and counted (``inconclusive``) but accuses nobody. Any NaN or infinite value
+is disagreement (never agreement), and a witness that answers one is no witness.
+
+Witnesses must be peers routing could pick for this session (``routing.eligible``: not avoided
+or excluded by disputes, room for the session's KV reservation ``need_tokens``, online, serving
+the checked layers), independent of each other and of the accused (no two share a listening
+address: identities behind one address are one operator), and are drawn at random weighted by
+history: ``1 + countersigned receipts`` the client holds with each (``CheckContext.history``).
 
 Tolerance: the same model id means byte-identical weights; the same span on the same kind of
 device and dtype then gives bit-identical outputs (measured: max difference 0.0 between CPU
@@ -31,17 +38,17 @@ import logging
 import random
 import struct
 import time
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from protocol.codec import Tensor, canonical_pack, itemsize
+from protocol.codec import FLOAT_DTYPES, Tensor, canonical_pack, itemsize
 from protocol.disputes import DisputeRecord, output_digest, sign_dispute
 from protocol.identity import Identity
 from protocol.records import CapacityRecord
 
-from node.client.routing import Hop
+from node.client.outputs import all_finite, float_values
+from node.client.routing import Hop, candidates_from, eligible
 
 __all__ = ["CheckContext", "CheckedStep", "SpotChecker", "Verdict", "max_abs_diff", "outputs_agree"]
 
@@ -62,6 +69,7 @@ class CheckedStep:
     step: int  # its number within the hop's session
     history: Sequence[StepInputs]  # every input the hop got, this step's last
     output: Tensor  # what the hop answered
+    need_tokens: int = 0  # the session's KV reservation (batch x max length): a witness needs the room
 
 
 class CheckContext(Protocol):
@@ -80,7 +88,11 @@ class CheckContext(Protocol):
         ...
 
     def avoided(self) -> frozenset[str]:
-        """Peers the client does not use now (never witnesses)."""
+        """Peers the client does not use now, backed off or excluded by disputes (never witnesses)."""
+        ...
+
+    def history(self, peer_id: str) -> int:
+        """Receipts of ``peer_id`` the client has countersigned (how much it has worked with it)."""
         ...
 
     async def replay(self, witness: Hop, history: Sequence[StepInputs]) -> Tensor | None:
@@ -104,29 +116,27 @@ class Verdict:
         return self.dispute.accused if self.dispute is not None else None
 
 
-def _floats(t: Tensor) -> list[float]:
+def _floats(t: Tensor) -> Sequence[float]:
+    if t.dtype in FLOAT_DTYPES:
+        return float_values(t)
     data = bytes(t.data)
-    if t.dtype == "float32":
-        out = array("f")
-        out.frombytes(data)
-        return list(out)
-    if t.dtype == "float16":
-        return list(struct.unpack(f"<{len(data) // 2}e", data))
-    if t.dtype == "bfloat16":
-        halves = struct.unpack(f"<{len(data) // 2}H", data)
-        return list(struct.unpack(f"<{len(halves)}f", struct.pack(f"<{len(halves)}I", *(h << 16 for h in halves))))
     return [float(v) for v in struct.unpack(f"<{len(data) // itemsize(t.dtype)}{'q' if t.dtype == 'int64' else 'i'}", data)]
 
 
 def max_abs_diff(a: Tensor, b: Tensor) -> float:
-    """Largest element-wise difference; infinity when dtypes or shapes differ."""
-    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+    """Largest element-wise difference; infinity when dtypes or shapes differ or either has a
+    NaN or infinite value (``max`` would skip a NaN difference: NaN compares as nothing)."""
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or not (all_finite(a) and all_finite(b)):
         return float("inf")
     return max((abs(x - y) for x, y in zip(_floats(a), _floats(b))), default=0.0)
 
 
 def outputs_agree(a: Tensor, b: Tensor, tolerance: float) -> tuple[bool, float]:
+    """Whether ``a`` matches the reference ``b`` (see the module docstring), and by how much
+    it differs; never True when either has a non-finite value."""
     diff = max_abs_diff(a, b)
+    if diff == float("inf"):  # also what a scale of infinity would call agreement
+        return False, diff
     if a.dtype in ("int64", "int32"):
         return diff == 0.0, diff
     scale = max([1.0] + [abs(v) for v in _floats(b)])
@@ -154,7 +164,7 @@ class SpotChecker:
         if self.rate <= 0 or self.rng.random() >= self.rate:
             return skipped
         hop = step.hop
-        witness_hops = self._witness_hops(ctx, step.model_id, hop)
+        witness_hops = self._witness_hops(ctx, step.model_id, hop, step.need_tokens)
         if not witness_hops:
             return skipped
         self.checks += 1
@@ -162,7 +172,7 @@ class SpotChecker:
         outs: list[tuple[Hop, Tensor]] = []
         for wh in witness_hops:
             got = await ctx.replay(wh, step.history)
-            if got is not None:
+            if got is not None and all_finite(got):  # a NaN answer witnesses nothing
                 outs.append((wh, got))
         if not outs:
             return skipped
@@ -197,19 +207,34 @@ class SpotChecker:
             max_abs_diff=min(diff, 1e300), tolerance=self.tolerance, created_at=time.time(),
         )
 
-    def _witness_hops(self, ctx: CheckContext, model_id: str, hop: Hop) -> list[Hop]:
+    def _witness_hops(self, ctx: CheckContext, model_id: str, hop: Hop, need_tokens: int) -> list[Hop]:
+        """Up to ``self.witnesses`` hops for ``hop``'s layers on other peers (module docstring)."""
         avoid = ctx.avoided() | {hop.peer_id, ctx.identity.peer_id}
-        found: list[Hop] = []
         records = list(ctx.known_records(model_id))
-        self.rng.shuffle(records)
-        for r in records:
-            if r.peer_id in avoid or r.state != "online":
-                continue
-            for s in r.spans:
-                if s.model_id == model_id and s.start <= hop.start and hop.end <= s.end:
-                    whole = (s.start, s.end) == (hop.start, hop.end)
-                    found.append(Hop(r.peer_id, hop.start, hop.end, tuple(r.addrs), None if whole else (s.start, s.end)))
-                    break
+        online = [r for r in records if r.state == "online"]
+        taken_addrs = {_where(a) for r in records if r.peer_id == hop.peer_id for a in r.addrs}
+        taken_addrs |= {_where(a) for a in hop.addrs}
+        # Efraimidis-Spirakis: sorting by u ** (1 / w) (u uniform) draws without replacement, each
+        # next peer with probability proportional to its weight w = 1 + what the client has been
+        # through with it, so a crowd of fresh keys counts for little against known peers.
+        keyed = []
+        for c in candidates_from(online, model_id):
+            if c.start <= hop.start and hop.end <= c.end and eligible(c, avoid=avoid, need_tokens=need_tokens):
+                keyed.append((self.rng.random() ** (1.0 / (1 + max(0, ctx.history(c.peer_id)))), c))
+        keyed.sort(key=lambda kc: (-kc[0], kc[1].peer_id))
+        found: list[Hop] = []
+        for _, c in keyed:
             if len(found) >= self.witnesses:
                 break
+            where = {_where(a) for a in c.addrs}
+            if any(f.peer_id == c.peer_id for f in found) or taken_addrs & where:
+                continue  # the same peer twice, or one operator behind two identities
+            taken_addrs |= where
+            whole = (c.start, c.end) == (hop.start, hop.end)
+            found.append(Hop(c.peer_id, hop.start, hop.end, c.addrs, None if whole else (c.start, c.end)))
         return found
+
+
+def _where(addr: str) -> str:
+    """A listening address without its ``/p2p/<peer id>`` part (which differs per identity)."""
+    return addr.split("/p2p/", 1)[0]

@@ -170,7 +170,7 @@ class SwarmClient:
             Path(data_dir).mkdir(parents=True, exist_ok=True)
             identity = identity or Identity.load_or_create(data_dir)
             try:  # opening verifies the whole hash chain: a worker thread, never the event loop
-                ledger = await trio.to_thread.run_sync(Ledger.open, Path(data_dir) / LEDGER_FILE)
+                ledger = await trio.to_thread.run_sync(Ledger.open, Path(data_dir) / LEDGER_FILE, identity)
             except LedgerError as exc:
                 raise InvalidRequest(f"the ledger in {data_dir} cannot be used: {exc}") from None
         identity = identity or Identity.generate()
@@ -244,17 +244,23 @@ class SwarmClient:
         route: list[Hop] | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
         until: Callable[[], bool] | None = None,
+        vocab_size: int | None = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``.
 
         A hop that fails or stalls past ``step_timeout_s`` is replaced mid-generation: another
-        chain for its layers gets the history replayed, and generation goes on (failover).
+        chain for its layers gets the history replayed, and generation goes on (failover); one
+        that cannot be opened is replaced the same way before the first step. Every hop's output
+        is checked against its session (node/client/outputs.py; ``vocab_size``, when the caller
+        knows the tokenizer, bounds the token ids): a hop whose output fails is failed over.
         Raises InvalidRequest, NoRoute (LayersLost mid-generation) or PeerError.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens must be at least 1")
+        if vocab_size is not None and vocab_size < 1:
+            raise InvalidRequest("vocab_size must be at least 1")
         batch = len(prompts)
         width = max(len(p) for p in prompts)
         max_length = width + max_new_tokens
@@ -268,7 +274,8 @@ class SwarmClient:
         t0 = time.perf_counter()
         ttft = 0.0
         steps = 0
-        chain = _Chain(SessionSpec(model_id, batch, max_length, sampling))
+        chain = _Chain(SessionSpec(model_id, batch, max_length, sampling, num_layers=route[-1].end,
+                                   vocab_size=vocab_size))
         async with self._open_chain(chain, route):
             step_ids, step_pos, step_mask = ids, positions, mask
             # A long prompt goes in chunks (bounded memory per step); each chunk keeps >= 2
@@ -324,14 +331,57 @@ class SwarmClient:
     @asynccontextmanager
     async def _open_chain(self, chain: "_Chain", route: list[Hop]) -> AsyncIterator[None]:
         try:
-            for hop in route:  # a hop that cannot be opened (busy, refused, gone): PeerError
-                chain.hops.append(await self.sessions.open(chain.spec, hop))
+            await self._open_hops(chain, route)
             yield
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 async with trio.open_nursery() as nursery:
                     for h in chain.hops:
                         nursery.start_soon(self.sessions.close, h)
+
+    async def _open_hops(self, chain: "_Chain", route: list[Hop]) -> None:
+        """Open a session on every hop of ``route``. A hop that cannot be opened (gone, busy,
+        refusing) is backed off and replaced by another chain for its layers, as a failed step
+        is; when nobody else serves them its PeerError is raised."""
+        pending = list(route)
+        while pending:
+            hop = pending.pop(0)
+            try:
+                chain.hops.append(await self.sessions.open(chain.spec, hop))
+                continue
+            except PeerError as exc:
+                failure = exc
+            self.health.failed(hop.peer_id, time.monotonic())
+            chain.failovers += 1
+            self.failovers_total += 1
+            if chain.failovers > MAX_FAILOVERS:
+                raise failure
+            try:
+                replacement = await self._replacement(chain.spec, hop.start, hop.end)
+            except NoRoute:
+                raise failure from None
+            log.warning("cannot open %s (layers %d:%d): %s; opening %s instead", hop.peer_id, hop.start,
+                        hop.end, failure.reason, ", ".join(f"{h.peer_id} {h.start}:{h.end}" for h in replacement))
+            pending[:0] = replacement
+
+    async def _replacement(self, spec: SessionSpec, start: int, end: int) -> list[Hop]:
+        """The fastest chain for layers ``start:end`` among peers not backed off: from the
+        records already known first (asking the DHT can wait on the very peer that failed),
+        then from a fresh lookup (bounded). NoRoute when neither has one."""
+        for fresh in (False, True):
+            if fresh:
+                with trio.move_on_after(FAILOVER_LOOKUP_S):
+                    await self.records(spec.model_id)
+            records = self.known_records(spec.model_id)
+            try:
+                return find_chain_between(
+                    start, end, self._candidates(records, spec.model_id),
+                    avoid=self.health.avoided(time.monotonic()), need_tokens=spec.batch * spec.max_length,
+                )
+            except NoRoute:
+                if fresh:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _step(
         self,
@@ -353,8 +403,10 @@ class SwarmClient:
                 continue  # retry this step on the replacement
             self.health.succeeded(h.hop.peer_id)
             if self.spot_checker is not None:
+                spec = chain.spec
                 verdict = await self.spot_checker.check(_Witnessing(self, chain), CheckedStep(
-                    chain.spec.model_id, h.hop, h.session_id, h.steps - 1, h.history, payload))
+                    spec.model_id, h.hop, h.session_id, h.steps - 1, h.history, payload,
+                    need_tokens=spec.batch * spec.max_length))
                 if verdict.dispute is not None:
                     i += await self._caught(chain, i, verdict)
                     payload = verdict.output
@@ -396,24 +448,10 @@ class SwarmClient:
             await failed.reset()
         spec = chain.spec
         for attempt in range(MAX_FAILOVERS):
-            # Records already known first: asking the DHT can wait on the very peer that stalled.
-            hops = None
-            for fresh in (False, True):
-                if fresh:
-                    with trio.move_on_after(FAILOVER_LOOKUP_S):
-                        await self.records(spec.model_id)
-                records = self.known_records(spec.model_id)
-                try:
-                    hops = find_chain_between(
-                        failed.hop.start, failed.hop.end, self._candidates(records, spec.model_id),
-                        avoid=self.health.avoided(time.monotonic()),
-                        need_tokens=spec.batch * spec.max_length,
-                    )
-                    break
-                except NoRoute as exc:
-                    if fresh:
-                        raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
-            assert hops is not None
+            try:
+                hops = await self._replacement(spec, failed.hop.start, failed.hop.end)
+            except NoRoute as exc:
+                raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
             history = failed.history
             sampled = failed.hop.end == hops[-1].end and spec.sampling.temperature > 0
             if self.replay == "merged" and len(history) > 1 and not sampled:
@@ -470,14 +508,19 @@ class _Witnessing:
         return self._client.known_records(model_id)
 
     def avoided(self) -> frozenset[str]:
-        return self._client.health.avoided(time.monotonic())
+        return self._client.health.avoided(time.monotonic()) | self._client.disputes.excluded()
+
+    def history(self, peer_id: str) -> int:
+        return self._client.sessions.countersigned.get(peer_id, 0)
 
     async def replay(self, witness: Hop, history: Sequence[StepInput]) -> Tensor | None:
         sessions = self._client.sessions
+        health = self._client.health  # a witness that fails is backed off like a hop that does
         try:
             wh = await sessions.open(self._chain.spec, witness)
         except PeerError as exc:
             log.info("witness %s unavailable: %s", witness.peer_id, exc.reason)
+            health.failed(witness.peer_id, time.monotonic())
             return None
         try:
             out = None
@@ -486,6 +529,7 @@ class _Witnessing:
             return out
         except PeerError as exc:
             log.info("witness %s failed: %s", witness.peer_id, exc.reason)
+            health.failed(witness.peer_id, time.monotonic())
             return None
         finally:
             await sessions.close(wh)

@@ -10,6 +10,8 @@ Used by ``shiza generate``, the demo and agents:
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,6 +22,19 @@ from node.client.routing import Hop
 from node.models import ModelSource, Tokenizer, find_model, load_tokenizer
 
 
+SEED_BITS = 63  # a drawn seed fits a signed 64-bit integer, whatever the engine's generator takes
+
+
+def with_fresh_seed(sampling: SamplingParams) -> SamplingParams:
+    """``sampling`` with a newly drawn random seed when it samples (temperature > 0) and names
+    none: a node samples an unseeded session with seed 0, so without this every caller who
+    asked for randomness would get the same "random" answer. A given seed is kept (a run that
+    passes one is reproducible); greedy decoding has no use for one."""
+    if sampling.seed is not None or sampling.temperature <= 0:
+        return sampling
+    return dataclasses.replace(sampling, seed=secrets.randbits(SEED_BITS))
+
+
 @dataclass
 class TextModel:
     name: str
@@ -27,6 +42,9 @@ class TextModel:
     tokenizer: Tokenizer
     eos_token_ids: tuple[int, ...]
     num_layers: int
+    # Rows of the model's output head (config ``vocab_size``): the last hop's tokens must be below
+    # it (node/client/outputs.py); None when the config does not say.
+    vocab_size: int | None = None
 
     @classmethod
     def load(cls, spec: str | ModelSource) -> "TextModel":
@@ -41,7 +59,9 @@ class TextModel:
                 eos.add(value)
             elif isinstance(value, list):
                 eos.update(v for v in value if isinstance(v, int))
-        return cls(source.name, source.model_id, tok, tuple(sorted(eos)), source.num_layers)
+        vocab = source.config.get("vocab_size")
+        return cls(source.name, source.model_id, tok, tuple(sorted(eos)), source.num_layers,
+                   vocab if isinstance(vocab, int) and vocab > 0 else None)
 
     def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
         if raw or not self.tokenizer.chat_template:
@@ -91,17 +111,19 @@ async def generate_text(
     on_text: Callable[[str], None] | None = None,
     route: list[Hop] | None = None,
 ) -> tuple[str, list[int], GenerationResult]:
-    """Generate for one prompt; returns (text, prompt token ids, result)."""
+    """Generate for one prompt; returns (text, prompt token ids, result). Sampling without a
+    seed gets a fresh one (``with_fresh_seed``)."""
     prompt_ids = model.encode(prompt, raw=raw)
     detok = Detokenizer(model, on_text or (lambda s: None))
     result = await client.generate(
         model.model_id,
         [prompt_ids],
         max_new_tokens=max_new_tokens,
-        sampling=sampling,
+        sampling=with_fresh_seed(sampling),
         eos_token_ids=model.eos_token_ids,
         on_tokens=lambda toks: detok.push(toks[0]),
         route=route,
+        vocab_size=model.vocab_size,
     )
     ids = [t for t in result.token_ids[0] if t not in model.eos_token_ids]
     return model.decode(ids), prompt_ids, result

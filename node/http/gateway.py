@@ -39,7 +39,7 @@ from protocol.messages import SamplingParams
 from node.client.swarm import GenerationResult, SwarmClient
 from node.http.asgi import http_only, read_body, send_json, serve_asgi
 from node.client.routing import Hop, NoRoute
-from node.client.textgen import TextModel, Detokenizer
+from node.client.textgen import TextModel, Detokenizer, with_fresh_seed
 
 if TYPE_CHECKING:
     from node.http.metrics import NodeMetrics
@@ -52,6 +52,7 @@ RETRY_AFTER_S = 5  # what a 503 tells the caller to wait
 MAX_CONCURRENT = 16  # generations at once; more get 503 (busy)
 DEFAULT_MAX_TOKENS = {"chat": 256, "completion": 16}  # OpenAI's default for completions is 16
 MAX_STOP = 4  # stop sequences per request, as OpenAI
+MAX_STOP_CHARS = 256  # characters per stop sequence: bounds the text held back and the scan
 DISCONNECT_GRACE_S = 5.0  # after a disconnect, how long the step in flight may take before a hard cancel
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -166,7 +167,10 @@ def _stops(body: dict[str, Any]) -> list[str]:
     if (not isinstance(stops, list) or len(stops) > MAX_STOP
             or not all(isinstance(s, str) and s for s in stops)):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them",
-                       param="stop")
+                       param="stop", code="invalid_value")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"a stop sequence may have at most {MAX_STOP_CHARS} characters",
+                       param="stop", code="invalid_value")
     return stops
 
 
@@ -178,33 +182,89 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
 
 
 # ---- text streaming with stop sequences ---------------------------------------------------------
+class _StopMatcher:
+    """Knuth-Morris-Pratt over one stop sequence: ``state`` is the length of the longest prefix
+    of the stop that ends the text fed so far. Feeding a character costs amortised O(1)."""
+
+    __slots__ = ("stop", "border", "state")
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        # border[k]: the longest proper prefix of stop[:k + 1] that is also its suffix.
+        self.border = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.border[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.border[i] = k
+        self.state = 0
+
+
 class _StopText:
     """Accumulates generated text; cuts it at the first stop sequence and holds back any tail
-    that could still become one, so a stream never shows text that a stop would have cut."""
+    that could still become one, so a stream never shows text that a stop would have cut.
+
+    The first stop is the one completed first (the longest when several end at the same
+    character), whatever the pieces' boundaries. Stop sequences come from the caller and this
+    runs on the event loop, so the scan is linear: each character costs each stop at most two
+    comparisons, amortised (``compared`` counts them), and the text held back is shorter than
+    the longest stop.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = list(stops)
-        self.text = ""
-        self.sent = 0
+        self._matchers = [_StopMatcher(s) for s in dict.fromkeys(stops)]
+        self._kept: list[str] = []  # text returned by push/flush
+        self._held = ""  # text after it that could still begin a stop
         self.stopped = False
+        self.compared = 0
+
+    @property
+    def text(self) -> str:
+        """The text so far: cut before the stop once ``stopped``."""
+        return "".join(self._kept) + self._held
 
     def push(self, piece: str) -> str:
         """Add ``piece``; return the text that is now safe to emit."""
         if self.stopped or not piece:
             return ""
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
-        self.text += piece
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-            return self.flush()
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        safe = len(self.text) - hold
-        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return out
+        if not self._matchers:
+            return self._keep(piece)
+        buf = self._held + piece
+        for i in range(len(self._held), len(buf)):
+            c = buf[i]
+            cut = -1
+            for m in self._matchers:
+                stop, state = m.stop, m.state
+                while state and stop[state] != c:
+                    self.compared += 1
+                    state = m.border[state - 1]
+                self.compared += 1
+                if stop[state] == c:
+                    state += 1
+                if state == len(stop):
+                    # The match begins within the held text (its prefix was held back), or
+                    # before it only after flush(): what was sent then stays sent.
+                    start = max(0, i + 1 - state)
+                    cut = start if cut < 0 else min(cut, start)
+                    state = m.border[state - 1]
+                m.state = state
+            if cut >= 0:
+                self.stopped, self._held = True, ""
+                return self._keep(buf[:cut])
+        hold = min(max(m.state for m in self._matchers), len(buf))
+        self._held = buf[len(buf) - hold:]
+        return self._keep(buf[:len(buf) - hold])
 
     def flush(self) -> str:
-        out, self.sent = self.text[self.sent:], len(self.text)
+        """Everything held back, now that no more text follows."""
+        out, self._held = self._held, ""
+        return self._keep(out)
+
+    def _keep(self, out: str) -> str:
+        if out:
+            self._kept.append(out)
         return out
 
 
@@ -228,6 +288,8 @@ class Gateway:
     def __init__(self, client: SwarmClient, models: Sequence[TextModel], api_keys: Sequence[str] = ()) -> None:
         self.client = client
         self.models = list(models)
+        if any(not k.strip() for k in api_keys):  # "Bearer " with nothing after it would pass
+            raise ValueError("an API key must not be empty")
         self.api_keys = set(api_keys)
         self.created = int(time.time())
         self._slots = trio.Semaphore(MAX_CONCURRENT)
@@ -332,11 +394,11 @@ class Gateway:
             raise ApiError(400, f"'max_tokens' must be between 1 and {room} for this prompt of {len(ids)} "
                                 "tokens", param="max_tokens", code="invalid_value")
         try:
-            sampling = SamplingParams(
+            sampling = with_fresh_seed(SamplingParams(  # no seed given: a fresh one per request
                 temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
                 seed=_field(body, "seed", (int,), None),
-            )
+            ))
         except InvalidMessage as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
         options = _field(body, "stream_options", (dict,), {})
@@ -362,7 +424,7 @@ class Gateway:
             try:
                 result = await self.client.generate(
                     job.model.model_id, [job.prompt_ids], max_new_tokens=job.max_tokens, sampling=job.sampling,
-                    eos_token_ids=job.model.eos_token_ids, route=route,
+                    eos_token_ids=job.model.eos_token_ids, route=route, vocab_size=job.model.vocab_size,
                     on_tokens=lambda toks: detok.push(toks[0]), until=lambda: text.stopped or job.abandoned,
                 )
             except (ShizaError, NoRoute) as exc:

@@ -7,13 +7,31 @@ of the entry, and a one-row ``head`` table holds the count and hash of the last 
 the same transaction as the append. Together they make any edit, any deleted row and a cut-off
 tail detectable by :meth:`Ledger.verify_chain`.
 
+Keyed to its owner: the head row also holds an Ed25519 signature by the ledger owner's identity
+over (count, head hash), so someone who can write the file but lacks the key cannot edit an entry
+and recompute the chain (the head signature no longer verifies). :meth:`Ledger.open` takes the
+owner's Identity (read-write) or its public key / peer id (read-only, still verified).
+
+The head file (``<ledger>.head``, :func:`head_file_of`): after each commit the signed head is
+also written, atomically and fsynced, to a small file beside the database. Committed entries
+can live only in the ``-wal`` file until SQLite checkpoints them, so a database copied (or
+restored) without its WAL opens as a shorter, self-consistent chain; the head file records how
+long the chain was and reports it. A head file behind the database by some entries is normal
+(killed between the commit and the write) and is brought up to date at open; one ahead of the
+database, one whose hash is not the database's entry at its count, or a missing one while the
+database has entries, is LedgerCorrupt. A complete earlier copy of both (a whole-directory
+rollback) cannot be told from a shorter ledger locally: a counterparty's countersigned receipts
+are what show it. One process writes a ledger at a time (the node or the agent owning it).
+
 Errors::
 
     LedgerError          anything the ledger refuses or cannot do (closed, I/O, bad argument
      |                   values raise ValueError / TypeError instead)
      +-- LedgerCorrupt   the file is not a ledger we can trust: not SQLite, unknown schema
-     |                   version, or a chain that is broken, edited or truncated (says which entry)
-     +-- DuplicateEntry  the receipt_id or (server, client, seq) is already recorded
+     |                   version, a chain that is broken, edited or truncated (says which entry),
+     |                   a head not signed by the owner, or a missing or mismatched WAL / head file
+     +-- DuplicateEntry  the receipt_id, (server, client, seq) or (server, client, session_id,
+                         checkpoint) is already recorded
 
 Durability and interruption: the file is in WAL mode with ``synchronous=FULL`` and each append is
 one ``BEGIN IMMEDIATE ... COMMIT``, so when :meth:`Ledger.append` returns the entry is on disk.
@@ -28,6 +46,7 @@ started. One connection is shared by all threads behind a lock.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sqlite3
 import struct
@@ -39,6 +58,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from protocol.identity import Identity
+
+from node.ledger.errors import DuplicateEntry, LedgerCorrupt, LedgerError
+from node.ledger.head import (
+    GENESIS_HASH,
+    Owner,
+    check_head_file,
+    head_file_of,
+    head_signed_by,
+    owner_key,
+    read_head_file,
+    sign_head,
+    write_head_file,
+)
+
 __all__ = [
     "GENESIS_HASH",
     "DuplicateEntry",
@@ -49,11 +83,13 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATUSES",
     "entry_hash_of",
+    "head_file_of",
 ]
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: signed head, head file, index by session checkpoint (1 is upgraded)
 STATUSES = frozenset({"countersigned", "server_only", "disputed"})
-GENESIS_HASH = bytes(32)
 
 # Domain separation: an entry hash can never be mistaken for a hash of anything else we sign.
 _HASH_DOMAIN = b"shiza-ledger-entry/v1\x00"
@@ -82,13 +118,20 @@ CREATE TABLE entries (
     UNIQUE (server, client, seq)
 ) STRICT;
 CREATE INDEX entries_by_client ON entries (client);
+CREATE INDEX entries_by_session ON entries (server, client, session_id, checkpoint);
 CREATE TABLE head (
     one   INTEGER PRIMARY KEY CHECK (one = 1),
     count INTEGER NOT NULL,
-    hash  BLOB    NOT NULL
+    hash  BLOB    NOT NULL,
+    sig   BLOB    NOT NULL DEFAULT x''
 ) STRICT;
 INSERT INTO head (one, count, hash) VALUES (1, 0, zeroblob(32));
 """
+# Version 1 had no head signature and no session index; the chain itself is unchanged.
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE head ADD COLUMN sig BLOB NOT NULL DEFAULT x''",
+    "CREATE INDEX IF NOT EXISTS entries_by_session ON entries (server, client, session_id, checkpoint)",
+)
 
 _COLUMNS = (
     "idx, receipt_id, server, client, seq, session_id, checkpoint, final, status, reason, "
@@ -98,18 +141,6 @@ _COLUMNS = (
 
 
 LEDGER_FILE = "ledger.sqlite"  # in a node's or an agent's data directory
-
-
-class LedgerError(Exception):
-    """Base of every error the ledger raises."""
-
-
-class LedgerCorrupt(LedgerError):
-    """The ledger file cannot be trusted; it is reported and left untouched, never repaired."""
-
-
-class DuplicateEntry(LedgerError):
-    """The receipt_id, or the (server, client, seq) triple, is already in the ledger."""
 
 
 @dataclass(frozen=True)
@@ -162,10 +193,11 @@ def _update_bytes(h: Any, b: bytes) -> None:
 class Ledger:
     """An open ledger file. Use :meth:`open`; close it (or use ``with``) when done."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, owner: Owner) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._path = path
         self._lock = threading.Lock()
+        self._identity, self._public_key = owner_key(owner)
 
     @property
     def path(self) -> Path:
@@ -174,23 +206,30 @@ class Ledger:
     # -- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True) -> Ledger:
-        """Open the ledger at ``path``, creating it (and its directory) if missing.
+    def open(cls, path: str | Path, owner: Owner, *, verify: bool = True) -> Ledger:
+        """Open the ledger of ``owner`` at ``path``, creating it (and its directory) if missing.
 
+        ``owner`` is the owner's Identity (to append: each new head is signed with it), or its
+        public key or peer id (read-only: the head is checked, append raises LedgerError).
         Raises LedgerCorrupt if the file is not SQLite, holds another schema or version, or
-        (with ``verify``) its chain does not check out; the file is never modified in that case.
+        (with ``verify``) its chain, its head signature or its head file does not check out
+        (see the module's doc); the file is never modified in that case. ``verify=False`` is
+        for inspecting a damaged file; do not append to one opened so.
         """
         path = Path(path)
+        identity, _ = owner_key(owner)
+        if identity is None and not path.exists():
+            raise LedgerError(f"no ledger at {path} (creating one needs the owner's identity)")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open ledger {path}: {e}") from e
         try:
-            _prepare(conn, path)
-            ledger = cls(conn, path)
+            _prepare(conn, path, identity)
+            ledger = cls(conn, path, owner)
             if verify:
-                ledger.verify_chain()
+                ledger._verify(update_head_file=True)
             return ledger
         except BaseException:
             conn.close()
@@ -262,19 +301,28 @@ class Ledger:
         # + 0.0 turns -0.0 into 0.0: SQLite stores integral REALs as integers, losing the sign,
         # which would make the stored entry hash differently from the one we computed.
         ended = _finite("ended_at", ended_at) + 0.0
+        if self._identity is None:
+            raise LedgerError(f"ledger {self._path} is opened read-only (with the owner's public "
+                              "key, not its identity): cannot sign a new head")
 
         with self._lock:
             conn = self._open_conn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 clash = conn.execute(
-                    "SELECT idx, receipt_id FROM entries WHERE receipt_id = ? "
-                    "OR (server = ? AND client = ? AND seq = ?) LIMIT 1",
-                    (receipt_id, server, client, seq),
+                    "SELECT idx, receipt_id, seq FROM entries WHERE receipt_id = ? "
+                    "OR (server = ? AND client = ? AND seq = ?) "
+                    "OR (server = ? AND client = ? AND session_id = ? AND checkpoint = ?) LIMIT 1",
+                    (receipt_id, server, client, seq, server, client, session_id, checkpoint),
                 ).fetchone()
                 if clash is not None:
-                    what = (f"receipt_id {receipt_id!r}" if clash[1] == receipt_id
-                            else f"seq {seq} for server {server!r} and client {client!r}")
+                    if clash[1] == receipt_id:
+                        what = f"receipt_id {receipt_id!r}"
+                    elif clash[2] == seq:
+                        what = f"seq {seq} for server {server!r} and client {client!r}"
+                    else:
+                        what = (f"checkpoint {checkpoint} of session {session_id!r} for server "
+                                f"{server!r} and client {client!r}")
                     raise DuplicateEntry(f"{what} is already recorded as entry {clash[0]}")
                 row = conn.execute("SELECT count, hash FROM head WHERE one = 1").fetchone()
                 if row is None:
@@ -294,10 +342,10 @@ class Ledger:
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _to_row(entry),
                 )
-                conn.execute("UPDATE head SET count = ?, hash = ? WHERE one = 1",
-                             (entry.index, entry.entry_hash))
+                sig = sign_head(self._identity, entry.index, entry.entry_hash)
+                conn.execute("UPDATE head SET count = ?, hash = ?, sig = ? WHERE one = 1",
+                             (entry.index, entry.entry_hash, sig))
                 conn.execute("COMMIT")
-                return entry
             except BaseException as e:
                 # Also on KeyboardInterrupt: a transaction left open would wedge every later
                 # append on this connection.
@@ -308,6 +356,10 @@ class Ledger:
                 if isinstance(e, sqlite3.Error):
                     raise _convert(e, f"cannot append to {self._path}") from e
                 raise
+            # After the commit, never before: a head file ahead of the database would read as
+            # lost entries. A kill here leaves it one entry behind, which open() repairs.
+            self._write_head_file(entry.index, entry.entry_hash, sig)
+            return entry
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -370,10 +422,17 @@ class Ledger:
         return int(row[0]), bytes(row[1])
 
     def verify_chain(self) -> int:
-        """Check every entry's hash and link, and that the chain ends where the head row says.
+        """Check every entry's hash and link, that the chain ends where the head row says, that
+        the owner signed that head, and that the head file agrees (module doc).
 
-        Returns the number of entries; raises LedgerCorrupt naming the first bad entry.
+        Returns the number of entries; raises LedgerCorrupt naming the first problem.
         """
+        return self._verify(update_head_file=False)
+
+    def _verify(self, *, update_head_file: bool) -> int:
+        # The head file first: it is written after each commit, so the database read next
+        # (in its own snapshot) is at least as long as it, even with a writer running.
+        recorded = read_head_file(self._path, self._public_key)
         with self._lock:
             conn = self._open_conn()
             try:
@@ -383,15 +442,20 @@ class Ledger:
                 try:
                     count, last = _verify_rows(
                         conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY idx"), self._path)
-                    head = conn.execute("SELECT count, hash FROM head").fetchall()
+                    head = conn.execute("SELECT count, hash, sig FROM head").fetchall()
+                    at_recorded = None
+                    if recorded is not None and 0 < recorded[0] <= count:
+                        at_recorded = conn.execute("SELECT entry_hash FROM entries WHERE idx = ?",
+                                                   (recorded[0],)).fetchone()[0]
                 finally:
                     conn.execute("COMMIT")
             except sqlite3.Error as e:
                 raise _convert(e, f"cannot read {self._path}") from e
         where = self._path
-        if len(head) != 1 or not isinstance(head[0][0], int) or not isinstance(head[0][1], bytes):
+        if (len(head) != 1 or not isinstance(head[0][0], int)
+                or not isinstance(head[0][1], bytes) or not isinstance(head[0][2], bytes)):
             raise LedgerCorrupt(f"{where}: the head row is missing or malformed")
-        head_count, head_hash = head[0]
+        head_count, head_hash, head_sig = head[0]
         if head_count > count:
             raise LedgerCorrupt(
                 f"{where}: truncated: entries {count + 1}..{head_count} are missing "
@@ -402,7 +466,22 @@ class Ledger:
                 f"(the head records {head_count} entries, the chain has {count})")
         if head_hash != last:
             raise LedgerCorrupt(f"{where}: entry {count} does not match the head hash")
+        if count and not head_signed_by(self._public_key, count, last, head_sig):
+            raise LedgerCorrupt(
+                f"{where}: the head signature does not verify with the owner's key: edited "
+                "without the owner's key, or not this identity's ledger")
+        check_head_file(where, recorded, count, at_recorded)
+        if update_head_file and self._identity is not None and (
+                recorded is None or recorded[0] < count):
+            self._write_head_file(count, last, sign_head(self._identity, count, last))
         return count
+
+    def _write_head_file(self, count: int, head_hash: bytes, sig: bytes) -> None:
+        try:
+            write_head_file(self._path, count, head_hash, sig)
+        except OSError as e:
+            # The entry is committed; the head file only lags, which the next open repairs.
+            log.warning("cannot write the head file of %s: %s", self._path, e)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -427,30 +506,48 @@ class Ledger:
         return out
 
 
-def _prepare(conn: sqlite3.Connection, path: Path) -> None:
-    """Check the file is our schema (creating it in an empty file), then switch to WAL.
-    Nothing is written to a file that turns out not to be ours."""
+def _prepare(conn: sqlite3.Connection, path: Path, identity: Identity | None) -> None:
+    """Check the file is our schema (creating it in an empty file, upgrading version 1 with
+    ``identity``), then switch to WAL. Nothing is written to a file that turns out not to be
+    ours."""
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if version == 0 and tables == 0:
-            # A fresh file. journal_mode must be set outside a transaction; the schema and its
-            # version are one transaction, so a kill here leaves an empty (valid) file.
-            _set_wal(conn, path)
+            # A fresh file. The schema and its version are one transaction, so a kill here
+            # leaves an empty (valid) file. It is created in the default rollback-journal mode,
+            # so it lands in the database file itself, never only in a -wal: a copy of the
+            # file taken at any later moment holds the schema and so is known to be a ledger
+            # whose head file must be there (WAL mode is switched on after).
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Another process may have created it while we waited for the write lock.
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    if identity is None:
+                        raise LedgerError(f"{path} is empty; creating a ledger needs the owner's "
+                                          "identity")
+                    recorded = read_head_file(path, identity.public_key)
+                    if recorded is not None and recorded[0]:
+                        raise LedgerCorrupt(
+                            f"{path}: the database is empty but its head file records "
+                            f"{recorded[0]} entries: entries 1..{recorded[0]} are missing")
                     for stmt in _SCHEMA.split(";"):
                         if stmt.strip():
                             conn.execute(stmt)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    # Before the commit: from its first moment, a ledger without its head file
+                    # is one whose entries may be elsewhere (in a -wal left behind). A kill
+                    # before the commit leaves an empty file and an empty head: both fine.
+                    write_head_file(path, 0, GENESIS_HASH, sign_head(identity, 0, GENESIS_HASH))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1:
+            _upgrade_from_1(conn, path, identity)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
             what = "not a ledger" if version == 0 else f"ledger schema version {version}"
@@ -460,6 +557,35 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute("PRAGMA synchronous = FULL")
     except sqlite3.Error as e:
         raise _convert(e, f"cannot open ledger {path}") from e
+
+
+def _upgrade_from_1(conn: sqlite3.Connection, path: Path, identity: Identity | None) -> None:
+    """Sign the head of a version 1 ledger (whose chain must check out: trusted on this first
+    use), write its head file, add the session index, and mark it version 2, in one
+    transaction. The head file is written before the commit: a kill in between leaves a
+    version 1 file and a head file that the retried upgrade overwrites."""
+    if identity is None:
+        raise LedgerError(f"{path}: a version 1 ledger is upgraded on first open, which needs "
+                          "the owner's identity (not only its public key)")
+    _set_wal(conn, path)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+            count, last = _verify_rows(conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY idx"),
+                                       path)
+            if conn.execute("SELECT count, hash FROM head").fetchall() != [(count, last)]:
+                raise LedgerCorrupt(f"{path}: version 1 ledger whose head does not match its chain")
+            for stmt in _UPGRADE_FROM_1:
+                conn.execute(stmt)
+            sig = sign_head(identity, count, last)
+            conn.execute("UPDATE head SET sig = ?", (sig,))
+            conn.execute("PRAGMA user_version = 2")
+            write_head_file(path, count, last, sig)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _set_wal(conn: sqlite3.Connection, path: Path) -> None:

@@ -4,7 +4,8 @@ The DHT (node/net/dht.py) stores opaque bytes. Every value under the ``/shiza-ca
 is a signed capacity record and every value under ``/shiza-dispute/`` a signed dispute; both
 are validated on store and on read (``DHT_VALIDATORS``), and among several copies of one key
 ``DHT_SELECTORS`` pick the best (the highest sequence number, the newest dispute). A record is
-trusted only until its expiry, checked again at every read. Publishing is the business of
+trusted only until its expiry, checked again at every read, and a reader refuses a peer's record
+older than one it has already accepted (a replay: SPEC.md 12.3.6). Publishing is the business of
 whoever signs: a node announces its record (node/serve/announce.py), a client publishes its
 disputes (node/client/disputes.py).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Protocol
 
 import trio
@@ -27,11 +29,11 @@ from protocol.ids import (
     dispute_provider_key,
     model_provider_key,
 )
-from protocol.records import CapacityRecord, verify_record
+from protocol.records import CapacityRecord, SequenceTracker, verify_record
 
 __all__ = [
     "DHT_SELECTORS", "DHT_VALIDATORS", "RecordDHT", "fetch_disputes", "fetch_records",
-    "select_capacity", "select_dispute", "validate_capacity", "validate_dispute",
+    "seen_sequences", "select_capacity", "select_dispute", "validate_capacity", "validate_dispute",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,15 +97,34 @@ DHT_SELECTORS = {CAPACITY_NAMESPACE: select_capacity, DISPUTE_NAMESPACE: select_
 
 OWN_RECORD_TIMEOUT_S = 5.0  # asking a provider for its own record, before the DHT lookup
 
+# The highest seq accepted per peer, one tracker per reader (its DHT): a node, a client, a
+# monitor. Kept beside the DHT rather than in it so that every caller of fetch_records is
+# protected without holding one; it lives as long as that DHT object.
+_SEEN: weakref.WeakKeyDictionary[object, SequenceTracker] = weakref.WeakKeyDictionary()
+
+
+def seen_sequences(dht: RecordDHT) -> SequenceTracker:
+    """The sequence tracker of the reader behind ``dht`` (created on first use)."""
+    tracker = _SEEN.get(dht)
+    if tracker is None:
+        tracker = _SEEN[dht] = SequenceTracker()
+    return tracker
+
 
 async def fetch_records(
-    dht: RecordDHT, model_id: str, *, include_draining: bool = False, limit: int = 256
+    dht: RecordDHT, model_id: str, *, include_draining: bool = False, limit: int = 256,
+    seqs: SequenceTracker | None = None,
 ) -> list[CapacityRecord]:
     """Valid, unexpired records of the peers that provide ``model_id``, asked of the network.
 
     Each provider is first asked for its own record (one request, SPEC.md 12.4.3); only a
     provider that gives no valid one is looked up in the DHT, which asks the ~20 peers
-    closest to its key. With 32 providers that is 32 requests instead of about 1,000."""
+    closest to its key. With 32 providers that is 32 requests instead of about 1,000.
+
+    A record older than one already accepted for its peer (``seqs``, by default the tracker of
+    this ``dht``: ``seen_sequences``) is refused, so a DHT peer that replays a node's earlier,
+    still unexpired record cannot bring back its old state, spans or addresses."""
+    tracker = seqs if seqs is not None else seen_sequences(dht)
     peers = (await dht.find_providers(model_provider_key(model_id), count=limit))[:limit]
     found: list[CapacityRecord] = []
 
@@ -116,6 +137,7 @@ async def fetch_records(
             if value is None:
                 return
             record = verify_record(CapacityRecord.from_bytes(value), now=time.time(), key=key)
+            tracker.check_and_update(record)  # StaleSequence for a replay
         except ShizaError as exc:
             log.info("ignoring record of %s: %s", peer_id, exc)
             return

@@ -11,7 +11,7 @@ import trio
 
 from protocol.codec import Tensor, pack, unpack
 from protocol.errors import FrameTooLarge, MalformedFrame, Timeout
-from protocol.ids import MAX_FRAME_BYTES
+from protocol.ids import DECODE_IN_THREAD_BYTES, MAX_FRAME_BYTES
 from protocol.messages import Message, decode_message, message_to_wire
 
 from node.net.streams import FramedStream, FrameTooLong
@@ -23,22 +23,32 @@ async def send_message(stream: FramedStream, msg: Message) -> None:
     await stream.send_frame(pack(message_to_wire(msg)))
 
 
-async def recv_message(stream: FramedStream, timeout: float | None = None) -> Message | None:
+async def recv_message(stream: FramedStream, timeout: float | None = None,
+                       max_bytes: int = MAX_FRAME_BYTES) -> Message | None:
     """The next message, or None when the peer closed the stream cleanly between frames.
 
-    Raises a protocol error for a bad frame and Timeout past ``timeout`` seconds, StreamBroken
+    Raises a protocol error for a bad frame (FrameTooLarge for a header announcing more than
+    ``max_bytes``, before its body is read) and Timeout past ``timeout`` seconds, StreamBroken
     from the stream. After a Timeout (or any cancellation) a libp2p stream is broken; a direct
-    channel or memory stream can be read again (node/net/streams.py).
+    channel or memory stream can be read again (node/net/streams.py). A frame over
+    DECODE_IN_THREAD_BYTES is decoded in a worker thread, so that decoding it (bounded by
+    MAX_DECODED_OBJECTS) does not hold the event loop.
     """
     try:
         with trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
-            payload = await stream.read_frame(MAX_FRAME_BYTES)
+            payload = await stream.read_frame(min(max_bytes, MAX_FRAME_BYTES))
     except trio.TooSlowError:
         raise Timeout(f"no message within {timeout:g} s") from None
     except FrameTooLong as exc:
         raise FrameTooLarge(str(exc)) from None
     if payload is None:
         return None
+    if len(payload) > DECODE_IN_THREAD_BYTES:
+        return await trio.to_thread.run_sync(_decode, payload)
+    return _decode(payload)
+
+
+def _decode(payload: bytes) -> Message:
     return decode_message(unpack(payload))
 
 

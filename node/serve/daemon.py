@@ -389,7 +389,7 @@ async def run_node(
         raise ValueError(f"--layers {cfg.layers[0]}:{cfg.layers[1]} is outside the model's 0:{source.num_layers}")
     swarm_key = SwarmKey.load(cfg.swarm_key) if cfg.swarm_key is not None else None  # before any I/O
     # Opening verifies the whole hash chain: a worker thread, never the event loop.
-    ledger = await trio.to_thread.run_sync(Ledger.open, cfg.data_dir / LEDGER_FILE)
+    ledger = await trio.to_thread.run_sync(Ledger.open, cfg.data_dir / LEDGER_FILE, identity)
     try:
         async with open_host(identity.seed, cfg.listen) as host, open_admission(host, swarm_key):
             async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, cfg.bootstrap,

@@ -5,7 +5,14 @@ session slot, every byte of KV cache or every forward pass. ``PeerLimiter`` keep
 peer id (the Noise-authenticated one):
 
 * concurrent sessions and the KV cache they reserve (sum of ``batch_size * max_length``);
-* token buckets for steps, tokens and input bytes per second (a burst of one second's worth).
+* token buckets for steps, tokens and input bytes per second (a burst of one second's worth);
+* streams waiting for their first frame (each may hold a partial frame of up to
+  MAX_CONTROL_FRAME_BYTES until the open deadline): past ``max_waiting_streams`` a new stream
+  is refused with ``Busy`` (wire code 25), not a strike: an honest client opening many
+  sessions at once can meet it for a moment.
+
+The server also counts a frame it cannot decode (malformed, too large, over a decoding limit)
+as a strike (``strike``).
 
 A request over a limit raises ``RateLimited`` (wire code 27) and counts a *strike*. A peer with
 ``strikes_to_ban`` strikes within ``strike_window_s`` is banned for ``ban_s``: every stream it
@@ -21,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from protocol.errors import RateLimited
+from protocol.errors import Busy, RateLimited
 
 __all__ = ["PeerLimits", "PeerLimiter", "TokenBucket"]
 
@@ -33,6 +40,7 @@ class PeerLimits:
     steps_per_s: float = 200.0  # Steps per second, per peer (all its sessions together)
     tokens_per_s: float = 65536.0  # tokens (B x T) of Steps per second, per peer
     bytes_per_s: float = 256 * 2**20  # input bytes of Steps per second, per peer
+    max_waiting_streams: int = 16  # streams of one peer open but still before their first frame
     strikes_to_ban: int = 3  # limit violations within strike_window_s that earn a ban
     strike_window_s: float = 60.0
     ban_s: float = 60.0
@@ -70,6 +78,7 @@ class _Peer:
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
     strikes: deque[float] = field(default_factory=deque)
     banned_until: float = 0.0
+    waiting: int = 0  # streams before their first frame
 
 
 class PeerLimiter:
@@ -136,6 +145,22 @@ class PeerLimiter:
         peer.kv_tokens = max(0, peer.kv_tokens - kv_tokens)
         self._forget_if_idle(peer_id, peer)
 
+    # ---- streams before their first frame -------------------------------------------------
+    def begin_wait(self, peer_id: str) -> None:
+        """One more stream of ``peer_id`` waits for its first frame, or raise Busy past the cap."""
+        lim, peer = self.limits, self._peer(peer_id)
+        if peer.waiting >= lim.max_waiting_streams:
+            self._forget_if_idle(peer_id, peer)
+            raise Busy(f"at most {lim.max_waiting_streams} streams per peer may wait for their first frame")
+        peer.waiting += 1
+
+    def end_wait(self, peer_id: str) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        peer.waiting = max(0, peer.waiting - 1)
+        self._forget_if_idle(peer_id, peer)
+
     # ---- steps --------------------------------------------------------------------------
     def step(self, peer_id: str, tokens: int, nbytes: int) -> None:
         """Account one Step of ``tokens`` tokens and ``nbytes`` input bytes, or raise RateLimited."""
@@ -153,7 +178,7 @@ class PeerLimiter:
         # Keep the table small: a peer with nothing open, no strikes, no ban and full buckets
         # is forgotten (forgetting a half-empty bucket would let close-and-reopen refill it).
         now = self.clock()
-        if (peer.sessions == 0 and not peer.strikes and peer.banned_until <= now
+        if (peer.sessions == 0 and peer.waiting == 0 and not peer.strikes and peer.banned_until <= now
                 and all(b.full(now) for b in peer.buckets.values())):
             del self._peers[peer_id]
 

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import logging
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import trio
 
 from protocol.errors import (
     BadShape,
     Busy,
+    FrameTooLarge,
     Internal,
     InvalidMessage,
+    LimitExceeded,
+    MalformedFrame,
     NotAllowed,
     SessionClosed,
     ShizaError,
@@ -35,7 +39,8 @@ from protocol.errors import (
     Timeout,
     UnknownModel,
 )
-from protocol.ids import DEFAULT_SWARM_ID, MAX_TENSOR_ELEMENTS
+from protocol.codec import itemsize
+from protocol.ids import DEFAULT_SWARM_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES, MAX_TENSOR_ELEMENTS
 from protocol.messages import (
     CloseSession,
     Closed,
@@ -46,6 +51,7 @@ from protocol.messages import (
     NodeInfo,
     OpenSession,
     SessionOpened,
+    Message,
     Step,
     StepResult,
 )
@@ -64,6 +70,9 @@ from node.serve.limits import PeerLimiter, PeerLimits
 from node.serve.scheduler import CacheAdmission, StepScheduler
 
 log = logging.getLogger(__name__)
+
+# What a peer sends that cannot be decoded, or is over a frame limit: a strike against it.
+_FRAME_VIOLATIONS = (MalformedFrame, FrameTooLarge, LimitExceeded)
 
 
 @dataclass
@@ -138,6 +147,8 @@ class _Session:
     final_sent: bool = False
     client: str = ""
     kv_tokens: int = 0  # reserved against the client's per-peer limit
+    frame_limit: int = MAX_CONTROL_FRAME_BYTES  # bytes of one frame of this session (a Step)
+    last: bool = False  # ends at the model's last layer: its steps return token ids
 
 
 class SpanServer:
@@ -182,7 +193,8 @@ class SpanServer:
     async def handle_info(self, stream: FramedStream) -> None:
         try:
             self.peers.check_banned(stream.remote_peer_id)  # refused at once, before reading
-            msg = await recv_message(stream, self.limits.open_timeout_s)
+            with self._first_frame(stream.remote_peer_id):
+                msg = await self._recv(stream, stream.remote_peer_id, self.limits.open_timeout_s)
             if not isinstance(msg, InfoRequest):
                 raise InvalidMessage("expected info_req")
             await send_message(stream, self.node_info())
@@ -197,7 +209,8 @@ class SpanServer:
         io: FramedStream = stream  # where the session's frames go: this stream, or its direct channel
         try:
             self._admit(stream.remote_peer_id)  # banned or not allowed: refused before reading
-            msg = await recv_message(stream, self.limits.open_timeout_s)
+            with self._first_frame(stream.remote_peer_id):
+                msg = await self._recv(stream, stream.remote_peer_id, self.limits.open_timeout_s)
             if msg is None:
                 return
             if not isinstance(msg, OpenSession):
@@ -257,6 +270,26 @@ class SpanServer:
             nursery.cancel_scope.cancel()
         return channel
 
+    @contextmanager
+    def _first_frame(self, peer_id: str) -> Iterator[None]:
+        """Count a stream waiting for its first frame against the peer's cap (Busy past it)."""
+        self.peers.begin_wait(peer_id)
+        try:
+            yield
+        finally:
+            self.peers.end_wait(peer_id)
+
+    async def _recv(self, stream: FramedStream, peer_id: str, timeout: float,
+                    max_bytes: int = MAX_CONTROL_FRAME_BYTES) -> Message | None:
+        """The next message of ``stream`` under ``max_bytes`` (a control message unless a
+        session's Step bound is given). A frame that cannot be decoded or is over a limit is a
+        strike against ``peer_id`` (repeated, a ban), then its error goes back as usual."""
+        try:
+            return await recv_message(stream, timeout, max_bytes)
+        except _FRAME_VIOLATIONS as exc:
+            self.peers.strike(peer_id, f"bad frame: {exc}")
+            raise
+
     def _admit(self, peer_id: str) -> None:
         allow = self.limits.allow_peers
         if allow is not None and peer_id not in allow:
@@ -313,7 +346,24 @@ class SpanServer:
                 client, session_id, every_tokens=self.accounting.every_tokens,
                 unit_price=self.accounting.unit_price, swarm_id=self.accounting.swarm_id,
             )
-        return _Session(session_id, msg.start, msg.end, account, client=client, kv_tokens=kv_tokens)
+        return _Session(session_id, msg.start, msg.end, account, client=client, kv_tokens=kv_tokens,
+                        frame_limit=self._step_frame_limit(msg), last=msg.end == self._num_layers())
+
+    def _num_layers(self) -> int | None:
+        """Decoder layers of the served model, as the node's info states them."""
+        for span in self.node_info().spans:
+            if span.model_id == self.engine.model_id:
+                return span.num_layers
+        return None
+
+    def _step_frame_limit(self, msg: OpenSession) -> int:
+        """Bytes of the largest Step frame the session ``msg`` opens can need: a step of every
+        row and all ``max_length`` tokens (ids on the first span, hidden states after it), its
+        positions and mask (int64), and the rest of the message."""
+        eng = self.engine
+        per_token = 8 if msg.start == 0 else eng.hidden_size * itemsize(eng.dtype)
+        per_token += 16
+        return min(MAX_FRAME_BYTES, msg.batch_size * msg.max_length * per_token + MAX_CONTROL_FRAME_BYTES)
 
     def _close(self, session_id: str) -> None:
         try:
@@ -354,7 +404,7 @@ class SpanServer:
         account = session.account
         expected_step = 0
         while True:
-            msg = await recv_message(stream, self.limits.idle_timeout_s)
+            msg = await self._recv(stream, session.client, self.limits.idle_timeout_s, session.frame_limit)
             if session.pending is not None:
                 pending, session.pending = session.pending, None
                 if await self._await_verdict(stream, pending, msg):
@@ -367,7 +417,7 @@ class SpanServer:
                 if final is not None:
                     session.final_sent = True
                     try:
-                        verdict = await recv_message(stream, self.limits.open_timeout_s)
+                        verdict = await self._recv(stream, session.client, self.limits.open_timeout_s)
                     except ShizaError:
                         verdict = None
                     await self._await_verdict(stream, final, verdict)
@@ -437,6 +487,19 @@ class SpanServer:
             raise BadShape(f"mask must be int64 {list(shape[:2])}")
         if shape[0] * shape[1] * (shape[2] if len(shape) == 3 else 1) > MAX_TENSOR_ELEMENTS:
             raise BadShape("step too large")
+        # The output, before computing it: token ids [B] on the last span, else hidden states
+        # [B, T, H] (from ids, the first span's output can be thousands of times its input).
+        out_elements = shape[0] if session.last else shape[0] * shape[1] * eng.hidden_size
+        out_bytes = out_elements * (8 if session.last else itemsize(eng.dtype))
+        if out_elements > MAX_TENSOR_ELEMENTS or out_bytes + MAX_CONTROL_FRAME_BYTES > MAX_FRAME_BYTES:
+            raise self._violation(session.client, LimitExceeded(
+                f"step output of {out_elements} elements ({out_bytes} bytes) is over the frame limits "
+                f"(MAX_TENSOR_ELEMENTS {MAX_TENSOR_ELEMENTS}, MAX_FRAME_BYTES {MAX_FRAME_BYTES})"))
+
+    def _violation(self, peer_id: str, exc: ShizaError) -> ShizaError:
+        """Count ``exc`` as a strike against ``peer_id``; returns it to raise."""
+        self.peers.strike(peer_id, str(exc))
+        return exc
 
     async def _fail(self, stream: FramedStream, exc: ShizaError) -> None:
         self.stats.errors_by_code[exc.code] = self.stats.errors_by_code.get(exc.code, 0) + 1

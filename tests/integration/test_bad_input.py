@@ -13,9 +13,10 @@ from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from node.net.wire import int64_tensor, recv_message, send_message
 from protocol.codec import Tensor
-from protocol.errors import BadShape, FrameTooLarge, InvalidMessage, MalformedFrame, SpanNotServed, UnknownModel
-from protocol.ids import INFERENCE_PROTOCOL, MAX_FRAME_BYTES
-from protocol.messages import Error, OpenSession, SessionOpened, Step
+from protocol.errors import (BadShape, FrameTooLarge, InvalidMessage, MalformedFrame, RateLimited, SpanNotServed,
+                             UnknownModel)
+from protocol.ids import INFERENCE_PROTOCOL, INFO_PROTOCOL, MAX_FRAME_BYTES
+from protocol.messages import Error, InfoRequest, NodeInfo, OpenSession, SessionOpened, Step
 
 PROMPT = [1, 504, 3458, 282, 4649]
 
@@ -88,6 +89,37 @@ async def test_hidden_states_of_wrong_shape(tiny_swarm, model_id):
         wrong = Tensor("float32", (1, 3, 65), bytes(4 * 3 * 65))
         await send_message(stream, Step(0, wrong, int64_tensor([[0, 1, 2]])))
         assert (await _error_of(stream)).code == BadShape.code
+
+
+def _nested_empty_arrays(n_bytes: int) -> bytes:
+    """A frame of arrays of 65535 empty arrays, within every size, length and nesting limit:
+    decoded, each byte is a Python list (16 MiB grew a node by ~1 GiB and froze it)."""
+    inner = b"\xdc\xff\xff" + b"\x90" * 65535
+    k = n_bytes // len(inner)
+    payload = b"\xdc" + k.to_bytes(2, "big") + inner * k
+    return struct.pack(">I", len(payload)) + payload
+
+
+async def test_nested_array_frames_to_the_info_protocol_are_refused_and_earn_a_ban(tiny_swarm, tiny_model):
+    node = tiny_swarm[1]
+    # The attack frame's header and its first 256 KiB: the node must refuse on the header
+    # (before, it read all 16 MiB and then decoded ~16 million lists on its event loop).
+    attack = _nested_empty_arrays(16 * 2**20)[:256 * 2**10]
+    async with SwarmClient.open([node.addr]) as attacker:
+        await attacker.host.connect(node.addr)
+        for _ in range(3):  # the default PeerLimits: three strikes, then a ban
+            stream = await attacker.host.open_stream(node.peer_id, INFO_PROTOCOL)
+            await stream.send(attack)
+            assert (await _error_of(stream)).code == FrameTooLarge.code
+        banned = await attacker.host.open_stream(node.peer_id, INFO_PROTOCOL)
+        assert (await _error_of(banned)).code == RateLimited.code
+    async with SwarmClient.open([node.addr]) as honest:  # everyone else is still served
+        await honest.host.connect(node.addr)
+        stream = await honest.host.open_stream(node.peer_id, INFO_PROTOCOL)
+        await send_message(stream, InfoRequest())
+        with trio.fail_after(30):
+            assert isinstance(await recv_message(stream, 30), NodeInfo)
+    assert node.proc.poll() is None, node.log_tail()
 
 
 async def test_node_keeps_serving_after_bad_input(tiny_swarm, tiny_model):

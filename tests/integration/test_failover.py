@@ -12,6 +12,7 @@ from node.client.swarm import LayersLost, SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
+from protocol.identity import Identity
 from node.devtools.localswarm import start_chain, stop_all
 from protocol.receipts import Receipt
 
@@ -65,7 +66,7 @@ async def test_sigkill_mid_generation_gives_the_same_text(swarm, tiny_model, tmp
     assert victim.peer_id not in {h.peer_id for h in result.route}
     # Receipts: the dead node's work up to its last checkpoint is countersigned in the client's
     # ledger; the replacement's receipt counts its replayed history as its own work.
-    with Ledger.open(tmp_path / "agent" / "ledger.sqlite") as ledger:
+    with Ledger.open(tmp_path / "agent" / "ledger.sqlite", Identity.load_or_create(tmp_path / "agent")) as ledger:
         receipts = [Receipt.from_bytes(e.receipt) for e in ledger.entries()]
     dead = [r for r in receipts if r.server == victim.peer_id]
     assert dead and max(r.decode_tokens for r in dead) >= 4
@@ -103,6 +104,6 @@ async def test_no_replacement_names_the_lost_layers(tiny_model, tmp_path):
     finally:
         stop_all(nodes)
     # The surviving node's session was closed cleanly and its receipt countersigned.
-    with Ledger.open(tmp_path / "agent" / "ledger.sqlite") as ledger:
+    with Ledger.open(tmp_path / "agent" / "ledger.sqlite", Identity.load_or_create(tmp_path / "agent")) as ledger:
         statuses = {(Receipt.from_bytes(e.receipt).server, e.status) for e in ledger.entries()}
     assert (nodes[0].peer_id, "countersigned") in statuses

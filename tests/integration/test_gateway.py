@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -154,11 +155,16 @@ async def test_error_statuses(tiny_swarm, tiny_model, tmp_path):
 
 
 async def test_cli_gateway_without_coverage_answers_503(tiny_swarm, tmp_path):
+    """Also: the CLI takes its API keys from a file and from SHIZA_API_KEYS (not only ``ps``)."""
     other = make_tiny_model(tmp_path / "other", seed=5, num_layers=4)  # a model nobody serves
+    keys = tmp_path / "keys"
+    keys.write_text("k-file\n")
+    keys.chmod(0o600)
     proc = subprocess.Popen(
         [sys.executable, "-m", "node", "gateway", "--port", "0", "--model", str(other),
-         "--data-dir", str(tmp_path / "gw"), "--bootstrap", tiny_swarm[0].addr],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--data-dir", str(tmp_path / "gw"), "--bootstrap", tiny_swarm[0].addr, "--api-key-file", str(keys)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "SHIZA_API_KEYS": "k-env"})
     try:
         line = ""
         with trio.fail_after(120):
@@ -166,7 +172,11 @@ async def test_cli_gateway_without_coverage_answers_503(tiny_swarm, tmp_path):
                 line = await _in_thread(proc.stdout.readline)
                 assert line or proc.poll() is None, "the gateway exited"
         base = line.split()[2]
-        oa = _oa(base)
+        async with httpx.AsyncClient(base_url=base) as http:
+            for auth in ("Bearer none", "Bearer", ""):
+                assert (await http.get("/models", headers={"authorization": auth})).status_code == 401
+        assert (await _in_thread(lambda: _oa(base, "k-env").models.list())).data == []
+        oa = _oa(base, "k-file")
         assert (await _in_thread(lambda: oa.models.list())).data == []
         try:
             await _in_thread(lambda: oa.chat.completions.create(

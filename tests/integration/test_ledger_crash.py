@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from node.ledger.store import Ledger
+from protocol.identity import Identity
 
+OWNER = Identity.from_seed(b"o" * 32)  # the children's too
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 20
 
@@ -24,7 +26,8 @@ ROUNDS = 20
 CHILD = """
 import sys
 from node.ledger.store import Ledger
-led = Ledger.open(sys.argv[1])
+from protocol.identity import Identity
+led = Ledger.open(sys.argv[1], Identity.from_seed(b"o" * 32))
 print("open", flush=True)
 i = 0
 while True:
@@ -66,7 +69,7 @@ def test_sigkill_never_loses_a_committed_entry(tmp_path: Path) -> None:
         # Lines already in the pipe were printed after their append returned: durable too.
         reported += [ln for ln in out.split() if ln != "open"]
 
-        with Ledger.open(path) as led:  # verifies the chain against the head
+        with Ledger.open(path, OWNER) as led:  # verifies the chain, the signed head, the head file
             ids = [e.receipt_id for e in led.entries()]
             assert led.verify_chain() == len(ids)
         # Every reported id is present, in order; at most one more may have committed unreported

@@ -14,6 +14,7 @@ from node.engine.registry import resolve_model
 from node.devtools.localswarm import start_node, stop_all
 from node.http.asgi import free_port
 from node.ledger.store import LEDGER_FILE, Ledger
+from protocol.identity import Identity
 from node.net.admission import SwarmKey, write_swarm_key
 from protocol.receipts import Receipt
 from tests.polling import eventually_sync
@@ -41,7 +42,7 @@ def _complete(port: int, model: str) -> dict | None:
 
 
 def _entries(data_dir) -> list:
-    with Ledger.open(data_dir / LEDGER_FILE) as ledger:
+    with Ledger.open(data_dir / LEDGER_FILE, Identity.load_or_create(data_dir)) as ledger:
         return list(ledger.entries())
 
 

@@ -34,7 +34,7 @@ def swarm(tiny_model, tmp_path_factory):
 
 
 def ledger_receipts(data_dir: Path) -> list[tuple[Receipt, str]]:
-    with Ledger.open(data_dir / "ledger.sqlite") as ledger:
+    with Ledger.open(data_dir / "ledger.sqlite", Identity.load_or_create(data_dir)) as ledger:
         return [(Receipt.from_bytes(e.receipt), e.status) for e in ledger.entries()]
 
 
@@ -88,6 +88,15 @@ async def test_settle_cosign_verify_and_tamper(swarm, tiny_model, tmp_path):
     assert shiza("receipts", "export", "--data-dir", str(agent_dir), "--out", str(export)).returncode == 0
     ok = shiza("receipts", "verify", str(stmt), str(export))
     assert ok.returncode == 0, ok.stderr
+    # The next period starts where this one ended: nothing is billed again, and the two verify.
+    nxt = tmp_path / "next.json"
+    since = repr(doc["statement"]["period_end"])
+    out = shiza("receipts", "settle", "--data-dir", str(node.data_dir), "--counterparty", me,
+                "--since", since, "--out", str(nxt))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(nxt.read_text())["statement"]["count"] == 0
+    both = shiza("receipts", "verify", str(stmt), str(nxt))
+    assert both.returncode == 0, both.stderr
 
     # Inflate the tokens of one receipt in the statement: verify names the problem.
     bad = json.loads(stmt.read_text())
@@ -109,6 +118,29 @@ async def test_settle_cosign_verify_and_tamper(swarm, tiny_model, tmp_path):
     listing = shiza("receipts", "list", "--data-dir", str(agent_dir), "--json")
     assert listing.returncode == 0
     assert {e["status"] for e in json.loads(listing.stdout)} == {"countersigned"}
+
+
+def test_verify_refuses_overlapping_statements(tmp_path):
+    """Attack: two statements of one pair whose periods overlap, over disjoint receipts, given
+    to `shiza receipts verify` as real files: refused, exit 1, one line naming the overlap."""
+    from protocol.documents import encode_document
+    from protocol.settlement import build_statement, settleable
+    from tests.protocol.receipt_helpers import CLIENT, SERVER, T0, make_history
+
+    receipts = make_history(5)  # the latest checkpoint of session s ends at T0 + 100 s + 1
+    files = []
+    for name, since, until in (("early", T0, T0 + 250), ("late", T0 + 240, T0 + 1000)):
+        statement = build_statement(SERVER, CLIENT.peer_id, receipts, period_start=since, period_end=until)
+        covered = settleable(receipts, party_a=SERVER.peer_id, party_b=CLIENT.peer_id, since=since, until=until)
+        assert covered and statement.count == len(covered)
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(encode_document({"v": 0, "kind": "statement", "statement": statement, "receipts": covered}))
+        files.append(str(path))
+    assert shiza("receipts", "verify", files[0]).returncode == 0
+    res = shiza("receipts", "verify", *files)
+    assert res.returncode == 1, res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "overlaps" in lines[0] and "document 1" in lines[0], res.stderr
 
 
 def test_client_killed_mid_generation_leaves_server_receipt(tiny_model, tmp_path):

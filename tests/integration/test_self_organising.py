@@ -10,6 +10,7 @@ from node.client.swarm import SwarmClient
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
+from protocol.identity import Identity
 from node.devtools.localswarm import start_node, stop_all
 from protocol.receipts import Receipt
 
@@ -85,9 +86,9 @@ async def test_sigterm_drains_without_losing_the_session_or_its_receipt(tiny_mod
             me = client.identity.peer_id
     finally:
         stop_all(nodes)
-    with Ledger.open(tmp_path / "agent" / "ledger.sqlite") as ledger:
+    with Ledger.open(tmp_path / "agent" / "ledger.sqlite", Identity.load_or_create(tmp_path / "agent")) as ledger:
         mine = [(Receipt.from_bytes(e.receipt), e.status) for e in ledger.entries()]
-    with Ledger.open(b.data_dir / "ledger.sqlite") as ledger:
+    with Ledger.open(b.data_dir / "ledger.sqlite", Identity.load_or_create(b.data_dir)) as ledger:
         theirs = [(Receipt.from_bytes(e.receipt), e.status) for e in ledger.entries()]
     final = [(r, s) for r, s in theirs if r.client == me and r.final]
     assert len(final) == 1 and final[0][1] == "countersigned"

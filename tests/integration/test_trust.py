@@ -249,9 +249,11 @@ async def test_fuzzed_frames_get_an_error_or_a_close_and_the_node_keeps_serving(
     opening = encode_message(OpenSession(model_id, 0, 6, 64))
     step = encode_message(Step(0, ids, pos))
     outcomes: dict[str, int] = {}
-    async with open_host(seed("fuzzer")) as host:
-        await host.connect(limited_node.addr)
-        for i in range(40):
+    for i in range(40):
+        # A fresh identity per frame: a frame that fails to decode is a strike (SPEC 17), and
+        # three would ban the fuzzer, leaving every later frame unread.
+        async with open_host(seed(f"fuzzer-{i}")) as host:
+            await host.connect(limited_node.addr)
             target = rng.choice(["open", "step"])
             frame = opening if target == "open" else step
             ops = [(rng.randrange(5), rng.randrange(1 << 20), rng.randbytes(rng.randrange(9)))
@@ -277,7 +279,8 @@ async def test_fuzzed_frames_get_an_error_or_a_close_and_the_node_keeps_serving(
                 except ShizaError as exc:  # our reader rejecting what came back: a failure
                     raise AssertionError(f"node sent an undecodable frame: {exc}") from exc
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        print("fuzz outcomes:", outcomes)
+    print("fuzz outcomes:", outcomes)
+    async with open_host(seed("fuzzer-after")) as host:
         stream = await _open(host, limited_node, model_id)
         await _step(stream, 0, PROMPT, 0)
     assert limited_node.proc.poll() is None, limited_node.log_tail()

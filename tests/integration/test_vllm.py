@@ -22,6 +22,7 @@ from node.client.swarm import SwarmClient, candidates_from
 from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
+from protocol.identity import Identity
 from node.devtools.localswarm import NodeProcess, start_node, stop_all
 from node.client.routing import find_chain
 from node.client.textgen import TextModel
@@ -135,7 +136,7 @@ async def test_both_routes_give_transformers_greedy_tokens_and_receipts_verify(m
     assert via_spans.token_ids[0] == expected
     assert batch.token_ids == reference_greedy(source, prompts, 6)
 
-    with Ledger.open(tmp_path / "agent" / "ledger.sqlite") as ledger:
+    with Ledger.open(tmp_path / "agent" / "ledger.sqlite", Identity.load_or_create(tmp_path / "agent")) as ledger:
         mine = [(Receipt.from_bytes(e.receipt), e.status) for e in ledger.entries()]
     from_vllm = [(r, s) for r, s in mine if r.server == vnode.peer_id]
     assert from_vllm and all(s == "countersigned" for _, s in from_vllm)

@@ -30,6 +30,7 @@ from protocol import (
     pack,
     unpack,
 )
+from protocol.ids import MAX_DECODED_OBJECTS
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20)
 values = st.recursive(
@@ -153,6 +154,35 @@ def test_string_list_map_limits() -> None:
             unpack(msgpack.packb(obj))
         with pytest.raises(LimitExceeded):
             pack(obj)
+
+
+def _nested_empty_arrays(n_bytes: int) -> bytes:
+    """The attack frame: arrays of 65535 empty arrays (one byte each, one list object each),
+    within every size, length and nesting limit."""
+    inner = b"\xdc\xff\xff" + b"\x90" * 65535
+    k = n_bytes // len(inner)
+    return b"\xdc" + k.to_bytes(2, "big") + inner * k
+
+
+def test_decoded_objects_are_bounded_per_frame() -> None:
+    import tracemalloc
+
+    attack = _nested_empty_arrays(2 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitExceeded, match="MAX_DECODED_OBJECTS"):
+            unpack(attack)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Unbounded, these 2 MiB became ~2M list objects (over 120 MiB); the cap stops decoding
+    # after MAX_DECODED_OBJECTS objects (plus at most one array's elements).
+    assert peak < 32 * 2**20, peak
+    # The same bound on the sending side, and everything under it still decodes.
+    with pytest.raises(LimitExceeded, match="MAX_DECODED_OBJECTS"):
+        pack([[[] for _ in range(1024)] for _ in range(MAX_DECODED_OBJECTS // 1024)])
+    assert unpack(pack([0] * MAX_LIST_LEN)) == [0] * MAX_LIST_LEN
+    assert len(unpack(pack({"a": [[0] * 1000 for _ in range(100)]}))["a"]) == 100
 
 
 def test_huge_announced_array_rejected_without_allocating() -> None:

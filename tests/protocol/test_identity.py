@@ -154,3 +154,16 @@ def test_load_rejects_symlink_and_directory(tmp_path: Path) -> None:
     (tmp_path / "b" / "identity.key").mkdir(parents=True)
     with pytest.raises(IdentityFileError):
         Identity.load_or_create(tmp_path / "b")
+
+
+def test_a_stale_temporary_file_does_not_block_creation(tmp_path: Path) -> None:
+    """A crash between creating the temporary key and linking it leaves the temp behind; a later
+    start with the same pid (pid 1 in every container) must still create its key."""
+    for name in (f".identity.key.{os.getpid()}.tmp", ".identity.key.1.tmp"):
+        (tmp_path / name).write_bytes(b"partial")
+    ident = Identity.load_or_create(tmp_path)
+    assert (tmp_path / "identity.key").read_bytes() == ident.seed
+    assert stat.S_IMODE((tmp_path / "identity.key").stat().st_mode) == 0o600
+    assert Identity.load_or_create(tmp_path).peer_id == ident.peer_id
+    assert (tmp_path / f".identity.key.{os.getpid()}.tmp").read_bytes() == b"partial"  # not ours: left alone
+

@@ -189,6 +189,63 @@ def test_verify_statement_rejects_tampering() -> None:
         Statement.from_bytes(msgpack.packb(dict(reversed(list(statement.to_wire().items()))), use_bin_type=True))
 
 
+def test_consecutive_periods_over_the_same_receipts_do_not_rebill() -> None:
+    """Attack: settle [T0, T0 + 250), then [T0 + 250, T0 + 1000) over the same ledger: the
+    second statement must not bill the sessions the first one already settled."""
+    receipts = make_history(5)  # session s's latest checkpoint ends at T0 + 100 s + 1
+    first = build_statement(SERVER, CLIENT.peer_id, receipts, period_start=T0, period_end=T0 + 250)
+    second = build_statement(SERVER, CLIENT.peer_id, receipts, period_start=T0 + 250, period_end=T0 + 1000)
+    everything = settleable(receipts, party_a=SERVER.peer_id, party_b=CLIENT.peer_id, until=None)
+    assert (first.count, second.count) == (3, 2)
+    assert first.work_units + second.work_units == sum(r.work_units for r in everything)
+    # The window is [since, until): a receipt ending exactly at a boundary is in the later one.
+    assert settleable(receipts, party_a=SERVER.peer_id, party_b=CLIENT.peer_id,
+                      since=T0 + 101, until=T0 + 201) == [receipts[3]]
+    # Each side of the boundary verifies only with its own receipts; the counterparty agrees.
+    cosign_statement(CLIENT, second, receipts)
+    verify_statement(second, everything[3:])
+    with pytest.raises(BadProof, match="before the statement's period"):
+        verify_statement(second, everything[2:])
+
+
+def test_a_session_checkpointed_again_after_its_period_is_refused_in_the_next() -> None:
+    """Receipts are cumulative: a session whose later checkpoint ends in the next period would
+    bill its earlier work again. Each statement is right on its own; verified together, the
+    session is refused as settled twice."""
+    early = make_receipt(seq=1, checkpoint=0, ended_at=T0 + 10)
+    later = make_receipt(seq=2, checkpoint=1, decode=9, ended_at=T0 + 300)
+    docs = []
+    for since, until, receipts in ((T0, T0 + 250, [early]), (T0 + 250, T0 + 1000, [early, later])):
+        statement = build_statement(SERVER, CLIENT.peer_id, receipts, period_start=since, period_end=until)
+        covered = settleable(receipts, party_a=SERVER.peer_id, party_b=CLIENT.peer_id, since=since, until=until)
+        docs.append({"v": 0, "kind": "statement", "statement": statement, "receipts": covered})
+    assert [d["receipts"] for d in docs] == [[early], [later]]
+    with pytest.raises(DuplicateReceipt, match="document 1, receipt .* already settled"):
+        verify_documents(docs)
+
+
+def test_verify_refuses_overlapping_statements_for_one_pair() -> None:
+    """Attack: two statements whose periods overlap, over disjoint receipts, both verified."""
+    receipts = make_history(5)
+    chosen = settleable(receipts, party_a=SERVER.peer_id, party_b=CLIENT.peer_id, until=None)
+
+    def doc(since: float, until: float, issuer=SERVER, counterparty=CLIENT) -> dict:
+        statement = build_statement(issuer, counterparty.peer_id, receipts, period_start=since, period_end=until)
+        covered = [r for r in chosen if since <= r.ended_at < until]
+        return {"v": 0, "kind": "statement", "statement": statement, "receipts": covered}
+
+    early, late = doc(T0, T0 + 250), doc(T0 + 240, T0 + 1000)  # sessions 0-2 and 3-4, no receipt shared
+    with pytest.raises(DuplicateReceipt, match=r"document 1: .*overlaps .*document 0"):
+        verify_documents([early, late])
+    # Issued by the other party, or empty, it is the same pair and the same overlap.
+    with pytest.raises(DuplicateReceipt, match="overlaps"):
+        verify_documents([early, doc(T0 + 240, T0 + 1000, issuer=CLIENT, counterparty=SERVER)])
+    # Adjacent periods are fine, as are periods of another pair.
+    assert verify_documents([early, doc(T0 + 250, T0 + 1000)]).statements == 2
+    other = build_statement(SERVER, OTHER.peer_id, [], period_start=T0, period_end=T0 + 1000)
+    assert verify_documents([early, {"v": 0, "kind": "statement", "statement": other, "receipts": []}]).statements == 2
+
+
 def statement_doc() -> dict:
     receipts = make_history(3)
     statement = build_statement(SERVER, CLIENT.peer_id, receipts, period_start=T0, period_end=T0 + 1000)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.codec import Tensor
 from protocol.identity import Identity
 from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL, INFO_PROTOCOL, capacity_key, model_provider_key
 from protocol.messages import NodeInfo, ServedSpan
@@ -29,6 +30,7 @@ from protocol.records import CapacityRecord, Hardware, sign_record
 
 from node.client.spotcheck import SpotChecker
 from node.client.swarm import SwarmClient
+from node.engine.faults import FaultyEngine, Faults
 from node.engine.registry import ModelSource
 from node.engine.span import SpanEngine
 from node.ledger.store import Ledger
@@ -54,13 +56,13 @@ def make_server(engine: Any, ident: Identity, model_layers: int, *, ledger: Ledg
 
 
 def capacity_record(ident: Identity, engine: Any, model_layers: int, *,
-                    throughput: float = 100.0) -> CapacityRecord:
+                    throughput: float = 100.0, cache_tokens_left: int = 1 << 20) -> CapacityRecord:
     now = time.time()
     return sign_record(ident, CapacityRecord(
         peer_id=ident.peer_id, addrs=(), spans=(ServedSpan(engine.model_id, engine.start, engine.end,
                                                            model_layers),),
         hardware=Hardware("cpu", "in-process", 0, 0), throughput=throughput,
-        cache_tokens_left=1 << 20, state="online", seq=int(now * 1000), issued_at=now,
+        cache_tokens_left=cache_tokens_left, state="online", seq=int(now * 1000), issued_at=now,
         expires_at=now + RECORD_TTL_S))
 
 
@@ -91,10 +93,12 @@ class Swarm:
     def node(self, peer_id: str) -> Node:
         return next(n for n in self.nodes if n.peer_id == peer_id)
 
-    async def add_node(self, name: str, engine: Any, *, announce: bool = True, **server_kwargs: Any) -> Node:
-        """Serve ``engine`` as peer ``name`` (and publish its record unless ``announce`` is False)."""
+    async def add_node(self, name: str, engine: Any, *, announce: bool = True,
+                       record: dict[str, Any] | None = None, **server_kwargs: Any) -> Node:
+        """Serve ``engine`` as peer ``name`` (and publish its record unless ``announce`` is False;
+        ``record``: keyword arguments of ``capacity_record``, e.g. ``cache_tokens_left``)."""
         ident = identity(name)
-        ledger = Ledger.open(self.data_dir / f"{name}.sqlite") if self.data_dir is not None else None
+        ledger = Ledger.open(self.data_dir / f"{name}.sqlite", ident) if self.data_dir is not None else None
         server = make_server(engine, ident, self.source.num_layers, ledger=ledger, **server_kwargs)
         self.net.set_handler(ident.peer_id, INFERENCE_PROTOCOL, server.handle_inference)
         self.net.set_handler(ident.peer_id, INFO_PROTOCOL, server.handle_info)
@@ -102,7 +106,8 @@ class Swarm:
         self.nodes.append(node)
         if announce:
             dht = self.net.dht(ident.peer_id)
-            await dht.put(capacity_key(ident.peer_id), capacity_record(ident, engine, self.source.num_layers).to_bytes())
+            await dht.put(capacity_key(ident.peer_id), capacity_record(ident, engine, self.source.num_layers,
+                                                                   **(record or {})).to_bytes())
             await dht.provide(model_provider_key(engine.model_id))
         return node
 
@@ -119,6 +124,23 @@ class Swarm:
         return SwarmClient(None, self.net.dht(ident.peer_id), ident, ledger,
                            connector=self.net.connector(ident.peer_id), swarm_id=swarm_id,
                            step_timeout_s=step_timeout_s, spot_checker=spot_checker, **kwargs)
+
+
+class LyingEngine(FaultyEngine):
+    """An engine whose every tensor output goes through ``lie`` before the server sends it: a
+    hostile node that serves (and bills) steps with outputs of its choosing."""
+
+    def __init__(self, inner: Any, lie: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(inner, Faults())
+        self.lie = lie
+
+    def run_steps(self, steps: Sequence[Any]) -> list[Tensor | Exception]:
+        return [self.lie(r) if isinstance(r, Tensor) else r for r in self.inner.run_steps(steps)]
+
+
+def lying(lie: Callable[[Tensor], Tensor]) -> Callable[[Any], Any]:
+    """``engine(..., wrap=lying(lie))``: that span's node lies with ``lie``."""
+    return lambda inner: LyingEngine(inner, lie)
 
 
 _ENGINES: dict[tuple[str, int, int], Any] = {}

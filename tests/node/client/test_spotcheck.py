@@ -69,8 +69,9 @@ class FakeContext:
     """A CheckContext whose witnesses answer from ``answers`` (None: the witness failed)."""
 
     def __init__(self, answers: dict[str, Tensor | None], records: list[CapacityRecord],
-                 avoided: frozenset[str] = frozenset()) -> None:
+                 avoided: frozenset[str] = frozenset(), history: dict[str, int] | None = None) -> None:
         self.answers = answers
+        self._history = history or {}
         self.records = records
         self._avoided = avoided
         self.replayed: list[tuple[Hop, int]] = []
@@ -90,15 +91,19 @@ class FakeContext:
     def avoided(self) -> frozenset[str]:
         return self._avoided
 
+    def history(self, peer_id: str) -> int:
+        return self._history.get(peer_id, 0)
+
     async def replay(self, witness: Hop, history: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Tensor | None:
         self.replayed.append((witness, len(history)))
         return self.answers.get(witness.peer_id)
 
 
-def _step(output: Tensor, start: int = 0, end: int = 3) -> CheckedStep:
+def _step(output: Tensor, start: int = 0, end: int = 3, need_tokens: int = 0) -> CheckedStep:
     ids = Tensor("int64", (1, 2), struct.pack("<2q", 1, 2))
     history = [(ids, ids, ids), (ids, ids, ids)]
-    return CheckedStep(MODEL, Hop(ACCUSED.peer_id, start, end, (), (0, 6)), "session-1", 1, history, output)
+    return CheckedStep(MODEL, Hop(ACCUSED.peer_id, start, end, (), (0, 6)), "session-1", 1, history, output,
+                       need_tokens=need_tokens)
 
 
 GOOD, BAD = f32([1.0, 2.0, 3.0]), f32([1.5, 2.0, 3.0])
@@ -160,3 +165,75 @@ async def test_witnesses_that_fail_leave_the_step_unjudged() -> None:
     checker = SpotChecker(rate=1.0)
     verdict = await checker.check(ctx, _step(BAD))
     assert verdict.outcome == "skipped" and verdict.output is BAD and checker.checks == 1
+
+
+# ---- issue 15: non-finite outputs, and witnesses routing would not use ---------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("values", [[1.0, NAN, 3.0], [NAN, NAN, NAN], [1.0, 2.0, INF], [-INF, 2.0, 3.0]])
+def test_any_non_finite_value_is_disagreement(values: list[float]) -> None:
+    odd = f32(values)
+    assert not outputs_agree(odd, GOOD, 1e-2)[0]
+    assert not outputs_agree(GOOD, odd, 1e-2)[0]
+    assert not outputs_agree(odd, odd, 1e-2)[0]  # two NaN answers do not confirm each other
+
+
+async def test_a_nan_output_is_disputed_by_agreeing_witnesses() -> None:
+    ctx = FakeContext({w.peer_id: GOOD for w in WITNESSES}, [_record(w) for w in WITNESSES])
+    verdict = await SpotChecker(rate=1.0, rng=random.Random(3)).check(ctx, _step(f32([1.0, NAN, 3.0])))
+    assert verdict.outcome == "disagree" and verdict.accused == ACCUSED.peer_id and verdict.output is GOOD
+
+
+async def test_witnesses_answering_nan_accuse_nobody() -> None:
+    nan = f32([9.0, NAN, 3.0])  # wrong, and the NaN would hide that the two differ from each other
+    ctx = FakeContext({w.peer_id: nan for w in WITNESSES}, [_record(w) for w in WITNESSES])
+    checker = SpotChecker(rate=1.0, rng=random.Random(4))
+    verdict = await checker.check(ctx, _step(GOOD))
+    assert verdict.dispute is None and verdict.output is GOOD and not checker.disputes
+
+
+def _roomless(ident: Identity, room: int) -> CapacityRecord:
+    now = time.time()
+    return sign_record(ident, CapacityRecord(
+        ident.peer_id, (), (ServedSpan(MODEL, 0, 6, 6),), Hardware("cpu", "x", 0, 0), 10.0, room,
+        "online", 1, now, now + 60))
+
+
+async def test_witnesses_without_room_for_the_session_are_not_asked() -> None:
+    """Two fakes that advertise no cache room (routing never picks them) answer zeros and agree:
+    they must not get the honest node accused."""
+    fakes = WITNESSES[:2]
+    zeros = f32([0.0, 0.0, 0.0])
+    ctx = FakeContext({w.peer_id: zeros for w in fakes}, [_roomless(w, 0) for w in fakes])
+    checker = SpotChecker(rate=1.0, rng=random.Random(5))
+    verdict = await checker.check(ctx, _step(GOOD, need_tokens=64))
+    assert verdict.outcome == "skipped" and verdict.dispute is None and not ctx.replayed
+
+
+async def test_witnesses_sharing_an_address_count_once() -> None:
+    """Two identities behind one listening address are one operator: not two independent witnesses."""
+    def at(ident: Identity, addr: str) -> CapacityRecord:
+        now = time.time()
+        return sign_record(ident, CapacityRecord(
+            ident.peer_id, (addr,), (ServedSpan(MODEL, 0, 6, 6),), Hardware("cpu", "x", 0, 0), 10.0, 1000,
+            "online", 1, now, now + 60))
+
+    shared = "/ip4/10.0.0.7/tcp/4001"
+    ctx = FakeContext({w.peer_id: GOOD for w in WITNESSES[:2]}, [at(w, shared) for w in WITNESSES[:2]])
+    verdict = await SpotChecker(rate=1.0, rng=random.Random(6)).check(ctx, _step(BAD))
+    assert len(ctx.replayed) == 1 and verdict.outcome == "inconclusive" and verdict.dispute is None
+
+
+async def test_witnesses_are_drawn_towards_peers_with_history() -> None:
+    """Peers the client holds countersigned receipts with are preferred as witnesses."""
+    known, fresh = WITNESSES[0], WITNESSES[1:]
+    picked = {w.peer_id: 0 for w in WITNESSES}
+    checker = SpotChecker(rate=1.0, witnesses=1, rng=random.Random(7))
+    for _ in range(200):
+        ctx = FakeContext({w.peer_id: GOOD for w in WITNESSES}, [_record(w) for w in WITNESSES],
+                          history={known.peer_id: 50})
+        await checker.check(ctx, _step(GOOD))
+        [(hop, _)] = ctx.replayed
+        picked[hop.peer_id] += 1
+    assert picked[known.peer_id] > 150 and all(picked[w.peer_id] > 0 for w in fresh)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.errors import Busy, ShizaError
+from protocol.ids import INFERENCE_PROTOCOL
 
 from node.client.errors import ClientError, InvalidRequest, LayersLost, NoRoute, PeerError, PeerUnreachable
 from node.client.routing import Hop
@@ -13,14 +14,14 @@ from node.ledger.store import LEDGER_FILE, Ledger
 from node.net.streams import StreamBroken
 from node.serve.server import ServerLimits
 
-from tests.node.client.inproc import open_swarm, reference
+from tests.node.client.inproc import identity, open_swarm, reference
 
 PROMPT = [1, 504, 3458, 282, 4649, 314]
 
 
 async def test_generation_through_three_servers_matches_the_reference_and_countersigns(tiny_llama, tmp_path):
     async with open_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)], data_dir=tmp_path) as swarm:
-        with Ledger.open(tmp_path / LEDGER_FILE) as ledger:
+        with Ledger.open(tmp_path / LEDGER_FILE, identity("agent")) as ledger:
             client = swarm.client(ledger=ledger)
             result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=8)
             assert result.token_ids[0] == reference(tiny_llama, PROMPT, 8)
@@ -46,7 +47,7 @@ async def test_a_batch_of_prompts_of_different_lengths_matches_each_reference(ti
 async def test_a_hop_whose_peer_dies_is_failed_over_and_the_text_is_unchanged(tiny_llama, tmp_path):
     new = 12
     async with open_swarm(tiny_llama, [(0, 3), (3, 6), (3, 6)], receipt_every=4) as swarm:
-        with Ledger.open(tmp_path / LEDGER_FILE) as ledger:
+        with Ledger.open(tmp_path / LEDGER_FILE, identity("agent")) as ledger:
             client = swarm.client(ledger=ledger)
             route = await client.route(swarm.model_id)
             victim = route[1].peer_id
@@ -234,3 +235,79 @@ async def test_open_reports_a_corrupt_ledger_as_an_invalid_request_and_keeps_the
         async with SwarmClient.open([], data_dir=tmp_path):
             raise AssertionError("opened")
     assert (tmp_path / LEDGER_FILE).read_bytes() == b"this is not a SQLite database" * 64  # reported, not repaired
+
+
+async def test_witnesses_routing_would_not_use_cannot_get_an_honest_node_accused(tiny_llama):
+    """Two fakes advertise no cache room (never routed to), answer zeros and agree: they are no
+    witnesses, so the honest node is never accused (issue 15)."""
+    import random
+
+    from protocol.codec import Tensor
+
+    from node.client.spotcheck import SpotChecker
+
+    from tests.node.client.inproc import engine, lying
+
+    zeros = lying(lambda t: Tensor(t.dtype, t.shape, bytes(len(t.data))))
+    async with open_swarm(tiny_llama, []) as swarm:
+        honest = await swarm.add_node("honest", engine(tiny_llama, 0, 6))
+        for i in range(2):
+            await swarm.add_node(f"fake{i}", engine(tiny_llama, 0, 6, wrap=zeros), record={"cache_tokens_left": 0})
+        checker = SpotChecker(rate=1.0, rng=random.Random(0))
+        client = swarm.client(spot_checker=checker)
+        result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=3)
+    assert result.token_ids[0] == reference(tiny_llama, PROMPT, 3)
+    assert [h.peer_id for h in result.route] == [honest.peer_id] and result.failovers == 0
+    assert not checker.disputes and checker.checks == 0  # nobody eligible to witness
+
+
+# ---- opening a chain fails over like a step (issue 15) -------------------------------------------
+async def test_a_dead_peer_whose_record_remains_is_routed_around_at_open_and_then_avoided(tiny_llama):
+    async with open_swarm(tiny_llama, [(0, 3), (3, 6), (3, 6)]) as swarm:
+        client = swarm.client()
+        dead = (await client.route(swarm.model_id))[1].peer_id
+        # Killed: it opens no more sessions, but its record stays in the DHT until it expires
+        # (the memory DHT forgets a dropped peer's provider entry, so only its handler goes).
+        swarm.net.remove_handler(dead, INFERENCE_PROTOCOL)
+        result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=4)
+        assert result.token_ids[0] == reference(tiny_llama, PROMPT, 4)
+        assert dead not in {h.peer_id for h in result.route} and result.failovers == 1
+        assert client.health.failures(dead) == 1
+        # The next generation does not choose the peer that just failed.
+        again = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=4)
+        assert dead not in {h.peer_id for h in again.route} and again.failovers == 0
+        assert client.health.failures(dead) == 1
+
+
+async def test_a_busy_peer_at_open_is_replaced_by_another_for_its_layers(tiny_llama):
+    async with open_swarm(tiny_llama, []) as swarm:
+        busy = await swarm.add_node("busy", engine_of(tiny_llama, 0, 6), limits=ServerLimits(max_sessions=0))
+        free = await swarm.add_node("free", engine_of(tiny_llama, 0, 6))
+        client = swarm.client()
+        await client.records(swarm.model_id)
+        result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=3, route=[Hop(busy.peer_id, 0, 6)])
+    assert result.token_ids[0] == reference(tiny_llama, PROMPT, 3)
+    assert [h.peer_id for h in result.route] == [free.peer_id]
+
+
+def engine_of(source, start, end):
+    from tests.node.client.inproc import engine
+
+    return engine(source, start, end)
+
+
+async def test_a_witness_that_cannot_be_reached_is_backed_off_and_not_asked_again(tiny_llama):
+    import random
+
+    from node.client.spotcheck import SpotChecker
+
+    async with open_swarm(tiny_llama, [(0, 6), (0, 6), (0, 6)]) as swarm:
+        checked, dead = swarm.nodes[0], swarm.nodes[2]
+        swarm.net.remove_handler(dead.peer_id, INFERENCE_PROTOCOL)  # its record stays
+        checker = SpotChecker(rate=1.0, rng=random.Random(0))
+        client = swarm.client(spot_checker=checker)
+        await client.records(swarm.model_id)
+        result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=3,
+                                       route=[Hop(checked.peer_id, 0, 6)])
+    assert result.token_ids[0] == reference(tiny_llama, PROMPT, 3) and not checker.disputes
+    assert checker.checks == 3 and client.health.failures(dead.peer_id) == 1  # asked once, then avoided

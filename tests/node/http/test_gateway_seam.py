@@ -117,3 +117,21 @@ async def test_requests_the_gateway_itself_refuses(tiny_llama, text_model):
             bad = await http.post("/v1/completions", headers=auth, content=b"{not json")
             assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_json")
         assert swarm.net.streams_opened == 0  # none of these reached a peer
+
+
+async def test_a_stop_beyond_the_bounds_is_400_before_any_peer(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 6)]) as swarm:
+        async with gateway(swarm, text_model) as (http, _):
+            long = await http.post("/v1/completions", json=_completion(text_model, stop="x" * 257))
+            many = await http.post("/v1/completions", json=_completion(text_model, stop=list("abcde")))
+        assert swarm.net.streams_opened == 0  # refused while parsing
+    for resp in (long, many):
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == "stop"
+
+
+async def test_an_empty_api_key_is_refused_not_accepted(tiny_llama, text_model):
+    async with open_swarm(tiny_llama, [(0, 6)]) as swarm:
+        with pytest.raises(ValueError, match="empty"):
+            Gateway(swarm.client("gateway"), [text_model], ["k1", " "])

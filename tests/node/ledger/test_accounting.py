@@ -22,7 +22,7 @@ def account(seqs: SeqAllocator, session_id: str) -> ServerAccount:
 
 
 async def test_prepare_reads_the_ledger_in_a_worker_thread(tmp_path: Path) -> None:
-    with Ledger.open(tmp_path / LEDGER_FILE) as ledger:
+    with Ledger.open(tmp_path / LEDGER_FILE, SERVER) as ledger:
         reads: list[int] = []
         real = ledger.next_seq
 
@@ -45,13 +45,13 @@ def test_allocate_without_prepare_refuses_to_block() -> None:
 
 async def test_numbers_continue_from_the_ledger_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / LEDGER_FILE
-    with Ledger.open(path) as ledger:
+    with Ledger.open(path, SERVER) as ledger:
         seqs = SeqAllocator(ledger)
         await seqs.prepare(SERVER.peer_id, CLIENT)
         for sid in ("s1", "s2"):
             receipt = account(seqs, sid).issue(final=True)
             await trio.to_thread.run_sync(store, ledger, receipt, "server_only", "")
-    with Ledger.open(path) as ledger:  # a new process: a fresh allocator over the same file
+    with Ledger.open(path, SERVER) as ledger:  # a new process: a fresh allocator over the same file
         seqs = SeqAllocator(ledger)
         await seqs.prepare(SERVER.peer_id, CLIENT)
         assert account(seqs, "s3").issue(final=True).seq == 3
@@ -60,7 +60,7 @@ async def test_numbers_continue_from_the_ledger_after_a_restart(tmp_path: Path) 
 
 
 async def test_concurrent_prepares_of_one_pair_never_reuse_a_number(tmp_path: Path) -> None:
-    with Ledger.open(tmp_path / LEDGER_FILE) as ledger:
+    with Ledger.open(tmp_path / LEDGER_FILE, SERVER) as ledger:
         seqs = SeqAllocator(ledger)
         got: list[int] = []
 

@@ -8,28 +8,28 @@ from protocol.receipts import Receipt, verify_receipt
 
 from node.ledger.store import LEDGER_FILE, Ledger
 
-from tests.node.client.inproc import open_swarm, reference
+from tests.node.client.inproc import identity, open_swarm, reference
 
 PROMPT = [1, 504, 3458, 282, 4649, 314]
 NEW = 10
 
 
-def _entries(path) -> dict[str, tuple[str, Receipt]]:
-    with Ledger.open(path) as ledger:
+def _entries(path, owner: str) -> dict[str, tuple[str, Receipt]]:
+    with Ledger.open(path, identity(owner)) as ledger:
         return {e.receipt_id: (e.status, Receipt.from_bytes(e.receipt)) for e in ledger.entries()}
 
 
 async def test_both_ledgers_hold_the_same_countersigned_receipts_for_the_work_done(tiny_llama, tmp_path):
     async with open_swarm(tiny_llama, [(0, 2), (2, 6)], data_dir=tmp_path, receipt_every=4) as swarm:
-        with Ledger.open(tmp_path / LEDGER_FILE) as ledger:
+        with Ledger.open(tmp_path / LEDGER_FILE, identity("agent")) as ledger:
             result = await swarm.client(ledger=ledger).generate(swarm.model_id, [PROMPT], max_new_tokens=NEW)
         await swarm.settle()
         nodes = swarm.nodes
     assert result.token_ids[0] == reference(tiny_llama, PROMPT, NEW)
-    client_side = _entries(tmp_path / LEDGER_FILE)
+    client_side = _entries(tmp_path / LEDGER_FILE, "agent")
     assert set(client_side) == set(result.receipts) and {s for s, _ in client_side.values()} == {"countersigned"}
     for node in nodes:
-        server_side = _entries(tmp_path / f"{node.name}.sqlite")
+        server_side = _entries(tmp_path / f"{node.name}.sqlite", node.name)
         mine = {rid: v for rid, v in client_side.items() if v[1].server == node.peer_id}
         assert set(server_side) == set(mine) and len(mine) >= 3  # checkpoints every 4 tokens, and a final
         for rid, (status, receipt) in server_side.items():
@@ -50,17 +50,17 @@ async def test_a_client_of_another_swarm_disputes_and_one_of_the_same_swarm_coun
     private = "private-" + "ab" * 16
     async with open_swarm(tiny_llama, [(0, 6)], data_dir=tmp_path, swarm_id=private) as swarm:
         for name, swarm_id in (("outsider", "public"), ("member", private)):
-            with Ledger.open(tmp_path / f"{name}.client.sqlite") as ledger:
+            with Ledger.open(tmp_path / f"{name}.client.sqlite", identity(name)) as ledger:
                 client = swarm.client(name, ledger=ledger, swarm_id=swarm_id)
                 result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=3)
                 assert result.token_ids[0] == reference(tiny_llama, PROMPT, 3)  # served either way
         await swarm.settle()
         server = swarm.nodes[0]
-    outsider = _entries(tmp_path / "outsider.client.sqlite")
-    member = _entries(tmp_path / "member.client.sqlite")
+    outsider = _entries(tmp_path / "outsider.client.sqlite", "outsider")
+    member = _entries(tmp_path / "member.client.sqlite", "member")
     assert [s for s, _ in outsider.values()] == ["disputed"]
     assert [s for s, _ in member.values()] == ["countersigned"]
-    with Ledger.open(tmp_path / f"{server.name}.sqlite") as ledger:
+    with Ledger.open(tmp_path / f"{server.name}.sqlite", identity(server.name)) as ledger:
         by_id = {e.receipt_id: e for e in ledger.entries()}
     [(out_id, _)] = outsider.items()
     [(member_id, _)] = member.items()

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from protocol.identity import Identity
+
 from node.ledger.store import (
     GENESIS_HASH,
     DuplicateEntry,
@@ -18,7 +20,10 @@ from node.ledger.store import (
     LedgerEntry,
     LedgerError,
     entry_hash_of,
+    head_file_of,
 )
+
+OWNER = Identity.from_seed(b"L" * 32)  # whose ledger it is: signs its head
 
 
 def fields(n: int, **over: Any) -> dict[str, Any]:
@@ -38,7 +43,7 @@ def path(tmp_path: Path) -> Path:
 
 
 def filled(path: Path, n: int) -> list[LedgerEntry]:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         return [led.append(**fields(i)) for i in range(1, n + 1)]
 
 
@@ -50,7 +55,7 @@ def raw(path: Path, sql: str, *args: Any) -> None:
 
 
 def test_append_then_read_round_trip(path: Path) -> None:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         assert led.head() == (0, GENESIS_HASH)
         e1 = led.append(**fields(1))
         e2 = led.append(**fields(2, final=False, checkpoint=3, ended_at=-0.0))
@@ -66,12 +71,12 @@ def test_append_then_read_round_trip(path: Path) -> None:
 
 def test_reopen_after_close_keeps_everything(path: Path) -> None:
     written = filled(path, 5)
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         assert led.entries() == written
         assert led.head() == (5, written[-1].entry_hash)
         e6 = led.append(**fields(6))
         assert e6.prev_hash == written[-1].entry_hash
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         assert led.verify_chain() == 6
 
 
@@ -79,16 +84,17 @@ def test_file_is_wal_and_versioned(path: Path) -> None:
     filled(path, 1)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     conn.close()
 
 
 @pytest.mark.parametrize("clash", [
     dict(receipt_id="r1", seq=99),                # same receipt_id
     dict(receipt_id="other"),                     # same (server, client, seq)
+    dict(receipt_id="other", seq=99),             # same (server, client, session, checkpoint)
 ])
 def test_duplicates_are_refused_and_change_nothing(path: Path, clash: dict[str, Any]) -> None:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         first = led.append(**fields(1))
         with pytest.raises(DuplicateEntry, match="entry 1"):
             led.append(**fields(1, **clash))
@@ -98,7 +104,7 @@ def test_duplicates_are_refused_and_change_nothing(path: Path, clash: dict[str, 
 
 
 def test_same_seq_for_another_pair_is_fine(path: Path) -> None:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         led.append(**fields(1))
         led.append(**fields(1, receipt_id="x", client="D"))
         led.append(**fields(1, receipt_id="y", server="C", client="S"))
@@ -106,7 +112,7 @@ def test_same_seq_for_another_pair_is_fine(path: Path) -> None:
 
 
 def test_next_seq(path: Path) -> None:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         assert led.next_seq("S", "C") == 1
         led.append(**fields(1))
         led.append(**fields(5))
@@ -117,7 +123,7 @@ def test_next_seq(path: Path) -> None:
 
 
 def test_filters(path: Path) -> None:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         a = led.append(**fields(1, server="S", client="C", ended_at=10.0))
         b = led.append(**fields(2, server="C", client="X", ended_at=20.0, status="server_only"))
         c = led.append(**fields(3, server="S", client="X", ended_at=30.0, status="disputed",
@@ -147,14 +153,14 @@ def test_filters(path: Path) -> None:
 ])
 def test_bad_arguments_are_refused_before_writing(path: Path, bad: dict[str, Any],
                                                   err: type[Exception]) -> None:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         with pytest.raises(err):
             led.append(**fields(1, **bad))
         assert led.head()[0] == 0
 
 
 def test_threads_share_one_ledger(path: Path) -> None:
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         def work(t: int) -> None:
             for i in range(1, 26):
                 led.append(**fields(i, receipt_id=f"t{t}-{i}", client=f"C{t}"))
@@ -169,7 +175,7 @@ def test_threads_share_one_ledger(path: Path) -> None:
 
 
 def test_closed_ledger_refuses_use(path: Path) -> None:
-    led = Ledger.open(path)
+    led = Ledger.open(path, OWNER)
     led.close()
     led.close()
     with pytest.raises(LedgerError, match="closed"):
@@ -194,8 +200,8 @@ def test_an_edited_column_is_detected(path: Path, column: str, value: Any) -> No
     filled(path, 5)
     raw(path, f"UPDATE entries SET {column} = ? WHERE idx = 3", value)
     with pytest.raises(LedgerCorrupt, match="entry 3"):
-        Ledger.open(path)
-    with Ledger.open(path, verify=False) as led:
+        Ledger.open(path, OWNER)
+    with Ledger.open(path, OWNER, verify=False) as led:
         with pytest.raises(LedgerCorrupt, match="entry 3"):
             led.verify_chain()
         with pytest.raises(LedgerCorrupt, match="entry 3"):
@@ -205,59 +211,74 @@ def test_an_edited_column_is_detected(path: Path, column: str, value: Any) -> No
 def test_a_rehashed_edit_still_breaks_the_link(path: Path) -> None:
     """Recomputing the edited entry's own hash is not enough: the next entry points at the old."""
     filled(path, 5)
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         e3 = led.get("r3")
     assert e3 is not None
     forged = replace(e3, work_units=1)
     raw(path, "UPDATE entries SET work_units = 1, entry_hash = ? WHERE idx = 3",
         entry_hash_of(forged))
     with pytest.raises(LedgerCorrupt, match="entry 4"):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
 
 
 def test_a_deleted_middle_entry_is_detected(path: Path) -> None:
     filled(path, 5)
     raw(path, "DELETE FROM entries WHERE idx = 3")
     with pytest.raises(LedgerCorrupt, match="entry 3 is missing"):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
 
 
 def test_a_truncated_tail_is_detected(path: Path) -> None:
     filled(path, 5)
     raw(path, "DELETE FROM entries WHERE idx >= 4")
     with pytest.raises(LedgerCorrupt, match="entries 4..5 are missing"):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
 
 
-def test_a_head_rolled_back_with_the_tail_is_consistent(path: Path) -> None:
-    """Truncating rows *and* the head together is indistinguishable from a shorter ledger; the
-    head hash is what a counterparty's statement pins. Check the ledger still reads as valid."""
+def test_a_head_rolled_back_with_the_tail_is_detected(path: Path) -> None:
+    """Truncating rows *and* the head together: the head's signature covers the count."""
     written = filled(path, 5)
     raw(path, "DELETE FROM entries WHERE idx >= 4")
     raw(path, "UPDATE head SET count = 3, hash = ?", written[2].entry_hash)
-    with Ledger.open(path) as led:
-        assert led.head() == (3, written[2].entry_hash)
+    with pytest.raises(LedgerCorrupt, match="signature"):
+        Ledger.open(path, OWNER)
+
+
+def test_a_whole_earlier_copy_is_consistent(path: Path, tmp_path: Path) -> None:
+    """A complete earlier copy (database and head file, closed cleanly) is indistinguishable
+    from a shorter ledger: only a counterparty's countersigned receipts show what is missing."""
+    filled(path, 3)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (path, head_file_of(path)):
+        (old / f.name).write_bytes(f.read_bytes())
+    with Ledger.open(path, OWNER) as led:
+        led.append(**fields(4))
+    for f in (path, head_file_of(path)):
+        f.write_bytes((old / f.name).read_bytes())
+    with Ledger.open(path, OWNER) as led:
+        assert led.head()[0] == 3
 
 
 def test_rows_not_covered_by_the_head_are_detected(path: Path) -> None:
     filled(path, 5)
     raw(path, "UPDATE head SET count = 4")
     with pytest.raises(LedgerCorrupt, match="entry 5 onward"):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
 
 
 def test_a_missing_head_row_is_detected(path: Path) -> None:
     filled(path, 2)
     raw(path, "DELETE FROM head")
     with pytest.raises(LedgerCorrupt, match="head"):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
 
 
 def test_a_garbage_file_is_reported_and_left_alone(path: Path) -> None:
     junk = b"this is not a database, just some bytes\n" * 200
     path.write_bytes(junk)
     with pytest.raises(LedgerCorrupt):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
     assert path.read_bytes() == junk
 
 
@@ -265,7 +286,7 @@ def test_another_sqlite_database_is_not_taken_over(path: Path) -> None:
     raw(path, "CREATE TABLE notes (x TEXT)")
     before = path.read_bytes()
     with pytest.raises(LedgerCorrupt, match="not a ledger"):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
     assert path.read_bytes() == before
 
 
@@ -275,10 +296,124 @@ def test_an_unknown_schema_version_is_refused(path: Path) -> None:
     conn.execute("PRAGMA user_version = 7")
     conn.close()
     with pytest.raises(LedgerCorrupt, match="version 7"):
-        Ledger.open(path)
+        Ledger.open(path, OWNER)
 
 
 def test_an_empty_file_becomes_a_ledger(path: Path) -> None:
     path.write_bytes(b"")
-    with Ledger.open(path) as led:
+    with Ledger.open(path, OWNER) as led:
         assert led.append(**fields(1)).index == 1
+
+
+# -- attacks on the file by someone without the owner's key ------------------------------------
+
+def rechain(path: Path, edit: str, *args: Any) -> None:
+    """What a file writer without the key can do: edit an entry with sqlite3, then recompute
+    every entry hash and link after it, and the head row, so the chain checks out again."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(edit, args)
+        rows = conn.execute("SELECT * FROM entries ORDER BY idx").fetchall()
+        prev = GENESIS_HASH
+        for row in rows:
+            entry = replace(LedgerEntry(*row[:17], entry_hash=b""), final=bool(row[7]), prev_hash=prev)
+            digest = entry_hash_of(entry)
+            conn.execute("UPDATE entries SET prev_hash = ?, entry_hash = ? WHERE idx = ?",
+                         (prev, digest, entry.index))
+            prev = digest
+        conn.execute("UPDATE head SET count = ?, hash = ?", (len(rows), prev))
+    conn.close()
+
+
+def test_an_edit_with_the_chain_recomputed_is_detected(path: Path) -> None:
+    filled(path, 5)
+    rechain(path, "UPDATE entries SET work_units = 1 WHERE idx = 3")
+    with pytest.raises(LedgerCorrupt, match="head signature does not verify"):
+        Ledger.open(path, OWNER)
+    # Deleting an entry and re-linking the rest is caught the same way.
+    rechain(path, "DELETE FROM entries WHERE idx >= 2")
+    with pytest.raises(LedgerCorrupt, match="head signature does not verify"):
+        Ledger.open(path, OWNER)
+
+
+def test_another_identity_cannot_open_or_re_sign(path: Path) -> None:
+    filled(path, 2)
+    with pytest.raises(LedgerCorrupt, match="not signed by the ledger's owner"):
+        Ledger.open(path, Identity.from_seed(b"M" * 32))
+    with Ledger.open(path, OWNER.peer_id) as led:  # the public key is enough to read and check
+        assert led.verify_chain() == 2
+        with pytest.raises(LedgerError, match="read-only"):
+            led.append(**fields(3))
+    head_file_of(path).unlink()  # without the head file, the head row's signature says it
+    with pytest.raises(LedgerCorrupt, match="head signature does not verify"):
+        Ledger.open(path, Identity.from_seed(b"M" * 32))
+
+
+def copy_while_open(src: Path, dst_dir: Path, *, with_head_file: bool) -> Path:
+    """Copy a ledger's database (and maybe its head file) as ``cp`` would, without -wal."""
+    dst_dir.mkdir()
+    (dst_dir / src.name).write_bytes(src.read_bytes())
+    if with_head_file:
+        (dst_dir / head_file_of(src).name).write_bytes(head_file_of(src).read_bytes())
+    return dst_dir / src.name
+
+
+@pytest.mark.parametrize("with_head_file", [True, False])
+def test_a_copy_without_its_wal_is_reported(path: Path, tmp_path: Path, with_head_file: bool) -> None:
+    """Attack (or accident): copy the database of a running ledger without its -wal file. The
+    committed entries still in the WAL are missing from the copy; it must not open silently."""
+    with Ledger.open(path, OWNER) as led:
+        for i in range(1, 6):
+            led.append(**fields(i))
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists() and wal.stat().st_size > 0  # the entries are in the WAL, not the file
+        copy = copy_while_open(path, tmp_path / "copy", with_head_file=with_head_file)
+    assert not copy.with_name(copy.name + "-wal").exists()
+    expected = "entries 1..5 are missing" if with_head_file else "head file .* is missing"
+    with pytest.raises(LedgerCorrupt, match=expected):
+        Ledger.open(copy, OWNER)
+    with Ledger.open(path, OWNER) as led:  # the original, closed cleanly, is whole
+        assert led.verify_chain() == 5
+
+
+def test_a_wal_of_another_copy_is_reported(path: Path, tmp_path: Path) -> None:
+    """Two copies of one ledger diverge; a database is then put together with its own head file
+    but the -wal file of the other copy (as a careless restore might)."""
+    filled(path, 2)
+    twin = copy_while_open(path, tmp_path / "twin", with_head_file=True)
+    with Ledger.open(path, OWNER) as a, Ledger.open(twin, OWNER) as b:
+        a.append(**fields(3))
+        b.append(**fields(3, receipt_id="elsewhere", work_units=7))
+        mixed = copy_while_open(path, tmp_path / "mixed", with_head_file=True)
+        mixed.with_name(mixed.name + "-wal").write_bytes(twin.with_name(twin.name + "-wal").read_bytes())
+    with pytest.raises(LedgerCorrupt, match="entry 3 does not match the head file"):
+        Ledger.open(mixed, OWNER)
+
+
+def test_a_kill_between_commit_and_head_file_is_recovered(path: Path) -> None:
+    """The head file is written after the commit: lagging behind by an entry is normal after a
+    crash, and the next open brings it up to date."""
+    filled(path, 2)
+    stale = head_file_of(path).read_bytes()
+    with Ledger.open(path, OWNER) as led:
+        led.append(**fields(3))
+    head_file_of(path).write_bytes(stale)
+    with Ledger.open(path, OWNER) as led:
+        assert led.verify_chain() == 3
+    assert head_file_of(path).read_bytes() != stale
+
+
+def test_a_version_1_ledger_is_upgraded_in_place(path: Path) -> None:
+    filled(path, 3)
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE head DROP COLUMN sig")
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    head_file_of(path).unlink()
+    with pytest.raises(LedgerError, match="identity"):
+        Ledger.open(path, OWNER.peer_id)
+    with Ledger.open(path, OWNER) as led:
+        assert led.verify_chain() == 3
+        led.append(**fields(4))
+    with Ledger.open(path, OWNER) as led:
+        assert led.verify_chain() == 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.serve.limits import PeerLimiter, PeerLimits, TokenBucket
-from protocol.errors import RateLimited
+from protocol.errors import Busy, RateLimited
 
 
 class Clock:
@@ -94,3 +94,18 @@ def test_idle_peers_are_forgotten() -> None:
     lim.open_session("a", 10)
     lim.close_session("a", 10)
     assert lim.peers_tracked() == 0
+
+
+def test_streams_waiting_for_a_first_frame_are_capped_per_peer_without_strikes() -> None:
+    lim = PeerLimiter(PeerLimits(max_waiting_streams=2), Clock())
+    lim.begin_wait("a")
+    lim.begin_wait("a")
+    with pytest.raises(Busy, match="first frame"):
+        lim.begin_wait("a")
+    lim.begin_wait("b")  # another peer is unaffected
+    lim.end_wait("a")
+    lim.begin_wait("a")
+    assert lim.strikes_total == 0  # load, not abuse
+    for peer in ("a", "a", "b"):
+        lim.end_wait(peer)
+    assert lim.peers_tracked() == 0  # nothing waiting: forgotten

@@ -70,7 +70,7 @@ async def _idle(server: SpanServer) -> None:
 
 
 async def test_open_steps_close_and_a_countersigned_final_receipt(tiny_llama, tmp_path):
-    with Ledger.open(tmp_path / "server.sqlite") as ledger:
+    with Ledger.open(tmp_path / "server.sqlite", identity("server")) as ledger:
         async with serving(tiny_llama, ledger=ledger) as (server, open_stream):
             stream, opened = await _open(open_stream, tiny_llama.model_id)
             assert (opened.start, opened.end, opened.hidden_size, opened.direct_port) == (0, 6, 64, None)
@@ -189,7 +189,7 @@ async def test_each_violation_gets_its_error_code_and_the_server_goes_on(tiny_ll
 
 
 async def test_a_stream_that_breaks_mid_session_settles_the_work_done(tiny_llama, tmp_path):
-    with Ledger.open(tmp_path / "server.sqlite") as ledger:
+    with Ledger.open(tmp_path / "server.sqlite", identity("server")) as ledger:
         async with serving(tiny_llama, ledger=ledger) as (server, open_stream):
             stream, _ = await _open(open_stream, tiny_llama.model_id)
             await _send(stream, _step(0, PROMPT, 0))
