@@ -27,7 +27,9 @@ from py-libp2p 0.8.1 (see FACTS.md):
   a key for 48 h and ignores every later one, so once 20 nodes had ever
   served a model no new node serving it could be found. Here a key holds up
   to `MAX_PROVIDERS_PER_KEY` providers, an entry expires `PROVIDER_TTL_S`
-  after its last announcement, and a full key replaces its stalest entry.
+  after its last announcement, and a full key refuses new providers until an
+  entry expires: announcing is free for a fresh identity, so if newcomers
+  could evict, a flood of them would push out every honest provider.
 * `get_from(peer, key)` asks one peer, one request, for a value: a reader
   fetching capacity records asks each provider for its own record first.
 
@@ -162,7 +164,10 @@ class _NamespaceValidator(Validator):
 class _ProviderPolicy:
     """Replaces a py-libp2p ProviderStore's add/get/cleanup (its handlers call these):
     at most ``max_per_key`` providers per key, each expiring ``ttl_s`` after it was last
-    announced; a new provider for a full key replaces the entry announced longest ago."""
+    announced. A provider already listed refreshes its entry in place; a new provider for a
+    full key is refused while every entry is fresh. Evicting a provider then means waiting
+    out its TTL, which never happens to one that re-announces (every half TTL, 12.4.2),
+    however many identities the newcomers have."""
 
     def __init__(self, store: Any, max_per_key: int, ttl_s: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -179,8 +184,10 @@ class _ProviderPolicy:
         pid = str(provider.peer_id)
         if pid not in entries and len(entries) >= self.max_per_key:
             self._expire(key, now)
+            entries = self.store.providers.setdefault(key, {})  # _expire drops an empty key
             if len(entries) >= self.max_per_key:
-                del entries[min(entries, key=lambda p: entries[p].timestamp)]
+                log.debug("provider list for %s full: refusing new provider %s", key.hex(), pid)
+                return
         entries.pop(pid, None)  # re-announced: newest last
         entries[pid] = ProviderRecord(provider_info=provider, timestamp=now)
 

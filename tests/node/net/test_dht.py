@@ -14,7 +14,15 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
-from node.net.dht import MAX_PROVIDERS_PER_KEY, PROVIDER_TTL_S, DHTError, StaleValue, SwarmDHT, open_dht
+from node.net.dht import (
+    MAX_PROVIDERS_PER_KEY,
+    PROVIDER_TTL_S,
+    DHTError,
+    StaleValue,
+    SwarmDHT,
+    open_dht,
+    provider_key,
+)
 from node.net.host import Host, open_host
 from tests.polling import eventually
 
@@ -173,7 +181,8 @@ async def test_provider_lists_hold_more_than_twenty_and_let_stale_entries_go() -
     """py-libp2p keeps the first 20 providers of a key for 48 h and ignores later ones; a
     model served by more than 20 nodes then hides the rest. The node's policy: up to
     MAX_PROVIDERS_PER_KEY, expiry PROVIDER_TTL_S after the last announcement, and a full key
-    replaces its stalest entry. (The five-node test drives the same store over the wire.)"""
+    refuses newcomers until an entry expires (SPEC.md 12.4.7). (The five-node test drives the
+    same store over the wire.)"""
     from protocol.identity import Identity
 
     now = [1000.0]
@@ -197,10 +206,15 @@ async def test_provider_lists_hold_more_than_twenty_and_let_stale_entries_go() -
         for peer in peers[25:MAX_PROVIDERS_PER_KEY]:
             announce(peer)
         announce(peers[0])  # the oldest refreshes its announcement
-        announce(peers[-1])  # a new provider for a full key
+        announce(peers[-1])  # a new provider for a full key: every entry is fresh, refused
+        assert listed() == set(peers[:MAX_PROVIDERS_PER_KEY])
+
+        # peers[1] (t = 1001) has expired, peers[2] (t = 1002) has not: one place is free
+        now[0] = 1000.0 + PROVIDER_TTL_S + 1.5
+        store.add_provider(key, PeerInfo(peers[-1], [Multiaddr("/ip4/127.0.0.1/tcp/4001")]))
         assert len(listed()) == MAX_PROVIDERS_PER_KEY
-        assert peers[-1] in listed() and peers[0] in listed()
-        assert peers[1] not in listed()  # the stalest entry made room
+        assert peers[-1] in listed() and peers[0] in listed() and peers[2] in listed()
+        assert peers[1] not in listed()
 
         # peers[i] announced at t = 1000 + i; peers[0] again at 1256: those up to 1030 expire
         now[0] = 1000.0 + PROVIDER_TTL_S + 30.5
@@ -208,6 +222,60 @@ async def test_provider_lists_hold_more_than_twenty_and_let_stale_entries_go() -
         now[0] += PROVIDER_TTL_S
         store.cleanup_expired()
         assert listed() == set() and key not in store.providers
+
+
+async def test_fresh_identities_cannot_evict_honest_providers() -> None:
+    """Announcing is free for a fresh identity: if a full key made room for newcomers, a flood
+    of them would push every honest provider out of a DHT node's list. Here the honest
+    providers announce a key to node T over the wire, then more fresh identities than T has
+    room for announce it too: the honest ones are all still found, and only as many
+    newcomers as there was free room."""
+    room, honest_n, sybil_n = 5, 3, 6
+    pkey = provider_key(b"model:popular")
+    with trio.fail_after(40):
+        async with AsyncExitStack() as stack:
+            async def node(i: int, bootstrap: list[str]) -> tuple[Host, SwarmDHT]:
+                host = await stack.enter_async_context(open_host(seed(200 + i)))
+                dht = await stack.enter_async_context(open_dht(host, {NS: validate}, bootstrap=bootstrap))
+                return host, dht
+
+            t_host, t_dht = await node(0, [])
+            t_dht.providers.max_per_key = room
+            store = t_dht.kad.provider_store
+            received: list[ID] = []  # every ADD_PROVIDER T's handler accepted for the policy
+            policy_add = store.add_provider
+
+            def spy(key: bytes, provider: PeerInfo) -> None:
+                received.append(provider.peer_id)
+                policy_add(key, provider)
+
+            store.add_provider = spy
+            t_id = ID.from_base58(t_host.peer_id)
+
+            async def announce_to_t(dht: SwarmDHT) -> None:
+                # Only T hears it, so T's list is the only one a reader can find.
+                assert await dht.kad.provider_store._send_add_provider(t_id, pkey)
+                want = len(received) + 1
+                await eventually(lambda: len(received) >= want, what="T handled the ADD_PROVIDER")
+
+            honest = [await node(1 + i, [t_host.addrs[0]]) for i in range(honest_n)]
+            for _h, d in honest:
+                await announce_to_t(d)
+            sybils = [await node(10 + i, [t_host.addrs[0]]) for i in range(sybil_n)]
+            for _h, d in sybils:
+                await announce_to_t(d)
+            assert len(received) == honest_n + sybil_n
+
+            _r_host, reader = await node(30, [t_host.addrs[0]])
+            found = set(await reader.find_providers(b"model:popular"))
+            assert {h.peer_id for h, _d in honest} <= found
+            newcomers = found & {h.peer_id for h, _d in sybils}
+            assert len(newcomers) == room - honest_n
+            assert len(found) == room
+
+            # an honest provider re-announcing keeps its place in the full list
+            await announce_to_t(honest[0][1])
+            assert honest[0][0].peer_id in set(await reader.find_providers(b"model:popular"))
 
 
 async def test_observer_is_told_of_every_operation_and_its_outcome() -> None:
