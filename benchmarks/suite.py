@@ -49,9 +49,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: smallest run
     p.add_argument("--model", default=None, help="override the model (smollm2-135m or a path)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
+    p.add_argument("--wan", action="store_true",
+                   help="root: 3 nodes and a client in network namespaces at one-way delays per link "
+                        "(benchmarks/wan; --model defaults to the tiny model there)")
+    p.add_argument("--wan-delays", default="0,10,25,50", help="--wan: one-way delays, ms, comma-separated")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "wan", False):
+        from benchmarks.wan.pipeline import main as run_wan
+
+        return run_wan(["--model", args.model or "tiny", "--delays", args.wan_delays, "--out", str(args.out)])
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = PLANS[name]
     if args.model:

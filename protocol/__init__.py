@@ -123,7 +123,7 @@ from .receipts import (
     sign_receipt,
     verify_receipt,
 )
-from .records import CapacityRecord, Hardware, SequenceTracker, sign_record, verify_record
+from .records import CapacityRecord, Gpu, Hardware, SequenceTracker, sign_record, verify_record
 from .settlement import (
     Statement,
     build_statement,
@@ -234,6 +234,7 @@ __all__ = [
     "public_key_from_peer_id",
     # records
     "CapacityRecord",
+    "Gpu",
     "Hardware",
     "sign_record",
     "verify_record",

@@ -22,13 +22,16 @@
     │   ├── BadShape              22  tensor shapes or byte lengths do not fit together
     │   ├── SessionNotFound       23
     │   ├── SessionClosed         24
-    │   ├── Busy                  25  no room now (KV cache, sessions); retry elsewhere or later
+    │   ├── Busy                  25  no room now (KV cache, sessions, the peer's share); retry later
+    │   │                             (after ``retry_after_s`` when the Error carries it) or elsewhere
     │   ├── Timeout               26
     │   ├── RateLimited           27  this peer exceeded its per-peer limits, or is banned for a while
     │   └── NotAllowed            28  this peer is not admitted to the swarm or not on the allow list
     └── Internal                  99  a bug or an unexpected failure on the sender's side
 
 Errors raised by msgpack or pynacl are converted inside this package: callers see only these.
+Any error may carry ``retry_after_s`` (seconds, or None): the sender's hint of when asking again
+may succeed. Nodes set it on Busy and RateLimited; it travels in the Error frame (SPEC 7.10).
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ class ShizaError(Exception):
     code: int = 0
     name: ClassVar[str] = "error"
 
-    def __init__(self, message: str = "", *, code: int | None = None) -> None:
+    def __init__(self, message: str = "", *, code: int | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s
         if code is not None:
             self.code = code
 
@@ -218,10 +222,10 @@ ERROR_CLASSES: dict[int, type[ShizaError]] = {
 }
 
 
-def error_from_code(code: int, message: str) -> ShizaError:
+def error_from_code(code: int, message: str, retry_after_s: float | None = None) -> ShizaError:
     """The exception for a wire error code; a code this version does not know gives a plain
     ShizaError carrying that code, so it can still be reported and relayed."""
     cls = ERROR_CLASSES.get(code)
     if cls is None:
-        return ShizaError(message, code=code)
-    return cls(message)
+        return ShizaError(message, code=code, retry_after_s=retry_after_s)
+    return cls(message, retry_after_s=retry_after_s)

@@ -95,6 +95,7 @@ MAX_LAYERS: Final = 65536  # bound on num_layers, start, end
 MAX_BATCH_SIZE: Final = 1024
 MAX_SESSION_LENGTH: Final = 2**20  # tokens of one session (max_length)
 MAX_ERROR_MESSAGE_LEN: Final = 4096  # characters; longer messages are truncated by senders
+MAX_RETRY_AFTER_S: Final = 3600.0  # Error.retry_after_s: the longest retry hint a frame may carry
 MAX_UINT64: Final = 2**64 - 1
 MAX_TEMPERATURE: Final = 10.0
 

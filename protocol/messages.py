@@ -11,14 +11,14 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Union
 
-from ._fields import check_bytes, check_choice, check_hex, check_int, check_seq, check_str, fields_of, set_field
+from ._fields import check_bytes, check_choice, check_float, check_hex, check_int, check_seq, check_str, fields_of, set_field
 from ._values import SamplingParams, ServedSpan, span_bounds
 from .codec import FLOAT_DTYPES, Tensor, encode_frame
 from .direct import KEY_BYTES as DIRECT_KEY_BYTES
 from .errors import BadShape, Internal, InvalidMessage, ShizaError, UnknownMessageType, UnsupportedVersion, error_from_code
 from .ids import (
     MAX_ADDR_LEN, MAX_ADDRS, MAX_BATCH_SIZE, MAX_ERROR_MESSAGE_LEN, MAX_ID_LEN, MAX_RECEIPT_BYTES, MAX_RECORD_BYTES,
-    MAX_SESSION_LENGTH, MAX_SPANS, MAX_STR_LEN, PROTOCOL_VERSION, RECEIPT_ID_LEN,
+    MAX_RETRY_AFTER_S, MAX_SESSION_LENGTH, MAX_SPANS, MAX_STR_LEN, PROTOCOL_VERSION, RECEIPT_ID_LEN,
 )
 
 #: What a node says about itself (NodeInfo.state, CapacityRecord.state).
@@ -305,15 +305,29 @@ class Dispute(_Message):
 
 @dataclass(frozen=True)
 class Error(_Message):
-    """A failure, sent instead of the expected answer; the sender then closes the stream."""
+    """A failure, sent instead of the expected answer; the sender then closes the stream.
+
+    ``retry_after_s``: the sender's hint of when the same request may succeed (Busy,
+    RateLimited). It is left out of the wire map when None, so every Error without a hint
+    has exactly the form it had before the field existed (SPEC 7.10)."""
 
     TYPE: ClassVar[str] = "error"
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"retry_after_s": None}
     code: int
     message: str
+    retry_after_s: float | None = None
 
     def __post_init__(self) -> None:
         check_int("code", self.code, 0, 65535)
         check_str("message", self.message, MAX_STR_LEN)
+        if self.retry_after_s is not None:
+            set_field(self, "retry_after_s", check_float("retry_after_s", self.retry_after_s, 0.0, MAX_RETRY_AFTER_S))
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        if self.retry_after_s is None:
+            del out["retry_after_s"]
+        return out
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> Error:
@@ -321,10 +335,13 @@ class Error(_Message):
         without its text, so local details do not leak to peers."""
         if not isinstance(exc, ShizaError):
             exc = Internal(f"internal error ({type(exc).__name__})")
-        return cls(code=exc.code, message=exc.message[:MAX_ERROR_MESSAGE_LEN])
+        hint = getattr(exc, "retry_after_s", None)
+        if hint is not None:
+            hint = min(max(0.0, float(hint)), MAX_RETRY_AFTER_S)
+        return cls(code=exc.code, message=exc.message[:MAX_ERROR_MESSAGE_LEN], retry_after_s=hint)
 
     def to_exception(self) -> ShizaError:
-        return error_from_code(self.code, self.message)
+        return error_from_code(self.code, self.message, self.retry_after_s)
 
 
 Message = Union[

@@ -41,25 +41,67 @@ DEVICE_KINDS = ("cpu", "cuda")
 _MAX_BYTES_COUNT = 2**62  # memory sizes
 
 
+MAX_GPUS = 64
+_GPU_FIELDS = ("name", "memory_total", "memory_free", "compute_capability", "bf16")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU the node's process sees."""
+
+    name: str
+    memory_total: int  # bytes
+    memory_free: int  # bytes
+    compute_capability: str  # "8.0"
+    bf16: bool
+
+    def __post_init__(self) -> None:
+        check_str("gpu name", self.name, MAX_ID_LEN)
+        check_int("gpu memory_total", self.memory_total, 0, _MAX_BYTES_COUNT)
+        check_int("gpu memory_free", self.memory_free, 0, _MAX_BYTES_COUNT)
+        check_str("compute_capability", self.compute_capability, 16)
+        if type(self.bf16) is not bool:
+            raise InvalidMessage("gpu bf16 must be a boolean")
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Gpu:
+        return cls(**fields_of(obj, "gpu", _GPU_FIELDS))
+
+
 @dataclass(frozen=True)
 class Hardware:
     device_kind: str  # "cpu" | "cuda"
     device_name: str
     memory_total: int  # bytes
     memory_free: int  # bytes
+    gpus: tuple[Gpu, ...] = ()  # every GPU, the one the node computes on first; omitted when none
 
     def __post_init__(self) -> None:
         check_choice("device_kind", self.device_kind, DEVICE_KINDS)
         check_str("device_name", self.device_name, MAX_ID_LEN)
         check_int("memory_total", self.memory_total, 0, _MAX_BYTES_COUNT)
         check_int("memory_free", self.memory_free, 0, _MAX_BYTES_COUNT)
+        gpus = check_seq("gpus", self.gpus, MAX_GPUS)
+        if not all(isinstance(g, Gpu) for g in gpus):
+            raise InvalidMessage("gpus must be Gpu entries")
+        set_field(self, "gpus", tuple(gpus))
 
     def to_wire(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        wire = dataclasses.asdict(self)
+        if self.gpus:  # a map without gpus stays readable by nodes older than the field
+            wire["gpus"] = [dataclasses.asdict(g) for g in self.gpus]
+        else:
+            del wire["gpus"]
+        return wire
 
     @classmethod
     def from_wire(cls, obj: Any) -> Hardware:
-        return cls(**fields_of(obj, "hardware", ("device_kind", "device_name", "memory_total", "memory_free")))
+        got = fields_of(obj, "hardware", ("device_kind", "device_name", "memory_total", "memory_free"),
+                        {"gpus": []})
+        raw = got.pop("gpus")
+        if not isinstance(raw, list):
+            raise InvalidMessage("hardware gpus must be an array")
+        return cls(**got, gpus=tuple(Gpu.from_wire(g) for g in check_seq("gpus", raw, MAX_GPUS)))
 
 
 _RECORD_FIELDS = (

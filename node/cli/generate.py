@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> dict[str, object]:
         async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=getattr(args, "swarm_key", None)) as client:
+            if client.host is not None and not client.host.connected_peers():
+                raise ConnectionError(f"none of the {len(args.bootstrap)} bootstrap peer(s) answered "
+                              f"({', '.join(args.bootstrap)}): check each address and that a node runs there")
             route = await client.wait_for_route(model.model_id, args.wait, num_layers=model.num_layers)
             on_text = None if args.json else (lambda s: print(s, end="", flush=True))
             text, prompt_ids, result = await generate_text(

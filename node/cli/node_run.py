@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from node.cli.gateway import ApiKeyError, add_api_key_args, read_api_keys
-from node.serve.limits import PeerLimits, read_peer_list
+from node.ledger.accounting import DEFAULT_MAX_UNPAID_WORK_UNITS
+from node.serve.limits import NodeShares, PeerLimits, read_peer_list
 from node.util.dirs import default_data_dir
 
 if TYPE_CHECKING:
@@ -33,6 +34,21 @@ def parse_layers(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_announce(text: str) -> str:
+    """An address to advertise: /ip4|ip6|dns*/HOST/tcp/PORT, a concrete host and port."""
+    import multiaddr
+
+    try:
+        addr = multiaddr.Multiaddr(text)
+    except Exception:  # noqa: BLE001 - multiaddr raises several kinds for a bad string
+        raise argparse.ArgumentTypeError(f"not a multiaddr: {text!r}") from None
+    parts = str(addr).split("/")
+    if (len(parts) < 5 or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[3] != "tcp"
+            or parts[2] in ("0.0.0.0", "::") or parts[4] == "0"):
+        raise argparse.ArgumentTypeError(f"--announce wants /ip4/HOST/tcp/PORT with a real host and port, got {text!r}")
+    return str(addr)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     node = sub.add_parser("node", help="run a serving node").add_subparsers(dest="node_command", required=True)
     run = node.add_parser("run", help="serve a span of a model's layers")
@@ -46,6 +62,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     run.add_argument("--throttle-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     run.add_argument("--data-dir", type=Path, default=None, help="identity, caches and node.json (default ~/.shiza)")
     run.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0", help="multiaddr to listen on")
+    run.add_argument("--announce", action="append", default=[], type=parse_announce, metavar="MULTIADDR",
+                     help="advertise this address instead of --listen's (repeatable; port forwarding, "
+                          "containers). Without it a 0.0.0.0 listen address is advertised as the "
+                          "interfaces' addresses")
+    run.add_argument("--relay-service", action="store_true",
+                     help="relay connections for nodes behind NATs (circuit relay v2, with limits)")
+    run.add_argument("--relay", action="append", default=[], metavar="MULTIADDR",
+                     help="behind a NAT: reserve a slot on this relay (a full /p2p/ address) and "
+                          "advertise the relayed address (repeatable)")
     run.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a peer to join through (repeatable)")
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     run.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -87,9 +112,20 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--peer-steps-per-s", type=float, default=d.steps_per_s, help="Steps per second per peer")
     g.add_argument("--peer-tokens-per-s", type=float, default=d.tokens_per_s, help="tokens per second per peer")
     g.add_argument("--peer-bytes-per-s", type=float, default=d.bytes_per_s, help="input bytes per second per peer")
+    shares = NodeShares()
+    g.add_argument("--max-sessions", type=int, default=64,  # ServerLimits.max_sessions (server.py is heavy)
+                   help="open sessions on this node, all peers together (shared fairly among them)")
+    g.add_argument("--open-queue-s", type=float, default=shares.queue_wait_s,
+                   help="seconds an open beyond a peer's share waits for a slot before it is answered Busy")
+    g.add_argument("--new-peers-per-s", type=float, default=shares.new_peers_per_s,
+                   help="identities never seen before admitted per second (a burst of 16)")
     g.add_argument("--ban-after", type=int, default=d.strikes_to_ban,
                    help="limit violations within a minute that ban a peer")
     g.add_argument("--ban-s", type=float, default=d.ban_s, help="seconds a banned peer's streams are refused")
+    g.add_argument("--max-unpaid-work", type=int, default=DEFAULT_MAX_UNPAID_WORK_UNITS, metavar="UNITS",
+                   help="work units (tokens x layers) a client may leave disputed or never countersigned, "
+                        "less what it countersigned since, before it gets a strike and its opens are "
+                        "refused (SPEC 17)")
     g.add_argument("--allow-peers", type=Path, default=None, metavar="FILE",
                    help="only the peer ids in FILE (one per line) may open sessions")
     g.add_argument("--swarm-key", type=Path, default=None, metavar="FILE",
@@ -109,6 +145,9 @@ def apply_limit_args(cfg: "NodeConfig", args: argparse.Namespace) -> None:
     allow = read_peer_list(args.allow_peers) if args.allow_peers is not None else None
     cfg.limits = replace(cfg.limits, open_timeout_s=args.open_timeout, idle_timeout_s=args.idle_timeout,
                          peer=peer, allow_peers=allow)
+    cfg.limits = replace(cfg.limits, max_unpaid_work_units=args.max_unpaid_work, max_sessions=args.max_sessions,
+                         shares=replace(cfg.limits.shares, queue_wait_s=args.open_queue_s,
+                                        new_peers_per_s=args.new_peers_per_s))
     if args.swarm_key is not None:
         cfg.swarm_key = args.swarm_key
     if args.corrupt_outputs:
@@ -133,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         throttle_s=args.throttle_ms / 1000.0,
         data_dir=args.data_dir or default_data_dir(),
         listen=args.listen,
+        announce=list(args.announce),
+        relay_service=args.relay_service,
+        relays=list(args.relay),
         bootstrap=list(args.bootstrap),
         device=args.device,
         dtype=dtype,

@@ -14,7 +14,7 @@ from pathlib import Path
 from protocol.errors import ShizaError
 from protocol.identity import Identity
 from protocol.documents import decode_document, encode_document, verify_documents
-from protocol.receipts import Receipt
+from protocol.receipts import Receipt, verify_receipt
 from protocol.settlement import Statement, build_statement, cosign_statement, settleable
 
 from node.util.atomic import write_atomic
@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     data_dir(p)
     p.add_argument("file", type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: overwrite FILE")
+    p = cmds.add_parser("import", help="take countersignatures this node missed from a client's export")
+    data_dir(p)
+    p.add_argument("file", type=Path, help="the counterparty's `shiza receipts export` file")
     p = cmds.add_parser("verify", help="verify receipts, exports and statements offline")
     p.add_argument("files", type=Path, nargs="+")
 
@@ -69,12 +72,9 @@ def _ledger(args: argparse.Namespace, identity: Identity | None = None):  # type
     from node.ledger.store import LEDGER_FILE, Ledger, LedgerError
 
     path = _data_dir(args) / LEDGER_FILE
-    if not path.exists():
-        raise SystemExit(f"error: no ledger at {path}")
-    try:
-        return Ledger.open(path, identity or Identity.load_or_create(_data_dir(args)))
-    except LedgerError as exc:
-        raise SystemExit(f"error: {type(exc).__name__}: {exc}") from None
+    if not path.exists():  # a usage error (exit 2, node/cli/errors.py)
+        raise ValueError(f"no ledger at {path}: give the node's or agent's --data-dir (or set SHIZA_HOME)")
+    return Ledger.open(path, identity or Identity.load_or_create(_data_dir(args)))  # LedgerError: exit 5
 
 
 def _fmt(path: Path) -> str:
@@ -123,7 +123,7 @@ def _settle(args: argparse.Namespace) -> int:
     with _ledger(args, identity) as ledger:
         receipts = _receipts(ledger)
     if not 0.0 <= args.since <= until:
-        raise SystemExit(f"error: --since {args.since} must be in 0..--until ({until})")
+        raise ValueError(f"--since {args.since} must be in 0..--until ({until})")
     covered = settleable(receipts, party_a=identity.peer_id, party_b=args.counterparty, since=args.since, until=until)
     statement = build_statement(identity, args.counterparty, receipts, period_start=args.since, period_end=until)
     doc = {"v": 0, "kind": "statement", "statement": statement.to_wire(),
@@ -138,7 +138,7 @@ def _cosign(args: argparse.Namespace) -> int:
     identity = Identity.load_or_create(_data_dir(args))
     doc = decode_document(args.file.read_bytes())
     if doc.get("kind") != "statement":
-        raise SystemExit(f"error: {args.file} is not a statement")
+        raise ValueError(f"{args.file} is not a statement")
     statement = doc["statement"]
     if not isinstance(statement, Statement):
         statement = Statement.from_wire(statement)
@@ -165,4 +165,44 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"list": _list, "export": _export, "settle": _settle, "cosign": _cosign, "verify": _verify}
+def _import(args: argparse.Namespace) -> int:
+    """A server killed between sending a receipt and reading its countersignature keeps it as
+    ``server_only``, while the client holds it countersigned: their statements then differ. The
+    client's export carries the countersigned bytes; each one whose signatures verify, that this
+    node issued (same body, byte for byte) and holds as ``server_only``, gets its verdict."""
+    identity = Identity.load_or_create(_data_dir(args))
+    doc = decode_document(args.file.read_bytes())
+    if doc.get("kind") != "receipts":
+        raise ValueError(f"{args.file} is not a receipts export (`shiza receipts export`)")
+    taken = skipped = 0
+    refused: list[str] = []
+    with _ledger(args, identity) as ledger:
+        for item in doc["receipts"]:
+            theirs = item if isinstance(item, Receipt) else Receipt.from_wire(item)
+            if theirs.server != identity.peer_id:
+                skipped += 1  # another node's receipt (the client's export holds them all)
+                continue
+            mine = ledger.get(theirs.receipt_id)
+            try:
+                verify_receipt(theirs, require_countersigned=True)
+            except ShizaError as exc:
+                refused.append(f"{theirs.receipt_id}: {exc}")
+                continue
+            if mine is None or mine.status != "server_only":
+                skipped += 1  # unknown here, or already settled either way
+                continue
+            stored = Receipt.from_bytes(mine.receipt)
+            if stored.body_wire() != theirs.body_wire() or stored.server_sig != theirs.server_sig:
+                refused.append(f"{theirs.receipt_id}: not the receipt this node issued")
+                continue
+            ledger.record_verdict(theirs.receipt_id, status="countersigned",
+                                  reason=f"countersignature imported from {args.file.name}", receipt=theirs.to_bytes())
+            taken += 1
+    for why in refused[:20]:
+        print(f"refused {why}", file=sys.stderr)
+    print(f"imported {taken} countersignatures; {skipped} receipts skipped, {len(refused)} refused")
+    return 0 if not refused else 1
+
+
+_COMMANDS = {"list": _list, "export": _export, "settle": _settle, "cosign": _cosign, "import": _import,
+             "verify": _verify}

@@ -13,8 +13,9 @@ many records is counted once. ``DisputeWatch`` looks up the disputes of routing 
 (parallel, bounded in time, cached per peer) and names the peers with valid disputes from at
 least ``EXCLUDE_REPORTERS`` reporters, which the client leaves out of its routes.
 
-Not implemented (SPEC.md, section 19): counting only reporters that hold countersigned receipts
-with the witnesses named.
+A record counts only with its evidence (``check_evidence`` in protocol/disputes.py): the accused's
+signed receipt for that session and each witness's countersigned receipt, all naming the
+reporter as client.
 """
 
 from __future__ import annotations

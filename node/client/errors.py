@@ -17,9 +17,11 @@
 
 Decision on the protocol's own errors: the wire codes (protocol/errors.py) are public vocabulary
 and stay visible, but only inside the tree: a peer's error reaches a caller as a ``PeerError``
-that is also of the peer's class, carrying the peer's id. So ``shiza generate`` maps NoRoute to
-exit 3, InvalidRequest to 2 and every other ClientError to 4; the gateway maps Busy and NoRoute
-to 503, LimitExceeded to 400 and the rest to 502.
+that is also of the peer's class, carrying the peer's id and, when the peer gave one, its retry
+hint (``retry_after_s``: a Busy open is retried after it, node/client/pacing.py). So ``shiza
+generate`` maps NoRoute to exit 3, InvalidRequest to 2 and every other ClientError to 4; the
+gateway maps load (Busy, RateLimited) and NoRoute to 503 with Retry-After, LimitExceeded to 400
+and the rest to 502.
 
 Converted at the lowest layer: the hop sessions (node/client/hops.py) turn StreamBroken, an Error
 frame or an unexpected message into a PeerError as they read it; routing raises NoRoute. Callers
@@ -88,9 +90,10 @@ class PeerError(ClientError, ShizaError):
     name = "peer_error"
 
     def __init__(self, reason: str, *, peer_id: str = "", layers: tuple[int, int] | None = None,
-                 code: int | None = None) -> None:
+                 code: int | None = None, retry_after_s: float | None = None) -> None:
         where = f"peer {peer_id}" + (f" (layers {layers[0]}:{layers[1]})" if layers else "")
-        ShizaError.__init__(self, f"{where}: {reason}" if peer_id else reason, code=code)
+        ShizaError.__init__(self, f"{where}: {reason}" if peer_id else reason, code=code,
+                            retry_after_s=retry_after_s)
         self.reason = reason
         self.peer_id = peer_id
         self.layers = layers
@@ -124,4 +127,5 @@ def peer_error(error: ShizaError, *, peer_id: str = "", layers: tuple[int, int] 
     if isinstance(error, PeerError):
         return error
     cls = PEER_ERRORS.get(type(error), PeerError)
-    return cls(error.message, peer_id=peer_id, layers=layers, code=error.code)
+    return cls(error.message, peer_id=peer_id, layers=layers, code=error.code,
+               retry_after_s=getattr(error, "retry_after_s", None))

@@ -24,9 +24,17 @@ class PeerHealth:
         self.max_s = max_s
         self._failures: dict[str, int] = {}
         self._until: dict[str, float] = {}
+        self._distrusted: dict[str, float] = {}
 
     def failed(self, peer_id: str, now: float) -> float:
-        """Record a failure at ``now``; returns when the peer may be tried again."""
+        """Record a failure at ``now``; returns when the peer may be tried again.
+
+        One incident counts once: while the peer is backed off, further failures (every
+        concurrent session on a node that stalled reports it) do not lengthen the back-off;
+        the first failure after it ran out does."""
+        until = self._until.get(peer_id)
+        if until is not None and until > now:
+            return until
         count = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = count
         # min() before the power would overflow for a peer failing hundreds of times.
@@ -35,11 +43,19 @@ class PeerHealth:
         return self._until[peer_id]
 
     def distrust(self, peer_id: str, now: float, seconds: float) -> None:
-        """Avoid ``peer_id`` for ``seconds`` from ``now`` (caught misbehaving: node/spotcheck.py)."""
+        """Avoid ``peer_id`` for ``seconds`` from ``now`` (caught misbehaving: node/spotcheck.py).
+        Unlike a back-off, routing never falls back to a distrusted peer (``distrusted``)."""
         self._failures[peer_id] = max(self._failures.get(peer_id, 0), 64)
         self._until[peer_id] = max(self._until.get(peer_id, 0.0), now + seconds)
+        self._distrusted[peer_id] = max(self._distrusted.get(peer_id, 0.0), now + seconds)
+
+    def distrusted(self, now: float) -> frozenset[str]:
+        """Peers caught misbehaving and still distrusted at ``now``."""
+        return frozenset(p for p, until in self._distrusted.items() if until > now)
 
     def succeeded(self, peer_id: str) -> None:
+        if peer_id in self._distrusted:
+            return  # a lying node that answers is still distrusted until its time runs out
         self._failures.pop(peer_id, None)
         self._until.pop(peer_id, None)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import trio
 
@@ -41,11 +41,11 @@ from protocol.messages import (
 )
 
 from node.client.errors import InvalidRequest, PeerError, PeerUnreachable, peer_error
-from node.client.health import RttTracker
+from node.client.health import PeerHealth, RttTracker
 from node.client.outputs import check_output
 from node.client.routing import Hop
-from node.ledger.accounting import ClientAccount, store
-from node.ledger.store import Ledger
+from node.ledger.accounting import ClientAccount, record, seq_floor, store
+from node.ledger.store import DuplicateEntry, Ledger
 from node.net.direct import connect as connect_direct
 from node.net.streams import Connector, FramedStream, StreamBroken
 from node.net.wire import recv_message, send_message
@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 STEP_TIMEOUT_S = 60.0  # a hop that answers no step within this is taken for stalled
 CLOSE_TIMEOUT_S = 10.0
+# A node whose direct channel failed to connect is asked for none for this long, doubling on
+# each further failure up to DIRECT_RETRY_MAX_S (its sessions stay on libp2p meanwhile).
+DIRECT_RETRY_BASE_S = 30.0
+DIRECT_RETRY_MAX_S = 600.0
 
 StepInput = tuple[Tensor, Tensor, Tensor]  # what one step sent a hop: (input, positions, mask)
 
@@ -102,16 +106,18 @@ class HopSessions:
 
     def __init__(self, connector: Connector, identity: Identity, ledger: Ledger | None = None, *,
                  swarm_id: str = DEFAULT_SWARM_ID, step_timeout_s: float = STEP_TIMEOUT_S,
-                 direct: bool = True, rtt: RttTracker | None = None) -> None:
+                 direct: bool = True, rtt: RttTracker | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.connector = connector
         self.identity = identity
         self.ledger = ledger
         self.swarm_id = swarm_id  # receipts must name it
         self.step_timeout_s = step_timeout_s
-        # Ask nodes for a direct activation channel (SPEC 9.5); peers where connecting it
-        # failed are asked no more (their sessions stay on libp2p streams).
+        # Ask nodes for a direct activation channel (SPEC 9.5); a peer where connecting it
+        # failed is asked again only after a back-off (its sessions stay on libp2p meanwhile).
         self.direct = direct
-        self.direct_failed: set[str] = set()
+        self.clock = clock
+        self.direct_backoff = PeerHealth(DIRECT_RETRY_BASE_S, DIRECT_RETRY_MAX_S)
         self.direct_sessions = 0  # hop sessions that ran over a direct channel
         self.rtt = rtt or RttTracker()
         self.countersigned: dict[str, int] = {}  # receipts countersigned per server, this client's life
@@ -119,13 +125,23 @@ class HopSessions:
     async def open(self, spec: SessionSpec, hop: Hop) -> HopSession:
         """Open the hop's session; over a direct channel where the node offers one and it
         connects, else (or when it fails to connect: once more without asking) on the stream."""
-        if self.direct and hop.peer_id not in self.direct_failed:
+        if self.direct and hop.peer_id not in self.direct_backoff.avoided(self.clock()):
             try:
-                return await self._open_once(spec, hop, direct=True)
+                opened = await self._open_once(spec, hop, direct=True)
             except _DirectFailed as exc:
-                log.info("direct channel to %s failed (%s); using its libp2p stream", hop.peer_id, exc)
-                self.direct_failed.add(hop.peer_id)
+                again = self.direct_backoff.failed(hop.peer_id, self.clock()) - self.clock()
+                log.info("direct channel to %s failed (%s); using its libp2p stream, asking again "
+                         "in %.0f s", hop.peer_id, exc, again)
+            else:
+                if opened.anchor is not None:  # it connected: forget earlier failures
+                    self.direct_backoff.succeeded(hop.peer_id)
+                return opened
         return await self._open_once(spec, hop, direct=False)
+
+    @property
+    def direct_failed(self) -> frozenset[str]:
+        """Peers whose direct channel failed and that are not asked for one now."""
+        return self.direct_backoff.avoided(self.clock())
 
     async def _open_once(self, spec: SessionSpec, hop: Hop, *, direct: bool) -> HopSession:
         public, secret = direct_wire.keypair() if direct else (None, None)
@@ -134,6 +150,7 @@ class HopSessions:
                                   spec.sampling, direct_key=public)
         except ShizaError as exc:  # the caller's batch or length is out of the protocol's range
             raise InvalidRequest(f"cannot open a session: {exc}") from None
+        floor = await seq_floor(self.ledger, hop.peer_id, self.identity.peer_id)  # settlement (9.3)
         t0 = time.perf_counter()
         try:
             stream = await self.connector.open_stream(hop.peer_id, INFERENCE_PROTOCOL, hop.addrs)
@@ -149,7 +166,7 @@ class HopSessions:
             raise _converted(exc, hop) from None
         self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
         account = ClientAccount(self.identity, hop.peer_id, spec.model_id, hop.start, hop.end,
-                                opened.session_id, swarm_id=self.swarm_id)
+                                opened.session_id, swarm_id=self.swarm_id, seq_floor=floor)
         checked = {"spec": spec, "hidden_size": opened.hidden_size}
         if opened.direct_port is None or public is None or secret is None:
             return HopSession(hop, stream, opened.session_id, account, **checked)
@@ -218,19 +235,29 @@ class HopSessions:
             await h.reset()
 
     async def _judge(self, h: HopSession, data: bytes) -> None:
-        """Check a receipt against what we sent and received; countersign or dispute it."""
+        """Check a receipt against what we sent and received (and the session's receipts
+        before it); countersign or dispute it. The verdict is stored before it is sent: a
+        countersignature the server holds is always in our ledger too. A receipt whose id, seq
+        or checkpoint our ledger already holds (a server reusing numbers) is disputed."""
         receipt, client_sig, reason = h.account.judge(data)
         if receipt is None:
             log.warning("unreadable receipt from %s: %s", h.hop.peer_id, reason)
             return
+        recorded = False  # the ledger already holds its id, seq or checkpoint
+        if client_sig is not None:
+            try:
+                await trio.to_thread.run_sync(record, self.ledger, receipt, "countersigned", "")
+            except DuplicateEntry as exc:
+                client_sig, reason, recorded = None, f"already recorded: {exc}", True
+                h.account.refuse(receipt, reason)
         if client_sig is not None:
             await send_message(h.stream, Countersign(receipt.receipt_id, client_sig))
-            await trio.to_thread.run_sync(store, self.ledger, receipt, "countersigned", "")
             self.countersigned[h.hop.peer_id] = self.countersigned.get(h.hop.peer_id, 0) + 1
         else:
             log.warning("disputing receipt %s from %s: %s", receipt.receipt_id, h.hop.peer_id, reason)
+            if not recorded:
+                await trio.to_thread.run_sync(store, self.ledger, receipt, "disputed", reason)
             await send_message(h.stream, Dispute(receipt.receipt_id, reason[:1000]))
-            await trio.to_thread.run_sync(store, self.ledger, receipt, "disputed", reason)
 
 
 M = TypeVar("M", bound=Message)

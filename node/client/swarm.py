@@ -16,8 +16,10 @@ from and publish disputes to, an identity and a ledger for receipts, the swarm i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -28,6 +30,7 @@ import multiaddr
 import trio
 
 from protocol.codec import Tensor
+from protocol.disputes import sign_dispute
 from protocol.errors import ShizaError
 from protocol.identity import Identity
 from protocol.ids import DEFAULT_SWARM_ID
@@ -38,6 +41,7 @@ from node.client.disputes import DisputeWatch, publish_dispute
 from node.client.errors import HopFailed, InvalidRequest, LayersLost, NoRoute, PeerError, peer_error
 from node.client.health import PeerHealth, RttTracker
 from node.client.hops import CLOSE_TIMEOUT_S, STEP_TIMEOUT_S, HopSession, HopSessions, SessionSpec, StepInput
+from node.client.pacing import Pacer
 from node.client.routing import Candidate, Hop, candidates_from, find_chain, find_chain_between, num_layers_of
 from node.client.spotcheck import CheckedStep, SpotChecker, Verdict
 from node.ledger.store import LEDGER_FILE, Ledger, LedgerError
@@ -74,6 +78,19 @@ class GenerationResult:
     def tokens_per_s(self) -> float:
         """Decode tokens per second (after the first token), per row."""
         return (self.steps - 1) / self.decode_s if self.steps > 1 and self.decode_s > 0 else 0.0
+
+
+SEED_BITS = 63  # a drawn seed fits a signed 64-bit integer, whatever the engine's generator takes
+
+
+def with_fresh_seed(sampling: SamplingParams) -> SamplingParams:
+    """``sampling`` with a newly drawn random seed when it samples (temperature > 0) and names
+    none: a node samples an unseeded session with seed 0, so without this every caller who
+    asked for randomness would get the same "random" answer. A given seed is kept (a run that
+    passes one is reproducible); greedy decoding has no use for one."""
+    if sampling.seed is not None or sampling.temperature <= 0:
+        return sampling
+    return dataclasses.replace(sampling, seed=secrets.randbits(SEED_BITS))
 
 
 class SwarmClient:
@@ -115,6 +132,7 @@ class SwarmClient:
         self.bootstrap_addrs = list(bootstrap)
         self.health = PeerHealth()
         self.rtt = RttTracker()
+        self.pacing = Pacer()  # per-peer slots and Busy retries (node/client/pacing.py)
         self.sessions = HopSessions(connector, identity, ledger, swarm_id=swarm_id,
                                     step_timeout_s=step_timeout_s, direct=direct, rtt=self.rtt)
         self.spot_checker = spot_checker
@@ -134,8 +152,8 @@ class SwarmClient:
         return self.sessions.direct_sessions
 
     @property
-    def direct_failed(self) -> set[str]:
-        """Peers whose direct channel failed to connect (asked for one no more)."""
+    def direct_failed(self) -> frozenset[str]:
+        """Peers whose direct channel failed to connect, asked for none until their back-off ends."""
         return self.sessions.direct_failed
 
     @classmethod
@@ -213,10 +231,25 @@ class SwarmClient:
         if num_layers is None:
             raise NoRoute(0, [], [], detail=f"no peer advertises model {model_id}")
         await self.disputes.refresh(r.peer_id for r in records)  # bounded; _candidates drops the excluded
-        return find_chain(
-            num_layers, self._candidates(records, model_id), avoid=self.health.avoided(time.monotonic()),
-            need_tokens=need_tokens, allow_partial=True,
-        )
+        candidates = self._candidates(records, model_id)
+        return self._with_fallback(lambda avoid: find_chain(
+            num_layers, candidates, avoid=avoid, need_tokens=need_tokens, allow_partial=True))
+
+    def _with_fallback(self, find: Callable[[frozenset[str]], list[Hop]]) -> list[Hop]:
+        """``find`` avoiding the peers backed off; when that leaves no chain, avoiding only the
+        distrusted ones (caught lying): a peer that failed a while ago is better than none, and
+        every replica of a span backed off after one stall must not end every generation."""
+        now = time.monotonic()
+        try:
+            return find(self.health.avoided(now))
+        except NoRoute:
+            distrusted = self.health.distrusted(now)
+            if self.health.avoided(now) == distrusted:
+                raise
+            hops = find(distrusted)
+            log.warning("no chain without backed-off peers; trying %s again",
+                        ", ".join(h.peer_id for h in hops if h.peer_id in self.health.avoided(now)))
+            return hops
 
     async def wait_for_route(
         self, model_id: str, timeout_s: float = 120.0, *, num_layers: int | None = None
@@ -257,6 +290,7 @@ class SwarmClient:
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("every prompt needs at least one token")
+        sampling = with_fresh_seed(sampling)
         if max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens must be at least 1")
         if vocab_size is not None and vocab_size < 1:
@@ -347,7 +381,7 @@ class SwarmClient:
         while pending:
             hop = pending.pop(0)
             try:
-                chain.hops.append(await self.sessions.open(chain.spec, hop))
+                chain.hops.append(await self.pacing.open(lambda: self.sessions.open(chain.spec, hop), hop.peer_id))
                 continue
             except PeerError as exc:
                 failure = exc
@@ -372,12 +406,10 @@ class SwarmClient:
             if fresh:
                 with trio.move_on_after(FAILOVER_LOOKUP_S):
                     await self.records(spec.model_id)
-            records = self.known_records(spec.model_id)
+            candidates = self._candidates(self.known_records(spec.model_id), spec.model_id)
             try:
-                return find_chain_between(
-                    start, end, self._candidates(records, spec.model_id),
-                    avoid=self.health.avoided(time.monotonic()), need_tokens=spec.batch * spec.max_length,
-                )
+                return self._with_fallback(lambda avoid: find_chain_between(
+                    start, end, candidates, avoid=avoid, need_tokens=spec.batch * spec.max_length))
             except NoRoute:
                 if fresh:
                     raise
@@ -404,11 +436,12 @@ class SwarmClient:
             self.health.succeeded(h.hop.peer_id)
             if self.spot_checker is not None:
                 spec = chain.spec
-                verdict = await self.spot_checker.check(_Witnessing(self, chain), CheckedStep(
+                witnessing = _Witnessing(self, chain)
+                verdict = await self.spot_checker.check(witnessing, CheckedStep(
                     spec.model_id, h.hop, h.session_id, h.steps - 1, h.history, payload,
                     need_tokens=spec.batch * spec.max_length))
                 if verdict.dispute is not None:
-                    i += await self._caught(chain, i, verdict)
+                    i += await self._caught(chain, i, verdict, witnessing.receipts)
                     payload = verdict.output
                     continue
             i += 1
@@ -418,19 +451,31 @@ class SwarmClient:
             last = chain.hops[-1].hop
             raise peer_error(exc, peer_id=last.peer_id, layers=(last.start, last.end)) from None
 
-    async def _caught(self, chain: "_Chain", index: int, verdict: Verdict) -> int:
-        """A spot check caught hop ``index``: refuse its receipts, replace it (its history is
-        replayed, the checked step included), avoid it and publish the dispute. Returns how
-        many hops replaced it (the step goes on after them with the witnesses' output)."""
+    async def _caught(self, chain: "_Chain", index: int, verdict: Verdict,
+                      witness_receipts: dict[str, bytes]) -> int:
+        """A spot check caught hop ``index``: refuse its receipts, close its session (for its
+        final receipt, the dispute's evidence), replace it (its history is replayed, the checked
+        step included), avoid it and publish the dispute with the receipts of the accused and
+        the witnesses (SPEC 19). Returns how many hops replaced it (the step goes on after them
+        with the witnesses' output)."""
         record = verdict.dispute
         assert record is not None
         h = chain.hops[index]
         h.account.disputed_reason = f"spot check failed at step {record.step}: max diff {verdict.diff:.3g}"
+        await self.sessions.close(h)  # bounded, never raises: its final receipt is disputed
+        accused = [r.to_bytes() for r, _, _ in h.account.receipts]
+        evidence = [accused[-1]] if accused else []
+        evidence += [witness_receipts[w] for w in record.witnesses if w in witness_receipts]
         replaced_by = await self._fail_over(chain, index, PeerError(
             "spot check: output disagrees with witnesses", peer_id=h.hop.peer_id,
             layers=(h.hop.start, h.hop.end)))
         self.health.distrust(record.accused, time.monotonic(), DISTRUST_S)  # after failover's back-off
-        await publish_dispute(self.dht, record)  # bounded, best effort, never raises
+        if len(evidence) == 1 + len(record.witnesses):
+            signed = sign_dispute(self.identity, replace(record, evidence=tuple(evidence), signature=b""))
+            await publish_dispute(self.dht, signed)  # bounded, best effort, never raises
+        else:  # readers would not count it (SPEC 19): the accused or a witness sent no receipt
+            log.warning("not publishing the dispute against %s: %d of %d receipts to show for it",
+                        record.accused, len(evidence), 1 + len(record.witnesses))
         return replaced_by
 
     async def _fail_over(self, chain: "_Chain", index: int, failure: PeerError) -> int:
@@ -495,6 +540,7 @@ class _Witnessing:
     def __init__(self, client: SwarmClient, chain: _Chain) -> None:
         self._client = client
         self._chain = chain
+        self.receipts: dict[str, bytes] = {}  # witness -> its last receipt countersigned in a replay
 
     @property
     def identity(self) -> Identity:
@@ -533,3 +579,6 @@ class _Witnessing:
             return None
         finally:
             await sessions.close(wh)
+            signed = [r for r, status, _ in wh.account.receipts if status == "countersigned"]
+            if signed:
+                self.receipts[witness.peer_id] = signed[-1].to_bytes()

@@ -10,29 +10,14 @@ Used by ``shiza generate``, the demo and agents:
 
 from __future__ import annotations
 
-import dataclasses
-import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from protocol.messages import SamplingParams
 
-from node.client.swarm import GenerationResult, SwarmClient
+from node.client.swarm import SEED_BITS, GenerationResult, SwarmClient, with_fresh_seed
 from node.client.routing import Hop
 from node.models import ModelSource, Tokenizer, find_model, load_tokenizer
-
-
-SEED_BITS = 63  # a drawn seed fits a signed 64-bit integer, whatever the engine's generator takes
-
-
-def with_fresh_seed(sampling: SamplingParams) -> SamplingParams:
-    """``sampling`` with a newly drawn random seed when it samples (temperature > 0) and names
-    none: a node samples an unseeded session with seed 0, so without this every caller who
-    asked for randomness would get the same "random" answer. A given seed is kept (a run that
-    passes one is reproducible); greedy decoding has no use for one."""
-    if sampling.seed is not None or sampling.temperature <= 0:
-        return sampling
-    return dataclasses.replace(sampling, seed=secrets.randbits(SEED_BITS))
 
 
 @dataclass

@@ -46,7 +46,7 @@ _CONVERSION_MODULES = ("torch", "transformers", "gguf")
 
 
 def resolve_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None,
-                  progress: bool = True) -> ModelSource:
+                  progress: bool = True, layers: tuple[int, int] | None = None) -> ModelSource:
     """Return the ``ModelSource`` for ``spec``, converting the default model on first use.
 
     ``cache_dir`` is the root of the model cache (default ``default_cache_dir()``); the default
@@ -57,7 +57,7 @@ def resolve_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None,
         if spec == DEFAULT_MODEL:
             root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             return source_from_dir(ensure_smollm2(root, progress=progress), name=DEFAULT_MODEL)
-        return find_model(spec, cache_dir)
+        return find_model(spec, cache_dir, layers)  # a repo id fetches only ``layers``' shards
     except ModelError as e:
         raise EngineError(str(e)) from e
 

@@ -102,7 +102,7 @@ function renderModel(m) {
       el("td", {}, el("span", {"class": `state ${p.state}`}, p.state)),
       el("td", {}, el("span", {"class": "bar", "style": `width:${Math.round(80 * p.throughput / maxTps)}px`}), p.throughput),
       el("td", {}, p.cache_tokens_left.toLocaleString("en")),
-      el("td", {}, p.device),
+      el("td", {title: (p.gpus || []).join("\n")}, p.device),
       el("td", {}, `${Math.max(0, Math.round(p.expires_in_s))} s`)));
   }
   sec.append(table);

@@ -16,8 +16,15 @@ just before ``data: [DONE]`` (SSE parsers, the openai package's among them, skip
 Cancellation: a client that disconnects stops its generation after the step in flight (a hard
 cancel follows if that step stalls); the client's close path (shielded) closes every hop's session
 and settles the final receipts, which record the tokens actually computed. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
-401 bad key, 404 unknown model, 400 bad request, 503 (with Retry-After) no coverage or busy,
+401 bad key, 404 unknown model, 400 bad request, 503 (with Retry-After) no coverage or load,
 502 a peer failed.
+
+Load is not failure. Requests beyond ``MAX_CONCURRENT`` generations wait in a bounded queue
+(``MAX_QUEUED`` requests, ``QUEUE_WAIT_S`` from arrival); each generation first holds one of the
+client's slots at every peer of its route (node/client/pacing.py), so the gateway never opens
+more sessions at a node than the node allows one peer. A request still waiting past
+``QUEUE_WAIT_S``, and a Busy or RateLimited a peer still answers after the client's retries, is
+a 503 with Retry-After (the peer's hint when it gave one), never a 502.
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ import logging
 import math
 import secrets
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import trio
 
-from protocol.errors import Busy, InvalidMessage, LimitExceeded, ShizaError
+from protocol.errors import Busy, InvalidMessage, LimitExceeded, RateLimited, ShizaError
 from protocol.ids import MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
@@ -48,8 +56,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROUTE_TIMEOUT_S = 15.0  # bound on the DHT lookup behind one request
-RETRY_AFTER_S = 5  # what a 503 tells the caller to wait
-MAX_CONCURRENT = 16  # generations at once; more get 503 (busy)
+RETRY_AFTER_S = 5  # what a 503 tells the caller to wait when nobody gave a better hint
+MAX_CONCURRENT = 64  # generations at once (each also paced per peer: node/client/pacing.py)
+MAX_QUEUED = 256  # requests waiting for a generation slot; more get 503 at once
+QUEUE_WAIT_S = 60.0  # from a request's arrival to its generation starting; then 503
+ROUTE_REUSE_S = 2.0  # a route found by one request serves those arriving this soon after
 DEFAULT_MAX_TOKENS = {"chat": 256, "completion": 16}  # OpenAI's default for completions is 16
 MAX_STOP = 4  # stop sequences per request, as OpenAI
 MAX_STOP_CHARS = 256  # characters per stop sequence: bounds the text held back and the scan
@@ -63,27 +74,31 @@ class ApiError(Exception):
     """An error answered in OpenAI's format with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"retry-after", str(RETRY_AFTER_S).encode())] if self.status == 503 else []
+        if self.status != 503:
+            return []
+        after = RETRY_AFTER_S if self.retry_after_s is None else max(1, math.ceil(self.retry_after_s))
+        return [(b"retry-after", str(after).encode())]
 
 
-def _unavailable(message: str, code: str) -> ApiError:
-    return ApiError(503, message, type="service_unavailable", code=code)
+def _unavailable(message: str, code: str, retry_after_s: float | None = None) -> ApiError:
+    return ApiError(503, message, type="service_unavailable", code=code, retry_after_s=retry_after_s)
 
 
 def _from_swarm(exc: Exception) -> ApiError:
     """A swarm failure as an HTTP answer."""
     if isinstance(exc, NoRoute):
         return _unavailable(f"the swarm cannot serve this model now: {exc}", "no_coverage")
-    if isinstance(exc, Busy):
-        return _unavailable(f"the swarm is busy: {exc}", "busy")
+    if isinstance(exc, (Busy, RateLimited)):  # load: the peer's hint becomes Retry-After
+        return _unavailable(f"the swarm is busy: {exc}", "busy", getattr(exc, "retry_after_s", None))
     if isinstance(exc, LimitExceeded):
         return ApiError(400, f"a peer refused the request: {exc}", code="limit_exceeded")
     return ApiError(502, f"a peer failed: {exc}", type="api_error", code="peer_error")
@@ -293,6 +308,10 @@ class Gateway:
         self.api_keys = set(api_keys)
         self.created = int(time.time())
         self._slots = trio.Semaphore(MAX_CONCURRENT)
+        self._queued = 0  # requests waiting for a slot
+        self._route_locks: dict[str, trio.Lock] = {}
+        self._routes: dict[str, tuple[float, list[Hop]]] = {}  # model id -> (when found, route)
+        self.answered_busy = 0  # requests answered 503 for load (queue full or waited too long)
         self._app = http_only(self._answer)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -406,29 +425,44 @@ class Gateway:
                    bool(options.get("include_usage")))
 
     async def generate(self, job: Job, on_text: Callable[[str], None]) -> Outcome:
-        """Route and generate; ``on_text`` gets the text as it becomes safe to show."""
-        if self._slots.value == 0:
-            raise _unavailable(f"this gateway runs {MAX_CONCURRENT} generations already", "busy")
-        async with self._slots:
-            route: list[Hop] | None = None
-            with trio.move_on_after(ROUTE_TIMEOUT_S):
-                try:
-                    route = await self.client.route(job.model.model_id, num_layers=job.model.num_layers,
-                                                    need_tokens=len(job.prompt_ids) + job.max_tokens)
-                except NoRoute as exc:
-                    raise _from_swarm(exc) from None
-            if route is None:
-                raise _unavailable("no answer from the DHT in time", "no_coverage")
+        """Wait (bounded) for a generation slot, route, hold the route's peer slots, generate;
+        ``on_text`` gets the text as it becomes safe to show."""
+        deadline = trio.current_time() + QUEUE_WAIT_S
+        if self._slots.value == 0 and self._queued >= MAX_QUEUED:
+            self.answered_busy += 1
+            raise _unavailable(f"{MAX_QUEUED} requests wait already for one of this gateway's "
+                               f"{MAX_CONCURRENT} generations", "busy")
+        self._queued += 1
+        try:
+            with trio.move_on_at(deadline) as waited:
+                await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        if waited.cancelled_caught:
+            raise self._waited_too_long()
+        try:
+            route = await self._route(job)
             text = _StopText(job.stop)
             detok = Detokenizer(job.model, lambda piece: on_text(text.push(piece)))
-            try:
-                result = await self.client.generate(
-                    job.model.model_id, [job.prompt_ids], max_new_tokens=job.max_tokens, sampling=job.sampling,
-                    eos_token_ids=job.model.eos_token_ids, route=route, vocab_size=job.model.vocab_size,
-                    on_tokens=lambda toks: detok.push(toks[0]), until=lambda: text.stopped or job.abandoned,
-                )
-            except (ShizaError, NoRoute) as exc:
-                raise _from_swarm(exc) from None
+            async with AsyncExitStack() as held:
+                with trio.move_on_at(deadline) as waited:  # this client's slots at the route's peers
+                    await held.enter_async_context(self.client.pacing.hold([h.peer_id for h in route]))
+                if waited.cancelled_caught:
+                    raise self._waited_too_long()
+                try:
+                    result = await self.client.generate(
+                        job.model.model_id, [job.prompt_ids], max_new_tokens=job.max_tokens,
+                        sampling=job.sampling, eos_token_ids=job.model.eos_token_ids, route=route,
+                        vocab_size=job.model.vocab_size, on_tokens=lambda toks: detok.push(toks[0]),
+                        until=lambda: text.stopped or job.abandoned,
+                    )
+                except (ShizaError, NoRoute) as exc:
+                    error = _from_swarm(exc)
+                    if error.code == "busy":
+                        self.answered_busy += 1
+                    raise error from None
+        finally:
+            self._slots.release()
         # The whole decode may differ from the streamed pieces at the very end (a byte sequence
         # left incomplete): emit what is missing, so the text equals `shiza generate`'s.
         ids = [t for t in result.token_ids[0] if t not in job.model.eos_token_ids]
@@ -439,6 +473,35 @@ class Gateway:
         ended_by_eos = bool(result.token_ids[0]) and result.token_ids[0][-1] in job.model.eos_token_ids
         reason = "stop" if text.stopped or ended_by_eos else "length"
         return Outcome(text.text, result, reason)
+
+    async def _route(self, job: Job) -> list[Hop]:
+        """A chain for ``job``: one DHT lookup at a time per model, its route shared by the
+        requests that arrive within ROUTE_REUSE_S while none of its peers is backed off (a burst
+        of requests would otherwise run as many lookups at once, and py-libp2p's DHT loses
+        some of them under that load)."""
+        model = job.model
+        lock = self._route_locks.setdefault(model.model_id, trio.Lock())
+        with trio.move_on_after(ROUTE_TIMEOUT_S):  # waiting for the lock too
+            async with lock:
+                cached = self._routes.get(model.model_id)
+                if cached is not None:
+                    at, route = cached
+                    avoided = self.client.health.avoided(time.monotonic())
+                    if trio.current_time() - at < ROUTE_REUSE_S and not any(h.peer_id in avoided for h in route):
+                        return route
+                try:
+                    found = await self.client.route(model.model_id, num_layers=model.num_layers,
+                                                    need_tokens=len(job.prompt_ids) + job.max_tokens)
+                except NoRoute as exc:
+                    self._routes.pop(model.model_id, None)
+                    raise _from_swarm(exc) from None
+                self._routes[model.model_id] = (trio.current_time(), found)
+                return found
+        raise _unavailable("no answer from the DHT in time", "no_coverage")
+
+    def _waited_too_long(self) -> ApiError:
+        self.answered_busy += 1
+        return _unavailable(f"the swarm is busy: this request waited {QUEUE_WAIT_S:g} s for room", "busy")
 
     async def serve_job(self, job: Job, receive: Receive, send: Send) -> None:
         """Answer one generation, cancelling it if the client goes away."""

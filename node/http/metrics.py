@@ -28,10 +28,14 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Histogram, Info, PlatformCollector, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from protocol.errors import ERROR_CLASSES
+from protocol.ids import PROTOCOL_VERSION
 
 from node.http.asgi import http_only, send_bytes, serve_asgi
 from node.serve.server import StepDone
@@ -47,6 +51,16 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DHT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DHT_OPERATIONS = ("put", "get", "provide", "find_providers")
+
+
+@functools.lru_cache(maxsize=1)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shiza-node")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def span_label(span: tuple[int, int]) -> str:
@@ -98,11 +112,22 @@ class NodeCollector(Collector):
             yield receipts
             yield CounterMetricFamily(f"{PREFIX}_receipts_issued", "Receipts issued (all statuses).",
                                       value=sum(st.receipts.values()))
-            errors = CounterMetricFamily(f"{PREFIX}_errors", "Streams ended with a wire error, by code.",
-                                         labels=["code"])
+            errors = CounterMetricFamily(f"{PREFIX}_errors", "Streams ended with a wire error, by code and name.",
+                                         labels=["code", "name"])
             for code, count in sorted(st.errors_by_code.items()):
-                errors.add_metric([str(code)], count)
+                cls = ERROR_CLASSES.get(code)
+                errors.add_metric([str(code), cls.name if cls is not None else "unknown"], count)
             yield errors
+            peers = getattr(server, "peers", None)  # limits: load waits or is Busy; abuse strikes, bans
+            if peers is not None:
+                yield CounterMetricFamily(f"{PREFIX}_peer_strikes", "Limit violations counted against peers.",
+                                          value=peers.strikes_total)
+                yield CounterMetricFamily(f"{PREFIX}_peer_bans", "Peers banned for repeated violations.",
+                                          value=peers.bans_total)
+                yield CounterMetricFamily(f"{PREFIX}_session_opens_queued",
+                                          "Opens that waited for a session slot.", value=peers.opens_waited)
+                yield CounterMetricFamily(f"{PREFIX}_session_opens_busy",
+                                          "Opens answered Busy for want of a slot.", value=peers.opens_busy)
             scheduler = server.scheduler  # batches concurrent sessions' steps
             yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Steps waiting for the engine.",
                                     value=scheduler.pending)
@@ -144,6 +169,12 @@ class NodeMetrics:
     def __init__(self, node: Node | None = None) -> None:
         self.node: Node | None = None
         self.registry = CollectorRegistry()
+        # What every exporter has: the process (CPU, memory, open files), the Python platform
+        # and the build, so a fleet's dashboards can tell versions apart.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info(f"{PREFIX}_build", "The node software's version.", registry=self.registry).info(
+            {"version": _version(), "protocol_version": str(PROTOCOL_VERSION)})
         self.step_seconds = Histogram(
             f"{PREFIX}_step_duration_seconds", "Engine time of one step (prefill or decode).",
             ["span", "phase"], buckets=STEP_BUCKETS, registry=self.registry)

@@ -72,6 +72,9 @@ def snapshot_of(records_by_model: dict[str, list[CapacityRecord]], num_layers: d
                     "peer_id": r.peer_id, "start": s.start, "end": s.end, "state": r.state,
                     "throughput": round(r.throughput, 2), "cache_tokens_left": r.cache_tokens_left,
                     "device": f"{r.hardware.device_kind}: {r.hardware.device_name}",
+                    "gpus": [f"{g.name}, {g.memory_free / 2**30:.1f} of {g.memory_total / 2**30:.1f} GiB free, "
+                             f"compute {g.compute_capability}{', bf16' if g.bf16 else ''}"
+                             for g in r.hardware.gpus],
                     "addrs": list(r.addrs), "expires_in_s": round(r.expires_at - now, 1),
                 })
         peers.sort(key=lambda p: (p["start"], p["end"], p["peer_id"]))

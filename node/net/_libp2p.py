@@ -24,7 +24,32 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from node.net.addrs import addrs_factory
+
 SEED_LEN = 32
+
+
+def adopt_libp2p_logging() -> None:
+    """Send py-libp2p's log records through the application's handlers, one step quieter.
+
+    Importing libp2p cuts its loggers off (no handler, no propagation, unless LIBP2P_DEBUG is
+    set), so Python's last-resort handler printed its warnings raw on stderr, past our format
+    and level: a client with one unreachable bootstrap peer printed hundreds of "Failed to open
+    TCP stream" lines. Now they propagate, at CRITICAL while the application logs warnings
+    (our code reports what matters), ERROR at -v (info) and WARNING at -vv (debug).
+    """
+    import os
+
+    if os.environ.get("LIBP2P_DEBUG"):
+        return  # the operator asked for libp2p's own logging
+    app = logging.getLogger().getEffectiveLevel()
+    lib = logging.getLogger("libp2p")
+    lib.propagate = True
+    lib.setLevel(logging.CRITICAL if app >= logging.WARNING else logging.ERROR if app >= logging.INFO
+                 else logging.WARNING)
+
+
+adopt_libp2p_logging()
 
 
 def key_pair_from_seed(seed: bytes) -> KeyPair:
@@ -39,7 +64,7 @@ def peer_id_of_seed(seed: bytes) -> str:
     return ID.from_pubkey(key_pair_from_seed(seed).public_key).to_base58()
 
 
-def build_libp2p_host(seed: bytes, listen: Sequence[multiaddr.Multiaddr]) -> IHost:
+def build_libp2p_host(seed: bytes, listen: Sequence[multiaddr.Multiaddr], announce: Sequence[str] = ()) -> IHost:
     """A py-libp2p host with Noise as the only security transport and yamux only.
 
     py-libp2p's default security table also accepts /tls, /secio and /plaintext
@@ -56,6 +81,8 @@ def build_libp2p_host(seed: bytes, listen: Sequence[multiaddr.Multiaddr]) -> IHo
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         listen_addrs=list(listen),
+        # never 0.0.0.0 to a peer: wildcards become the interfaces' addresses (node/net/addrs.py)
+        addrs_factory=addrs_factory(announce),
     )
     disable_auto_connector(host)
     return host
@@ -95,6 +122,17 @@ def was_reset(raw_stream: object) -> bool:
     """
     muxed = getattr(raw_stream, "muxed_stream", None)
     return bool(getattr(muxed, "reset_received", False))
+
+
+def is_relayed(raw_stream: object) -> bool:
+    """Whether this stream's connection runs through a circuit relay (its remote address is then
+    the relay's, not the peer's)."""
+    muxed_conn = getattr(raw_stream, "muxed_conn", None)
+    try:
+        kind = muxed_conn.get_connection_type()  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - not every muxer or connection implements it
+        return False
+    return getattr(kind, "name", "") == "RELAYED"
 
 
 def to_id(peer_id: str | ID) -> ID:

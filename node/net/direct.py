@@ -32,8 +32,11 @@ from node.net.streams import HEADER, FramedReader, FrameTooLong, StreamBroken
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT_S = 10.0
+# An honest client sends its hello right after connecting: a short deadline and a per-address
+# share keep one address reconnecting idle connections from holding every slot (SPEC 9.5).
+HANDSHAKE_TIMEOUT_S = 3.0
 MAX_HANDSHAKES = 64  # unauthenticated connections at once; more are closed at once
+MAX_HANDSHAKES_PER_ADDRESS = 4  # of those, from one source IP address
 _RECV = 1 << 16
 
 
@@ -152,13 +155,16 @@ class DirectListener:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
-                 max_handshakes: int = MAX_HANDSHAKES) -> None:
+                 max_handshakes: int = MAX_HANDSHAKES,
+                 max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS) -> None:
         self.host = host
         self.port = port
         self.handshake_timeout_s = handshake_timeout_s
         self.max_handshakes = max_handshakes
+        self.max_handshakes_per_address = max_handshakes_per_address
         self._offers: dict[bytes, Offer] = {}
         self._handshaking = 0  # unauthenticated connections now (bounded by max_handshakes)
+        self._handshaking_from: dict[str, int] = {}  # of those, per source address
         self.refused = 0  # connections closed before a session was bound (bad hello, unknown key)
         self.channels = 0  # channels bound to sessions since start
 
@@ -188,11 +194,17 @@ class DirectListener:
             del self._offers[offer.client_pk]
 
     async def _handle(self, sock: trio.SocketStream) -> None:
-        if self._handshaking >= self.max_handshakes:
+        try:
+            address = str(sock.socket.getpeername()[0])
+        except OSError:  # gone before we looked
+            address = ""
+        from_address = self._handshaking_from.get(address, 0)
+        if self._handshaking >= self.max_handshakes or from_address >= self.max_handshakes_per_address:
             self.refused += 1
             await sock.aclose()
             return
         self._handshaking += 1
+        self._handshaking_from[address] = from_address + 1
         channel = None
         try:
             with trio.move_on_after(self.handshake_timeout_s):
@@ -201,6 +213,11 @@ class DirectListener:
             log.info("direct connection refused: %s", exc)
         finally:
             self._handshaking -= 1
+            left = self._handshaking_from[address] - 1
+            if left:
+                self._handshaking_from[address] = left
+            else:  # no entry per address ever seen: the map stays bounded by the handshakes
+                del self._handshaking_from[address]
         if channel is None:
             self.refused += 1
             await sock.aclose()

@@ -19,7 +19,9 @@ None. `Libp2pConnector` is how a client opens streams to peers through a host
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -31,7 +33,8 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 
-from node.net._libp2p import build_libp2p_host, peer_info_from_maddr, to_id, was_reset
+from node.net._libp2p import build_libp2p_host, is_relayed, peer_info_from_maddr, to_id, was_reset
+from node.net.relay import Relay, RelayOptions, is_circuit, open_relay
 from node.net.streams import HEADER, FramedReader, FramedStream, FrameTooLong, StreamBroken, frame, serve_stream
 
 __all__ = [
@@ -88,7 +91,10 @@ class Stream(FramedReader):
 
     @property
     def remote_ip(self) -> str | None:
-        """The IP address of the peer's end of this stream's connection, if it has one."""
+        """The IP address of the peer's end of this stream's connection, if it has one (a
+        connection through a relay has none: its socket ends at the relay)."""
+        if is_relayed(self._raw):
+            return None
         remote = self._raw.get_remote_address()
         return None if remote is None else str(remote[0])
 
@@ -167,14 +173,31 @@ Handler = Callable[[Stream], Awaitable[None]]
 class Host:
     """Our view of a running py-libp2p host (see `open_host`)."""
 
-    def __init__(self, libp2p_host: IHost) -> None:
+    def __init__(self, libp2p_host: IHost, nursery: trio.Nursery | None = None,
+                 relay_service: RelayOptions | None = None) -> None:
         self.libp2p = libp2p_host
         self.peer_id: str = libp2p_host.get_id().to_base58()
+        self._nursery = nursery
+        self._relay_service = relay_service
+        self.relay: Relay | None = None
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs with the bound port and /p2p/<peer id>."""
-        return [str(a) for a in self.libp2p.get_addrs()]
+        """Full multiaddrs with the bound port and /p2p/<peer id>; then the relayed addresses
+        of our reservations (``<relay>/p2p-circuit/p2p/<us>``; node/net/relay.py). py-libp2p's
+        own get_addrs cannot carry those (it cuts an address at its first /p2p/)."""
+        own = [str(a) for a in self.libp2p.get_addrs()]
+        circuits = [f"{c}/p2p/{self.peer_id}" for c in (self.relay.circuit_addrs if self.relay else [])]
+        return own + circuits
+
+    async def start_relay(self) -> Relay:
+        """Run the circuit relay protocol on this host (once; a relay for others only if the host
+        was opened with ``relay_service``)."""
+        if self.relay is None:
+            if self._nursery is None:
+                raise RuntimeError("this host was not opened with open_host: no relay")
+            self.relay = await self._nursery.start(_run_relay, self.libp2p, self._relay_service)
+        return self.relay
 
     def set_handler(self, protocol_id: str, handler: Handler) -> None:
         """Serve `protocol_id` with `handler`, one task per inbound stream.
@@ -206,6 +229,13 @@ class Host:
         the Noise/yamux upgrade fails (SwarmException and subclasses).
         Cancellation abandons the dial; nothing is left half-registered.
         """
+        if is_circuit(maddr):  # <relay>/p2p-circuit/p2p/<peer>: through the relay
+            peer = maddr.rsplit("/p2p/", 1)[1]
+            if peer == self.peer_id:
+                raise ValueError("refusing to connect to ourselves")
+            relay = await self.start_relay()
+            await relay.dial(maddr)
+            return peer
         info = peer_info_from_maddr(maddr)
         if info.peer_id == self.libp2p.get_id():
             raise ValueError("refusing to connect to ourselves")
@@ -267,9 +297,46 @@ class Libp2pConnector:
 CLOSE_TIMEOUT_S = 5.0  # closing a host's connections and listener, at most
 
 
+def _check_can_listen(addr: multiaddr.Multiaddr) -> None:
+    """OSError (EADDRINUSE, EADDRNOTAVAIL, EACCES...) naming ``addr`` if its TCP port cannot be
+    bound now: py-libp2p only logs a listener that fails, and the node would serve unreachable."""
+    protocols = {p.name for p in addr.protocols()}
+    if "tcp" not in protocols or not protocols & {"ip4", "ip6"}:
+        return
+    port = int(addr.value_for_protocol("tcp"))
+    if port == 0:
+        return  # any free port
+    family = socket.AF_INET6 if "ip6" in protocols else socket.AF_INET
+    ip = addr.value_for_protocol("ip6" if family == socket.AF_INET6 else "ip4")
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the real listener does
+        try:
+            probe.bind((ip, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
+
+
+async def _run_relay(host: IHost, serve: RelayOptions | None,
+                     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_relay(host, serve) as relay:
+        task_status.started(relay)
+        await trio.sleep_forever()
+
+
 @asynccontextmanager
-async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0") -> AsyncIterator[Host]:
+async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0",
+                    announce: Sequence[str] = (), *, relay_service: RelayOptions | None = None,
+                    relays: Sequence[str] = ()) -> AsyncIterator[Host]:
     """Run a host with the Ed25519 identity of `seed`, listening on `listen`.
+
+    `Host.addrs` (and what identify and the DHT tell peers) never holds a wildcard: a
+    0.0.0.0 or :: listen address is advertised as the interfaces' addresses, and `announce`
+    (multiaddrs without /p2p/) replaces them all (node/net/addrs.py).
+
+    Circuit relay (node/net/relay.py): with `relay_service` the host relays for others within
+    those limits; with `relays` (full multiaddrs of relays) it reserves a slot on each before the
+    block starts and advertises the relayed addresses (a host behind a NAT). Any host dials a
+    ``/p2p-circuit`` address through its relay (the protocol starts on first use).
 
     Noise is the only security transport (a dialer offering only plaintext,
     TLS or SECIO is refused), yamux the only muxer, at most one connection per
@@ -278,10 +345,20 @@ async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0") -> AsyncI
     and every connection.
     """
     listen_addr = multiaddr.Multiaddr(listen)
-    libp2p_host = build_libp2p_host(seed, [listen_addr])
+    _check_can_listen(listen_addr)
+    libp2p_host = build_libp2p_host(seed, [listen_addr], announce)
     async with libp2p_host.run(listen_addrs=[listen_addr]):
+        if not libp2p_host.get_network().listeners:  # py-libp2p logs a failed listen and goes on
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {listen}")
         try:
-            yield Host(libp2p_host)
+            async with trio.open_nursery() as nursery:  # the relay protocol, when it runs
+                host = Host(libp2p_host, nursery, relay_service)
+                if relay_service is not None or relays:
+                    relay = await host.start_relay()
+                    for addr in relays:
+                        await relay.reserve(addr)
+                yield host
+                nursery.cancel_scope.cancel()
         finally:
             # py-libp2p's run() only cancels the swarm's tasks: once a DHT had run on the host,
             # its listener kept accepting and peers stayed connected to a host that no longer

@@ -27,7 +27,7 @@ import trio
 from protocol.identity import Identity
 from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL, INFO_PROTOCOL
 from protocol.messages import NodeInfo, ServedSpan
-from protocol.records import Hardware
+from protocol.records import Gpu, Hardware
 
 from node import __version__
 from node.engine.base import Engine, SupervisedEngine
@@ -42,6 +42,7 @@ from node.net.dht import DhtObserver, SwarmDHT, open_dht
 from node.net.direct import DirectListener
 from node.net.host import Host, open_host
 from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
+from node.net.relay import RelayOptions
 from node.serve.announce import Announcer, RecordState
 from node.serve.capacity import cached_throughput
 from node.serve.placement import choose_span, estimate_layer_bytes, layers_that_fit, should_move
@@ -68,6 +69,9 @@ class NodeConfig:
     max_layers: int | None = None  # cap on a chosen span (default: what memory allows)
     data_dir: Path = field(default_factory=default_data_dir)
     listen: str = "/ip4/127.0.0.1/tcp/0"
+    announce: list[str] = field(default_factory=list)  # --announce: advertised instead of listen's
+    relay_service: bool = False  # --relay-service: relay for nodes behind NATs (node/net/relay.py)
+    relays: list[str] = field(default_factory=list)  # --relay: reserve on these, advertise through them
     bootstrap: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str = "float32"
@@ -239,7 +243,9 @@ class Node:
         log.info("serving %s layers %d:%d at %.1f tok/s", self.source.model_id, start, end, throughput)
         self.state = RecordState(
             addrs=tuple(self.host.addrs), spans=(self.served_span(),),
-            hardware=Hardware(hw.device_kind, hw.device_name, hw.memory_total, hw.memory_free),
+            hardware=Hardware(hw.device_kind, hw.device_name, hw.memory_total, hw.memory_free,
+                              tuple(Gpu(g.name, g.memory_total, g.memory_free, g.compute_capability, g.bf16)
+                                    for g in hw.gpus)),
             throughput=throughput, cache_tokens_left=cfg.limits.max_sessions * cfg.limits.max_length,
         )
         accounting = Accounting(self.identity, self.ledger, cfg.receipt_every, cfg.unit_price,
@@ -382,7 +388,8 @@ async def run_node(
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(cfg.data_dir)
     log.info("peer id %s; preparing %s", identity.peer_id, cfg.model)
-    source = await trio.to_thread.run_sync(resolve_model, cfg.model)
+    source = await trio.to_thread.run_sync(
+        functools.partial(resolve_model, cfg.model, layers=cfg.layers))  # None: chosen later
     if cfg.engine == "vllm":
         cfg.layers = (0, source.num_layers)  # vLLM serves the whole model, never a span
     if cfg.layers is not None and not 0 <= cfg.layers[0] < cfg.layers[1] <= source.num_layers:
@@ -391,7 +398,9 @@ async def run_node(
     # Opening verifies the whole hash chain: a worker thread, never the event loop.
     ledger = await trio.to_thread.run_sync(Ledger.open, cfg.data_dir / LEDGER_FILE, identity)
     try:
-        async with open_host(identity.seed, cfg.listen) as host, open_admission(host, swarm_key):
+        relay_service = RelayOptions() if cfg.relay_service else None
+        async with open_host(identity.seed, cfg.listen, cfg.announce, relay_service=relay_service,
+                             relays=cfg.relays) as host, open_admission(host, swarm_key):
             async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, cfg.bootstrap,
                                 observer=hooks.on_dht if hooks else None) as dht:
                 swarm_id = swarm_key.swarm_id if swarm_key is not None else DEFAULT_SWARM_ID

@@ -61,12 +61,20 @@ from protocol.receipts import Receipt, verify_receipt
 
 from node.engine.base import Engine, Sampling
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
-from node.ledger.accounting import DEFAULT_RECEIPT_EVERY, SeqAllocator, ServerAccount, store
-from node.ledger.store import Ledger
+from node.ledger.accounting import (
+    DEFAULT_MAX_UNPAID_WORK_UNITS,
+    DEFAULT_RECEIPT_EVERY,
+    SeqAllocator,
+    ServerAccount,
+    UnpaidWork,
+    store_issued,
+    store_verdict,
+)
+from node.ledger.store import AWAITING_VERDICT, Ledger, LedgerError
 from node.net.direct import DirectListener, Offer
 from node.net.streams import FramedStream, StreamBroken
 from node.net.wire import recv_message, send_message
-from node.serve.limits import PeerLimiter, PeerLimits
+from node.serve.limits import NodeShares, PeerLimiter, PeerLimits
 from node.serve.scheduler import CacheAdmission, StepScheduler
 
 log = logging.getLogger(__name__)
@@ -82,8 +90,12 @@ class ServerLimits:
     max_length: int = 4096
     open_timeout_s: float = 30.0  # from stream open to OpenSession
     idle_timeout_s: float = 300.0  # between two steps of a session
-    peer: PeerLimits = field(default_factory=PeerLimits)  # per remote peer (node/limits.py)
+    peer: PeerLimits = field(default_factory=PeerLimits)  # per remote peer (node/serve/limits.py)
+    shares: NodeShares = field(default_factory=NodeShares)  # max_sessions shared among peers (limits.py)
     allow_peers: frozenset[str] | None = None  # --allow-peers: only these may open sessions
+    # Work units (tokens x layers) of a client's receipts disputed or never countersigned, less
+    # what it countersigned since, past which it gets a strike and its opens are refused.
+    max_unpaid_work_units: int = DEFAULT_MAX_UNPAID_WORK_UNITS
 
 
 @dataclass
@@ -176,8 +188,9 @@ class SpanServer:
         self.hooks = hooks or ServerHooks()
         self.direct = direct
         self.stats = ServerStats()
-        self.peers = PeerLimiter(self.limits.peer)
+        self.peers = PeerLimiter(self.limits.peer, max_sessions=self.limits.max_sessions, shares=self.limits.shares)
         self.accepting = True
+        self.unpaid = UnpaidWork()  # per client: work no countersigned receipt covers
         # Steps of concurrent sessions run as batched forwards; opens wait for cache room.
         self.scheduler = StepScheduler()
         self.admission = CacheAdmission(on_change=self.hooks.on_cache_change)
@@ -308,18 +321,18 @@ class SpanServer:
             raise InvalidMessage(f"batch_size must be in 1..{self.limits.max_batch_size}")
         if not 1 <= msg.max_length <= self.limits.max_length:
             raise InvalidMessage(f"max_length must be in 1..{self.limits.max_length}")
-        if self.stats.sessions_open >= self.limits.max_sessions:
-            raise Busy(f"{self.stats.sessions_open} sessions open; retry later")
-        session_id = msg.session_id or secrets.token_hex(8)
+        # Always the server's: a client reusing an id would bill two sessions as one (SPEC 7.4).
+        session_id = secrets.token_hex(16)
         sampling = Sampling(msg.sampling.temperature, msg.sampling.top_p,
                             msg.sampling.seed if msg.sampling.seed is not None else 0)
         layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
         kv_tokens = msg.batch_size * msg.max_length
+        self._check_unpaid(client)  # a client over its unpaid work is refused (SPEC 17)
         if self.accounting is not None:
             # The receipts' sequence numbers continue from the ledger: read it off the trio
             # thread now, so that issuing a receipt later never touches SQLite.
             await self.accounting.seqs.prepare(self.accounting.identity.peer_id, client)
-        self.peers.open_session(client, kv_tokens)  # RateLimited past the per-peer limits
+        await self.peers.acquire(client, kv_tokens)  # the peer's share: waits (bounded), then Busy
 
         def open_in_engine() -> None:
             eng.open_session(session_id, msg.batch_size, msg.max_length, sampling, layers)
@@ -376,26 +389,60 @@ class SpanServer:
         if self.stats.sessions_open == 0:
             self._idle.set()
 
-    async def _store(self, receipt: Receipt, status: str, reason: str = "") -> None:
+    async def _store_issued(self, receipt: Receipt, reason: str = AWAITING_VERDICT) -> None:
+        """Store a receipt before sending it (SPEC 16.9), in a worker thread: a node killed
+        after sending holds it, so its seq (and id) is never issued again. One that cannot be
+        stored is not sent: the session ends with Internal."""
         assert self.accounting is not None
-        await trio.to_thread.run_sync(store, self.accounting.ledger, receipt, status, reason)
-        self.stats.receipts[status] = self.stats.receipts.get(status, 0) + 1
+        try:
+            await trio.to_thread.run_sync(store_issued, self.accounting.ledger, receipt, reason)
+        except LedgerError as exc:
+            log.error("cannot store receipt %s before sending it: %s", receipt.receipt_id, exc)
+            raise Internal("this node cannot record its receipt; session ended") from None
 
-    async def _await_verdict(self, stream: FramedStream, pending: Receipt, msg: object) -> bool:
-        """Store ``pending`` as the client's message decides; True if ``msg`` was consumed."""
+    async def _store(self, session: "_Session", receipt: Receipt, status: str, reason: str = "") -> None:
+        """Record the client's verdict on a receipt stored by ``_store_issued``."""
+        assert self.accounting is not None
+        await trio.to_thread.run_sync(store_verdict, self.accounting.ledger, receipt, status, reason)
+        self._judged(session, receipt, status)
+
+    def _judged(self, session: "_Session", receipt: Receipt, status: str) -> None:
+        """Count a receipt's final status; unpaid work past the limit is a strike (SPEC 17)."""
+        self.stats.receipts[status] = self.stats.receipts.get(status, 0) + 1
+        if session.account is None:
+            return
+        limit = self.limits.max_unpaid_work_units
+        before = self.unpaid.of(session.client)
+        after = self.unpaid.judged(session.client, session.account, receipt.work_units,
+                                   paid=status == "countersigned")
+        if before <= limit < after:
+            self.peers.strike(session.client, f"{after} work units unpaid (disputed or never "
+                                              f"countersigned), over the limit of {limit}")
+
+    def _check_unpaid(self, client: str) -> None:
+        """Refuse (a strike) to open a session for a client whose unpaid work is over the limit."""
+        unpaid, limit = self.unpaid.of(client), self.limits.max_unpaid_work_units
+        if unpaid > limit:
+            raise self.peers.strike(client, f"{unpaid} work units unpaid (disputed or never "
+                                            f"countersigned), over this node's limit of {limit}")
+
+    async def _await_verdict(self, stream: FramedStream, session: "_Session", pending: Receipt,
+                             msg: object) -> bool:
+        """Store ``pending``'s verdict as the client's message decides; True if ``msg`` was consumed."""
         if isinstance(msg, Countersign) and msg.receipt_id == pending.receipt_id:
             try:
                 signed = verify_receipt(pending.with_client_sig(msg.client_sig), require_countersigned=True)
             except ShizaError as exc:
-                await self._store(pending, "server_only", f"bad countersignature: {exc}")
+                await self._store(session, pending, "server_only", f"bad countersignature: {exc}")
                 raise
-            await self._store(signed, "countersigned")
+            await self._store(session, signed, "countersigned")
+            self.peers.countersigned(signed.client)  # history: preferred under pressure (limits.py)
             return True
         if isinstance(msg, Dispute) and msg.receipt_id == pending.receipt_id:
             log.warning("client disputes receipt %s: %s", pending.receipt_id, msg.reason)
-            await self._store(pending, "disputed", msg.reason)
+            await self._store(session, pending, "disputed", msg.reason)
             return True
-        await self._store(pending, "server_only", "no countersignature before the next message")
+        await self._store(session, pending, "server_only", "no countersignature before the next message")
         if msg is None or isinstance(msg, CloseSession):
             return False  # the client left, or closes now: the final receipt follows
         raise InvalidMessage(f"expected cosign or dispute for receipt {pending.receipt_id}")
@@ -407,12 +454,14 @@ class SpanServer:
             msg = await self._recv(stream, session.client, self.limits.idle_timeout_s, session.frame_limit)
             if session.pending is not None:
                 pending, session.pending = session.pending, None
-                if await self._await_verdict(stream, pending, msg):
+                if await self._await_verdict(stream, session, pending, msg):
                     continue
             if msg is None:
                 return  # the client went away; handle_inference settles what was done
             if isinstance(msg, CloseSession):
                 final = account.issue(final=True) if account is not None else None
+                if final is not None:
+                    await self._store_issued(final)  # before it is sent
                 await send_message(stream, Closed(final.to_bytes() if final else None))
                 if final is not None:
                     session.final_sent = True
@@ -420,7 +469,7 @@ class SpanServer:
                         verdict = await self._recv(stream, session.client, self.limits.open_timeout_s)
                     except ShizaError:
                         verdict = None
-                    await self._await_verdict(stream, final, verdict)
+                    await self._await_verdict(stream, session, final, verdict)
                 await stream.close()
                 return
             if not isinstance(msg, Step):
@@ -436,8 +485,11 @@ class SpanServer:
                     engine, session.session_id, msg.input, msg.positions, msg.mask)
             except BadInput as exc:
                 raise BadShape(str(exc)) from None
-            except EngineError as exc:
+            except (CapacityExceeded, SessionUnknown) as exc:  # our words, about this session
                 raise SessionClosed(str(exc)) from None
+            except EngineError as exc:  # its text is the engine's (paths, devices): kept here
+                log.warning("engine failed a step of session %s: %s", session.session_id, exc)
+                raise SessionClosed("the engine failed this step; open the session again") from None
             self.stats.steps_total += 1
             tokens = int(msg.input.shape[0]) * int(msg.input.shape[1])
             if msg.step == 0:
@@ -451,8 +503,10 @@ class SpanServer:
             if account is not None:
                 account.record(msg, output)
                 if account.checkpoint_due():
-                    session.pending = account.issue(final=False)
-                    receipt_bytes = session.pending.to_bytes()
+                    receipt = account.issue(final=False)
+                    await self._store_issued(receipt)  # before it is sent
+                    session.pending = receipt
+                    receipt_bytes = receipt.to_bytes()
             await send_message(stream, StepResult(msg.step, output, receipt_bytes))
             expected_step += 1
 
@@ -463,11 +517,16 @@ class SpanServer:
             return
         with trio.CancelScope(shield=True):
             if session.pending is not None:
-                await self._store(session.pending, "server_only", "stream ended before countersignature")
+                await self._store(session, session.pending, "server_only",
+                                  "stream ended before countersignature")
                 session.pending = None
             if not session.final_sent and account.unreceipted():
-                receipt = account.issue(final=True)
-                await self._store(receipt, "server_only", "session ended by failure")
+                receipt = account.issue(final=True)  # never sent: stored as it stays
+                try:
+                    await self._store_issued(receipt, "session ended by failure")
+                except Internal:
+                    return
+                self._judged(session, receipt, "server_only")
 
     def _check_step(self, msg: Step, session: "_Session") -> None:
         eng = self.engine

@@ -40,6 +40,7 @@ def test_compose_builds_from_dockerfiles_and_exposes_what_the_commands_use():
         assert flag(cmd, "--metrics-port") == METRICS_PORT and METRICS_PORT in svc["expose"]
         p2p_port = flag(cmd, "--listen").split("/tcp/")[1]
         assert p2p_port in svc["expose"]
+        assert flag(cmd, "--direct-port") in svc["expose"]  # clients connect to it (SPEC 9.5)
         assert svc["stop_signal"] == "SIGTERM"
         spans.append(flag(cmd, "--layers"))
         if name != "node0":
@@ -52,7 +53,8 @@ def test_compose_builds_from_dockerfiles_and_exposes_what_the_commands_use():
     assert (DEPLOY / services["prometheus"]["volumes"][0].split(":")[0]).exists()
     for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
         text = (DEPLOY / dockerfile).read_text()
-        assert "EXPOSE 4001 9100 8090" in text and "deploy/entrypoint.sh" in text
+        assert "EXPOSE 4001 4002 9100 8090" in text and "deploy/entrypoint.sh" in text
+        assert '"--direct-port", "4002"' in text
     assert "download.pytorch.org/whl/cu" in (DEPLOY / "Dockerfile.gpu").read_text()
     assert (DEPLOY / "Dockerfile.gpu").read_text().startswith("#") and "FROM nvidia/cuda" in (DEPLOY / "Dockerfile.gpu").read_text()
 
@@ -127,6 +129,7 @@ def test_k8s_gpu_statefulset_with_probes_and_service():
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert str(ports["metrics"]) == flag(container["args"], "--metrics-port")
+    assert str(ports["direct"]) == flag(container["args"], "--direct-port")
     assert flag(container["args"], "--device") == "cuda"
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert flag(container["args"], "--data-dir") == container["volumeMounts"][0]["mountPath"]

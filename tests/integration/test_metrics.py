@@ -96,8 +96,13 @@ def test_metric_names_follow_prometheus_conventions(metered_node):
     assert status == 200
     families = list(text_string_to_metric_families(text))
     assert families
+    names = {fam.name for fam in families}
+    # The process and platform collectors every exporter has, and the build's version.
+    assert {"process_resident_memory_bytes", "process_cpu_seconds", "python_info", "shiza_build_info"} <= names
+    [build] = [s for fam in families if fam.name == "shiza_build_info" for s in fam.samples]
+    assert build.labels["version"] and build.labels["protocol_version"] == "0"
     for fam in families:
-        assert fam.name.startswith("shiza_"), fam.name
+        assert fam.name.startswith(("shiza_", "process_", "python_")), fam.name
         if fam.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in fam.samples), fam.name
         if fam.type == "histogram":

@@ -29,7 +29,7 @@ from node.net.records import fetch_disputes
 from node.client.spotcheck import SpotChecker
 from node.net.admission import SwarmKey, write_swarm_key
 from protocol.disputes import DisputeRecord, verify_dispute
-from protocol.errors import NotAllowed, RateLimited, ShizaError, Timeout
+from protocol.errors import Busy, NotAllowed, RateLimited, ShizaError, Timeout
 from protocol.identity import Identity
 from protocol.ids import capacity_key
 from protocol.ids import INFERENCE_PROTOCOL
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LIMIT_ARGS = [
     "--peer-max-sessions", "2", "--peer-steps-per-s", "40", "--peer-tokens-per-s", "100",
     "--ban-after", "3", "--ban-s", "120",
-    "--open-timeout", "2", "--idle-timeout", "2", "--receipt-every", "1000000",
+    "--open-timeout", "2", "--idle-timeout", "2", "--receipt-every", "1000000", "--open-queue-s", "0.5",
 ]
 
 
@@ -106,9 +106,11 @@ from protocol.messages import encode_message
 from protocol.messages import Error, OpenSession, SessionOpened, Step, StepResult
 
 addr, peer, model_id, duration, mode = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
-# "sessions": 8 concurrent sessions (over the per-peer limit of 2), small steps;
+# "sessions": 8 concurrent sessions (over the per-peer limit of 2), small steps within the step
+# rate (10 per second per session, 30 steps each): heavy use, not abuse;
 # "steps": 2 sessions (within it) sending 64-token steps back to back (over the tokens/s limit).
 workers, width = (8, 1) if mode == "sessions" else (2, 64)
+pause, most = (0.1, 30) if mode == "sessions" else (0.0, 500)
 codes, messages, steps_done = {}, [], 0
 
 async def one(host):
@@ -118,7 +120,7 @@ async def one(host):
         await send_message(stream, OpenSession(model_id, 0, 6, 512))
         reply = await recv_message(stream, 10)
         n = 0
-        while isinstance(reply, (SessionOpened, StepResult)) and n < 500:
+        while isinstance(reply, (SessionOpened, StepResult)) and n < most:
             t = 8 if n == 0 else width
             start = 0 if n == 0 else 8 + (n - 1) * width
             if start + t > 512:
@@ -128,6 +130,7 @@ async def one(host):
             await send_message(stream, Step(n, ids, pos))   # as fast as the node answers
             reply = await recv_message(stream, 10)
             n += 1
+            await trio.sleep(pause)
             steps_done += isinstance(reply, StepResult)
         if isinstance(reply, Error):
             codes[reply.code] = codes.get(reply.code, 0) + 1
@@ -165,7 +168,12 @@ trio.run(main)
 
 
 @pytest.mark.parametrize("mode", ["sessions", "steps"])
-async def test_abusive_peer_is_limited_and_banned_while_a_polite_one_keeps_its_latency(limited_node, model_id, mode):
+async def test_over_the_step_rate_is_banned_asking_for_many_sessions_is_only_busy(limited_node, model_id, mode):
+    # "steps": over the per-peer token rate is abuse: strikes, then a ban. "sessions": asking for
+    # more sessions than a peer's share is load (issue 15: a gateway serving many agents is one
+    # peer): the extra opens wait, then get Busy with a retry hint, and the peer is never banned.
+    # Either way the polite client next to it is served throughout (its latency is printed; the
+    # comparison of latencies is benchmarks' business, not a pass/fail condition).
     node = limited_node
     async with open_host(seed(f"polite-{mode}")) as host:
         stream = await _open(host, node, model_id)
@@ -191,10 +199,16 @@ async def test_abusive_peer_is_limited_and_banned_while_a_polite_one_keeps_its_l
     m_un, m_lo = statistics.median(unloaded), statistics.median(loaded)
     print(f"{mode}: polite client: median step {m_un * 1e3:.1f} ms unloaded, {m_lo * 1e3:.1f} ms with the abuser; "
           f"abuser: {report['steps']} steps, codes {report['codes']}")
-    assert report["codes"].get(str(RateLimited.code), 0) >= 3, report
-    assert any("banned" in m for m in report["messages"]), report
-    assert report["last"] is not None and report["last"][0] == RateLimited.code and "banned" in report["last"][1]
-    assert m_lo <= 2 * m_un, (m_un, m_lo)
+    if mode == "steps":
+        assert report["codes"].get(str(RateLimited.code), 0) >= 3, report
+        assert any("banned" in m for m in report["messages"]), report
+        assert report["last"] is not None and report["last"][0] == RateLimited.code and "banned" in report["last"][1]
+    else:
+        assert report["codes"].get(str(Busy.code), 0) >= 1 and report["steps"] > 0, report
+        assert not any("banned" in m for m in report["messages"]), report
+        assert str(RateLimited.code) not in report["codes"], report
+        assert report["last"] is None or report["last"][0] == Busy.code, report  # never refused as banned
+    assert len(loaded) == 40  # every polite step was answered while the abuser ran
 
 
 async def _ended_by_deadline(stream) -> float:

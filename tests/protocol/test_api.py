@@ -21,7 +21,7 @@ PUBLIC = {
     "FLOAT_DTYPES", "Message", "InfoRequest", "NodeInfo", "ServedSpan", "SamplingParams", "OpenSession",
     "SessionOpened", "Step", "StepResult", "CloseSession", "Closed", "Error", "SessionState", "NODE_STATES",
     "encode_message", "decode_message", "message_to_wire", "Identity", "IdentityFileError", "verify",
-    "peer_id_from_public_key", "public_key_from_peer_id", "CapacityRecord", "Hardware", "sign_record",
+    "peer_id_from_public_key", "public_key_from_peer_id", "CapacityRecord", "Gpu", "Hardware", "sign_record",
     "verify_record", "SequenceTracker", "model_id", "parse_model_id",
     # receipts and settlement
     "PURPOSE_STATEMENT_COUNTERSIGN", "PURPOSE_IO_DIGEST", "PURPOSE_RECEIPT_ID", "DEFAULT_SWARM_ID",

@@ -234,7 +234,9 @@ def test_seeds_are_valid() -> None:
 DISPUTE = sign_dispute(CLIENT, DisputeRecord(
     swarm_id="public", model_id=MODEL, start=0, end=3, step=4, session_id="sid", accused=SERVER.peer_id,
     witnesses=(OTHER.peer_id,), reporter=CLIENT.peer_id, input_digest=bytes(32), accused_digest=b"a" * 32,
-    witness_digest=b"w" * 32, max_abs_diff=0.5, tolerance=0.01, created_at=T0))
+    witness_digest=b"w" * 32, max_abs_diff=0.5, tolerance=0.01, created_at=T0,
+    evidence=(make_receipt(SERVER, CLIENT, session_id="sid", end=3, cosign=False).to_bytes(),
+              make_receipt(OTHER, CLIENT, session_id="w", end=3).to_bytes())))
 
 
 @FUZZ

@@ -240,6 +240,23 @@ def test_error_helpers() -> None:
         Error(-1, "x")
 
 
+def test_error_retry_hint_round_trips_and_is_absent_without_one() -> None:
+    from protocol.errors import Busy
+
+    plain = Error(25, "busy")
+    assert "retry_after_s" not in message_to_wire(plain)  # the frame an old peer sent and reads
+    assert decode_message(unpack(msgpack.packb({"v": 0, "t": "error", "code": 25, "message": "busy"}))) == plain
+    hinted = Error.from_exception(Busy("share full", retry_after_s=2.5))
+    back = decode_message(unpack(encode_message(hinted)[4:]))
+    assert back == hinted and back.retry_after_s == 2.5
+    exc = back.to_exception()
+    assert isinstance(exc, Busy) and exc.retry_after_s == 2.5
+    for bad in (-1.0, float("inf"), 3601.0, "2", True):
+        with pytest.raises(InvalidMessage):
+            decode_message(unpack(msgpack.packb({"v": 0, "t": "error", "code": 25, "message": "m",
+                                                 "retry_after_s": bad})))
+
+
 def test_local_construction_normalises() -> None:
     info = NodeInfo("p", ["/ip4/1.1.1.1/tcp/1"], "v", "online", [])  # type: ignore[arg-type]
     assert info.addrs == ("/ip4/1.1.1.1/tcp/1",) and info.spans == ()

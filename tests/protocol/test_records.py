@@ -170,3 +170,18 @@ def test_record_round_trip_property(addrs: list, throughput: float, cache: int, 
     )
     signed = sign_record(ident, record)
     assert verify_record(signed.to_bytes(), now=NOW, key=capacity_key(ident.peer_id)) == signed
+
+
+def test_gpus_travel_in_the_record_and_a_cpu_record_keeps_its_old_form():
+    from protocol.records import Gpu, Hardware
+
+    cpu = Hardware("cpu", "x86 x8", 1 << 34, 1 << 33)
+    assert "gpus" not in cpu.to_wire()  # readable by nodes older than the field
+    assert Hardware.from_wire(cpu.to_wire()) == cpu
+    gpus = (Gpu("NVIDIA A100-SXM4-80GB", 80 << 30, 70 << 30, "8.0", True), Gpu("Tesla V100", 16 << 30, 1 << 30, "7.0", False))
+    hw = Hardware("cuda", "NVIDIA A100-SXM4-80GB (1 of 2 GPUs)", 80 << 30, 70 << 30, gpus)
+    assert Hardware.from_wire(hw.to_wire()) == hw and len(hw.to_wire()["gpus"]) == 2
+    for bad in ({**hw.to_wire(), "gpus": "many"}, {**hw.to_wire(), "gpus": [{"name": "x"}]},
+                {**hw.to_wire(), "gpus": [{**hw.to_wire()["gpus"][0], "bf16": 1}]}):
+        with pytest.raises(ShizaError):
+            Hardware.from_wire(bad)

@@ -13,6 +13,7 @@ import pytest
 
 from node.client.textgen import TextModel
 from node.http.gateway import Gateway
+from node.serve.limits import PeerLimits
 from node.serve.server import ServerLimits
 
 from tests.node.client.inproc import open_swarm, reference
@@ -98,6 +99,29 @@ async def test_a_busy_peer_is_503_busy(tiny_llama, text_model):
     async with open_swarm(tiny_llama, [(0, 6)], limits=ServerLimits(max_sessions=0)) as swarm:
         status, error, _ = await _post_status(swarm, text_model)
     assert (status, error["code"], error["type"]) == (503, "busy", "service_unavailable")
+
+
+async def test_many_concurrent_requests_beyond_a_peers_share_all_complete_and_nobody_is_banned(
+        tiny_llama, text_model):
+    # Before: every open past a peer's 2 sessions was a strike; three earned the gateway a ban and
+    # most requests failed (503 or 502). Now they wait their turn (the node's queue, the client's
+    # Busy retries and per-peer pacing) and all complete.
+    import trio
+
+    limits = ServerLimits(peer=PeerLimits(max_sessions=2, strikes_to_ban=3))
+    async with open_swarm(tiny_llama, [(0, 3), (3, 6)], limits=limits) as swarm:
+        async with gateway(swarm, text_model) as (http, _):
+            statuses: list[int] = []
+
+            async def one() -> None:
+                statuses.append((await http.post("/v1/completions", json=_completion(text_model))).status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(one)
+        for node in swarm.nodes:
+            assert (node.server.peers.strikes_total, node.server.peers.bans_total) == (0, 0)
+    assert statuses == [200] * 8
 
 
 async def test_a_peer_that_refuses_otherwise_is_502(tiny_llama, text_model):

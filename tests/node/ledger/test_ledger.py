@@ -13,6 +13,7 @@ import pytest
 from protocol.identity import Identity
 
 from node.ledger.store import (
+    AWAITING_VERDICT,
     GENESIS_HASH,
     DuplicateEntry,
     Ledger,
@@ -84,7 +85,7 @@ def test_file_is_wal_and_versioned(path: Path) -> None:
     filled(path, 1)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     conn.close()
 
 
@@ -403,8 +404,68 @@ def test_a_kill_between_commit_and_head_file_is_recovered(path: Path) -> None:
     assert head_file_of(path).read_bytes() != stale
 
 
+V2_ENTRIES = """CREATE TABLE entries (
+    idx INTEGER PRIMARY KEY, receipt_id TEXT NOT NULL UNIQUE, server TEXT NOT NULL,
+    client TEXT NOT NULL, seq INTEGER NOT NULL, session_id TEXT NOT NULL,
+    checkpoint INTEGER NOT NULL, final INTEGER NOT NULL, status TEXT NOT NULL,
+    reason TEXT NOT NULL, prefill_tokens INTEGER NOT NULL, decode_tokens INTEGER NOT NULL,
+    work_units INTEGER NOT NULL, ended_at REAL NOT NULL, receipt BLOB NOT NULL,
+    recorded_at REAL NOT NULL, prev_hash BLOB NOT NULL, entry_hash BLOB NOT NULL,
+    UNIQUE (server, client, seq)) STRICT"""
+
+
+def as_version_2(path: Path) -> None:
+    """Rewrite a closed ledger's file in the version 2 layout (one entry per receipt, UNIQUE
+    table constraints, no verdict column), keeping its rows, hashes and signed head."""
+    conn = sqlite3.connect(path)
+    cols = ("idx, receipt_id, server, client, seq, session_id, checkpoint, final, status, reason, "
+            "prefill_tokens, decode_tokens, work_units, ended_at, receipt, recorded_at, prev_hash, "
+            "entry_hash")
+    with conn:
+        conn.execute("ALTER TABLE entries RENAME TO v3")
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                    "AND tbl_name = 'v3' AND sql IS NOT NULL").fetchall():
+            conn.execute(f"DROP INDEX {name}")
+        conn.execute(V2_ENTRIES)
+        conn.execute(f"INSERT INTO entries ({cols}) SELECT {cols} FROM v3")
+        conn.execute("DROP TABLE v3")
+        conn.execute("CREATE INDEX entries_by_client ON entries (client)")
+        conn.execute("CREATE INDEX entries_by_session ON entries (server, client, session_id, checkpoint)")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+
+
+def test_a_version_2_ledger_is_upgraded_in_place_and_takes_verdicts(path: Path) -> None:
+    written = filled(path, 2)
+    with Ledger.open(path, OWNER) as led:
+        issued = led.append(**fields(3, status="server_only", reason=AWAITING_VERDICT))
+    as_version_2(path)
+    with Ledger.open(path, OWNER.peer_id) as led:  # read-only openers upgrade it too
+        assert led.entries() == written + [issued] and led.verify_chain() == 3
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    conn.close()
+    with Ledger.open(path, OWNER) as led:
+        verdict = led.record_verdict("r3", status="countersigned", reason="", receipt=b"signed")
+        assert led.entries() == written + [verdict] and led.verify_chain() == 4
+
+
+def test_a_damaged_version_2_ledger_is_reported_and_left_as_it_is(path: Path) -> None:
+    filled(path, 2)
+    as_version_2(path)
+    raw(path, "UPDATE entries SET work_units = 1 WHERE idx = 1")
+    before = path.read_bytes()
+    with pytest.raises(LedgerCorrupt, match="entry 1"):
+        Ledger.open(path, OWNER)
+    assert path.read_bytes() == before
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+
+
 def test_a_version_1_ledger_is_upgraded_in_place(path: Path) -> None:
     filled(path, 3)
+    as_version_2(path)
     conn = sqlite3.connect(path)
     conn.execute("ALTER TABLE head DROP COLUMN sig")
     conn.execute("PRAGMA user_version = 1")
@@ -417,3 +478,56 @@ def test_a_version_1_ledger_is_upgraded_in_place(path: Path) -> None:
         led.append(**fields(4))
     with Ledger.open(path, OWNER) as led:
         assert led.verify_chain() == 4
+
+
+# ---- verdicts: a receipt stored before it was sent, then its client's answer ---------------------
+
+def issued(n: int, **over: Any) -> dict[str, Any]:
+    return fields(n, status="server_only", reason=AWAITING_VERDICT, **over)
+
+
+def test_a_verdict_supersedes_the_issued_entry_and_is_chained(path: Path) -> None:
+    with Ledger.open(path, OWNER) as led:
+        first = led.append(**issued(1))
+        second = led.append(**issued(2))
+        verdict = led.record_verdict("r1", status="countersigned", reason="", receipt=b"both sigs")
+        assert verdict.verdict and verdict.index == 3 and verdict.prev_hash == second.entry_hash
+        assert (verdict.seq, verdict.work_units, verdict.receipt) == (first.seq, first.work_units, b"both sigs")
+        # Each receipt once, as it now stands, in the order the receipts were first recorded.
+        assert led.entries() == [verdict, second]
+        assert led.entries(status="server_only") == [second]
+        assert led.entries(status="countersigned") == [verdict]
+        assert led.get("r1") == verdict and led.history("r1") == [first, verdict]
+        assert led.next_seq("S", "C") == 3
+    with Ledger.open(path, OWNER) as led:
+        assert led.verify_chain() == 3 and led.entries() == [verdict, second]
+
+
+def test_a_receipt_takes_one_verdict_only_after_being_issued(path: Path) -> None:
+    with Ledger.open(path, OWNER) as led:
+        led.append(**issued(1))
+        led.append(**fields(2))  # countersigned from the start (a client's entry)
+        led.record_verdict("r1", status="disputed", reason="counts differ", receipt=b"x")
+        with pytest.raises(DuplicateEntry, match="already has a verdict"):
+            led.record_verdict("r1", status="countersigned", reason="", receipt=b"y")
+        with pytest.raises(DuplicateEntry, match="takes no verdict"):
+            led.record_verdict("r2", status="disputed", reason="", receipt=b"y")
+        with pytest.raises(LedgerError, match="not recorded"):
+            led.record_verdict("nope", status="disputed", reason="", receipt=b"y")
+        with pytest.raises(ValueError):
+            led.record_verdict("r1", status="paid", reason="", receipt=b"y")
+        # A verdict never makes room for another receipt under the same ids.
+        with pytest.raises(DuplicateEntry):
+            led.append(**fields(3, receipt_id="r1", seq=3))
+        with pytest.raises(DuplicateEntry):
+            led.append(**fields(3, seq=1))
+        assert led.verify_chain() == 3
+        assert [(e.receipt_id, e.status, e.reason) for e in led.entries()] == [
+            ("r1", "disputed", "counts differ"), ("r2", "countersigned", "")]
+
+
+def test_a_forged_verdict_flag_is_detected(path: Path) -> None:
+    filled(path, 2)
+    raw(path, "UPDATE entries SET verdict = 1 WHERE idx = 2")  # r2 now reads as r2's verdict
+    with pytest.raises(LedgerCorrupt, match="entry 2"):
+        Ledger.open(path, OWNER)

@@ -128,3 +128,28 @@ async def test_an_offer_nobody_takes_up_expires():
         listener.withdraw(offer)  # the session gave up waiting: its key opens nothing now
         with pytest.raises(StreamBroken):
             await connect("127.0.0.1", listener.port, offer.public, "node", pk, sk, 10)
+
+
+async def _hello_from(local_ip: str, listener: DirectListener) -> DirectChannel | None:
+    """A full handshake from a connection bound to ``local_ip`` (loopback is 127.0.0.0/8)."""
+    pk, sk = wire.keypair()
+    offer = listener.offer(pk, PEER)
+    _, tx = wire.client_keys(pk, sk, offer.public)
+    sock = await trio.open_tcp_stream("127.0.0.1", offer.port, local_address=local_ip)
+    await sock.send_all(wire.client_hello(pk, wire.Sealer(tx)))
+    return await offer.wait(10)
+
+
+async def test_one_address_holds_only_its_share_of_the_handshake_slots():
+    # A long deadline: the idle connections must still be held when the other address comes.
+    async with _listener(handshake_timeout_s=60, max_handshakes=8,
+                         max_handshakes_per_address=2) as listener:
+        idle = [await trio.open_tcp_stream("127.0.0.1", listener.port) for _ in range(8)]
+        await eventually(lambda: listener.refused == 6, timeout_s=10, interval_s=0.01,
+                         what="the connections over this address's share to be refused")
+        assert listener.handshakes_in_progress == 2
+        for sock in idle[2:]:
+            assert await _closed_by_node(sock)  # over the per-address cap: closed at once
+        node = await _hello_from("127.0.0.2", listener)  # another address still gets a slot
+        assert node is not None and node.remote_peer_id == PEER
+        assert listener.channels == 1 and listener.handshakes_in_progress == 2

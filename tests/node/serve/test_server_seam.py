@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from protocol.codec import Tensor
-from protocol.errors import (BadShape, Busy, FrameTooLarge, InvalidMessage, MalformedFrame, SpanNotServed,
+from protocol.errors import (BadShape, Busy, FrameTooLarge, InvalidMessage, MalformedFrame, SessionClosed, SpanNotServed,
                              Timeout, UnknownModel)
 from protocol.ids import INFERENCE_PROTOCOL, MAX_FRAME_BYTES
 from protocol.messages import (CloseSession, Closed, Countersign, Error, OpenSession, SessionOpened, Step,
@@ -23,6 +23,7 @@ from node.ledger.store import Ledger
 from node.net.memory import open_memory_network
 from node.net.streams import FramedStream, StreamBroken
 from node.net.wire import int64_tensor, int64_values, recv_message, send_message
+from node.serve.limits import NodeShares
 from node.serve.server import ServerLimits, SpanServer
 
 from tests.node.client.inproc import engine, identity, make_server, reference
@@ -202,11 +203,14 @@ async def test_a_stream_that_breaks_mid_session_settles_the_work_done(tiny_llama
 
 
 async def test_sessions_over_the_limit_are_refused_busy_while_the_others_run(tiny_llama):
-    async with serving(tiny_llama, limits=ServerLimits(max_sessions=1)) as (server, open_stream):
+    limits = ServerLimits(max_sessions=1, shares=NodeShares(queue_wait_s=0.2))  # waits 0.2 s, then Busy
+    async with serving(tiny_llama, limits=limits) as (server, open_stream):
         first, _ = await _open(open_stream, tiny_llama.model_id)
         second = await open_stream()
         await send_message(second, OpenSession(tiny_llama.model_id, 0, 6, 32))
-        assert (await _error_then_end(second)).code == Busy.code
+        busy = await _error_then_end(second)
+        assert busy.code == Busy.code and busy.retry_after_s is not None  # load: a hint, no strike
+        assert server.peers.strikes_total == 0
         await _send(first, _step(0, PROMPT, 0))
         await first.reset()
         await _idle(server)
@@ -223,3 +227,54 @@ async def test_a_silent_stream_is_ended_by_the_open_deadline(tiny_llama):
                 pass
         await _idle(server)
     assert server.stats.errors_by_code == {Timeout.code: 1}
+
+
+async def test_the_server_assigns_every_session_a_fresh_id(tiny_llama, tmp_path):
+    # Before: the client chose the id; reusing one after closing gave the server two checkpoint-0
+    # receipts of one (server, client, session), and the ledger refused the second: unbillable.
+    with Ledger.open(tmp_path / "server.sqlite", identity("server")) as ledger:
+        async with serving(tiny_llama, ledger=ledger) as (server, open_stream):
+            ids = []
+            for _ in range(2):
+                stream = await open_stream()
+                await send_message(stream, OpenSession(tiny_llama.model_id, 0, 6, 32, session_id="mine"))
+                opened = await recv_message(stream, 10)
+                assert isinstance(opened, SessionOpened), opened
+                ids.append(opened.session_id)
+                await _send(stream, _step(0, PROMPT, 0))
+                await send_message(stream, CloseSession())
+                closed = await recv_message(stream, 10)
+                assert isinstance(closed, Closed) and closed.receipt is not None
+                receipt = verify_receipt(Receipt.from_bytes(closed.receipt))
+                assert receipt.session_id == opened.session_id
+                await send_message(stream, Countersign(receipt.receipt_id,
+                                                       countersign_receipt(CLIENT, receipt).client_sig))
+                assert await recv_message(stream, 10) is None
+            await _idle(server)
+        entries = list(ledger.entries())
+    assert "mine" not in ids and len(set(ids)) == 2
+    assert sorted(e.session_id for e in entries if e.status == "countersigned") == sorted(ids)
+
+
+async def test_an_engine_failure_reaches_the_peer_without_the_engine_s_words(tiny_llama):
+    # Before: the engine's exception text (paths, devices, library internals) went to the peer.
+    from node.engine.errors import EngineError
+    from node.engine.faults import FaultyEngine, Faults
+
+    class Failing(FaultyEngine):
+        def run_steps(self, steps):
+            return [EngineError("CUDA error in /home/operator/models/secret.bin") for _ in steps]
+
+    failing = Failing(engine(tiny_llama, 0, 6), Faults())
+    server = make_server(failing, identity("server"), tiny_llama.num_layers)
+    async with open_memory_network() as net:
+        net.set_handler(server.accounting.identity.peer_id, INFERENCE_PROTOCOL, server.handle_inference)
+        connector = net.connector(CLIENT.peer_id)
+        stream = await connector.open_stream(server.accounting.identity.peer_id, INFERENCE_PROTOCOL)
+        await send_message(stream, OpenSession(tiny_llama.model_id, 0, 6, 32))
+        assert isinstance(await recv_message(stream, 10), SessionOpened)
+        await send_message(stream, _step(0, PROMPT, 0))
+        error = await _error_then_end(stream)
+        await _idle(server)
+    assert error.code == SessionClosed.code
+    assert "secret" not in error.message and "/home" not in error.message

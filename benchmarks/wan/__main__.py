@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.wan.pipeline import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""Circuit relay v2 between hosts of one process on loopback (across a NAT: tests/integration/test_netns.py)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from node.net.host import open_host
+from node.net.relay import RelayOptions, is_circuit
+
+ECHO = "/shiza/test-relay-echo/1.0.0"
+
+
+async def test_a_host_reached_only_through_its_relay_serves_streams() -> None:
+    async with open_host(b"\x01" * 32, relay_service=RelayOptions()) as relay:
+        async with open_host(b"\x02" * 32, relays=[relay.addrs[0]]) as behind:
+            circuit = [a for a in behind.addrs if is_circuit(a)]
+            assert circuit == [f"{relay.addrs[0]}/p2p-circuit/p2p/{behind.peer_id}"]
+            seen_ips = []
+
+            async def echo(stream) -> None:  # noqa: ANN001
+                seen_ips.append(stream.remote_ip)
+                await stream.send_frame(await stream.read_frame(1024) or b"")
+
+            behind.set_handler(ECHO, echo)
+            async with open_host(b"\x03" * 32) as dialer:
+                with trio.fail_after(30):
+                    assert await dialer.connect(circuit[0]) == behind.peer_id
+                    stream = await dialer.open_stream(behind.peer_id, ECHO)
+                    await stream.send_frame(b"through the relay")
+                    assert await stream.read_frame(1024) == b"through the relay"
+                assert stream.remote_ip is None  # a relayed connection: no direct channel to it
+                assert seen_ips == [None]
+
+
+async def test_a_relay_that_does_not_serve_refuses_the_reservation() -> None:
+    async with open_host(b"\x04" * 32) as plain:
+        with pytest.raises(Exception) as refused:  # noqa: PT011 - py-libp2p's refusal has several types
+            async with open_host(b"\x05" * 32, relays=[plain.addrs[0]]):
+                raise AssertionError("reserved on a host that is no relay")
+        assert not isinstance(refused.value, AssertionError)
