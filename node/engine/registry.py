@@ -12,6 +12,7 @@ conversion and ``load_tokenizer``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.util
 import json
@@ -166,8 +167,9 @@ def _convert_gguf_stages(gguf: Path, out: Path, progress: bool) -> None:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     stages = ["read config", "dequantise GGUF", "save safetensors", "save tokenizer"]
+    # disable=None: the bar only on a terminal (never in journald, docker logs or CI).
     with tqdm(total=len(stages), desc=f"converting {DEFAULT_MODEL}", unit="stage",
-              disable=not progress) as bar:
+              disable=None if progress else True) as bar:
         def stage(i: int) -> None:
             bar.update(1 if i else 0)
             bar.set_postfix_str(stages[i])
@@ -186,7 +188,12 @@ def _convert_gguf_stages(gguf: Path, out: Path, progress: bool) -> None:
                               f"unexpected {result.unexpected_keys}")
         model.tie_weights()
         stage(2)
-        model.save_pretrained(str(out), safe_serialization=True)
+        try:
+            model.save_pretrained(str(out), safe_serialization=True)
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            if "os error 28" in str(exc) or "No space left" in str(exc):
+                raise OSError(errno.ENOSPC, "No space left on device", str(out)) from None
+            raise
         del model
         stage(3)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

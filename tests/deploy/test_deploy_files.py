@@ -136,3 +136,24 @@ def test_k8s_gpu_statefulset_with_probes_and_service():
     assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 30
     svc_ports = {p["targetPort"] for p in kinds["Service"]["spec"]["ports"]}
     assert svc_ports <= set(ports)
+
+
+def test_error_counters_are_labelled_by_code_and_name():
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+
+    from node.http.metrics import NodeMetrics
+    from node.serve.scheduler import StepScheduler
+    from node.serve.server import ServerLimits, ServerStats
+
+    stats = ServerStats(errors_by_code={1: 2, 27: 1, 4242: 1})  # malformed, rate limited, unknown
+    engine = SimpleNamespace(start=0, end=2, cache_tokens_reserved=lambda: 0)
+    server = SimpleNamespace(stats=stats, limits=ServerLimits(), scheduler=StepScheduler())
+    fake = SimpleNamespace(server=server, engine=engine, state=None, announcer=None,
+                           cfg=SimpleNamespace(device="cpu"), source=SimpleNamespace(model_id="m"),
+                           host=SimpleNamespace(connected_peers=lambda: []),
+                           dht=SimpleNamespace(routing_table_peers=lambda: []))
+    text = generate_latest(NodeMetrics(fake).registry).decode()
+    errors = {(s.labels["code"], s.labels["name"]): s.value for fam in text_string_to_metric_families(text)
+              if fam.name == "shiza_errors" for s in fam.samples if s.name == "shiza_errors_total"}
+    assert errors == {("1", "malformed_frame"): 2, ("27", "rate_limited"): 1, ("4242", "unknown"): 1}

@@ -134,3 +134,18 @@ def test_an_unreachable_bootstrap_peer_is_a_network_error(tmp_path: Path, tiny_l
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("error: cannot connect: none of the 1 bootstrap peer(s) answered")
     assert done.stderr.count("\n") == 1  # py-libp2p's dial errors no longer flood stderr
+
+
+def test_a_corrupt_checkpoint_is_one_line(tmp_path: Path, tiny_llama) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama.path, broken)
+    for cached in broken.glob(".shiza-model-id*"):
+        cached.unlink()  # as a fresh cache would be
+    weights = next(broken.glob("*.safetensors"))
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    done = shiza("model", "prepare", str(broken))
+    assert done.returncode == EXIT_USAGE and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {weights}") and "truncated" in done.stderr
