@@ -16,7 +16,8 @@ STAMP  := $(VENV)/.installed
 TORCH ?= cpu
 TORCH_FALLBACK := $(if $(filter cpu,$(TORCH)),torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple,torch==2.13.0)
 define install_torch
-	$(1)/pip install -q --no-index torch==2.13.0 2>/dev/null || $(1)/pip install -q $(TORCH_FALLBACK)
+	($(1)/pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null && $(1)/pip install -q torch==2.13.0) \
+		|| $(1)/pip install -q $(TORCH_FALLBACK)
 endef
 
 $(STAMP): pyproject.toml Makefile

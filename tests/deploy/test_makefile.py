@@ -17,7 +17,7 @@ def dry_run(*args: str) -> str:
 
 def test_torch_is_the_local_wheel_else_the_cpu_build_unless_cuda_is_asked_for() -> None:
     cpu = dry_run(".venv/.installed")
-    assert "pip install -q --no-index torch==2.13.0" in cpu  # a wheel on this machine first
+    assert "pip install -q --no-index --no-deps torch==2.13.0" in cpu  # a wheel on this machine first
     # else the CPU build: +cpu exists only on PyTorch's CPU index, so PyPI's CUDA wheel cannot match
     assert "torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu" in cpu
     cuda = dry_run(".venv/.installed", "TORCH=cuda")
