@@ -235,18 +235,20 @@ class SwarmClient:
         return self._with_fallback(lambda avoid: find_chain(
             num_layers, candidates, avoid=avoid, need_tokens=need_tokens, allow_partial=True))
 
-    def _with_fallback(self, find: Callable[[frozenset[str]], list[Hop]]) -> list[Hop]:
+    def _with_fallback(self, find: Callable[[frozenset[str]], list[Hop]],
+                       failed_now: frozenset[str] = frozenset()) -> list[Hop]:
         """``find`` avoiding the peers backed off; when that leaves no chain, avoiding only the
-        distrusted ones (caught lying): a peer that failed a while ago is better than none, and
-        every replica of a span backed off after one stall must not end every generation."""
+        distrusted ones (caught lying) and ``failed_now`` (those that failed this generation):
+        a peer that failed a while ago is better than none, and every replica of a span backed
+        off after one stall must not end every generation."""
         now = time.monotonic()
         try:
-            return find(self.health.avoided(now))
+            return find(self.health.avoided(now) | failed_now)
         except NoRoute:
-            distrusted = self.health.distrusted(now)
-            if self.health.avoided(now) == distrusted:
+            last_resort = self.health.distrusted(now) | failed_now
+            if self.health.avoided(now) | failed_now == last_resort:
                 raise
-            hops = find(distrusted)
+            hops = find(last_resort)
             log.warning("no chain without backed-off peers; trying %s again",
                         ", ".join(h.peer_id for h in hops if h.peer_id in self.health.avoided(now)))
             return hops
@@ -386,19 +388,21 @@ class SwarmClient:
             except PeerError as exc:
                 failure = exc
             self.health.failed(hop.peer_id, time.monotonic())
+            chain.failed.add(hop.peer_id)
             chain.failovers += 1
             self.failovers_total += 1
             if chain.failovers > MAX_FAILOVERS:
                 raise failure
             try:
-                replacement = await self._replacement(chain.spec, hop.start, hop.end)
+                replacement = await self._replacement(chain.spec, hop.start, hop.end, frozenset(chain.failed))
             except NoRoute:
                 raise failure from None
             log.warning("cannot open %s (layers %d:%d): %s; opening %s instead", hop.peer_id, hop.start,
                         hop.end, failure.reason, ", ".join(f"{h.peer_id} {h.start}:{h.end}" for h in replacement))
             pending[:0] = replacement
 
-    async def _replacement(self, spec: SessionSpec, start: int, end: int) -> list[Hop]:
+    async def _replacement(self, spec: SessionSpec, start: int, end: int,
+                           failed_now: frozenset[str] = frozenset()) -> list[Hop]:
         """The fastest chain for layers ``start:end`` among peers not backed off: from the
         records already known first (asking the DHT can wait on the very peer that failed),
         then from a fresh lookup (bounded). NoRoute when neither has one."""
@@ -409,7 +413,7 @@ class SwarmClient:
             candidates = self._candidates(self.known_records(spec.model_id), spec.model_id)
             try:
                 return self._with_fallback(lambda avoid: find_chain_between(
-                    start, end, candidates, avoid=avoid, need_tokens=spec.batch * spec.max_length))
+                    start, end, candidates, avoid=avoid, need_tokens=spec.batch * spec.max_length), failed_now)
             except NoRoute:
                 if fresh:
                     raise
@@ -485,6 +489,7 @@ class SwarmClient:
         log.warning("hop %s (layers %d:%d) failed: %s; failing over",
                     failed.hop.peer_id, failed.hop.start, failed.hop.end, failure.reason)
         self.health.failed(failed.hop.peer_id, time.monotonic())
+        chain.failed.add(failed.hop.peer_id)
         chain.failovers += 1
         self.failovers_total += 1
         if chain.failovers > MAX_FAILOVERS:
@@ -494,7 +499,7 @@ class SwarmClient:
         spec = chain.spec
         for attempt in range(MAX_FAILOVERS):
             try:
-                hops = await self._replacement(spec, failed.hop.start, failed.hop.end)
+                hops = await self._replacement(spec, failed.hop.start, failed.hop.end, frozenset(chain.failed))
             except NoRoute as exc:
                 raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
             history = failed.history
@@ -510,6 +515,7 @@ class SwarmClient:
                         payload = await self.sessions.step(h, payload, pos, mask)
             except PeerError as exc:
                 self.health.failed(exc.peer_id, time.monotonic())
+                chain.failed.add(exc.peer_id)
                 log.warning("replacement %s failed too: %s", exc.peer_id, exc.reason)
                 continue
             chain.retired.append(failed)
@@ -532,6 +538,7 @@ class _Chain:
     hops: list[HopSession] = field(default_factory=list)
     retired: list[HopSession] = field(default_factory=list)  # replaced by failover
     failovers: int = 0
+    failed: set[str] = field(default_factory=set)  # peers that failed this generation: never its fallback
 
 
 class _Witnessing:

@@ -35,3 +35,17 @@ async def test_a_distrusted_node_is_never_the_fallback(tiny_llama):
         with pytest.raises(NoRoute) as err:
             await client.generate(swarm.model_id, [PROMPT], max_new_tokens=2)
         assert err.value.missing == [(0, 3)]
+
+
+async def test_a_peer_that_just_refused_is_not_asked_again_in_the_same_generation(tiny_llama):
+    # The fallback must not turn one refusal into a retry loop on the same peer (each refused
+    # open may be a strike there): the generation ends with that peer's own error.
+    from protocol.errors import NotAllowed
+
+    from node.serve.server import ServerLimits
+
+    async with open_swarm(tiny_llama, [(0, 6)], limits=ServerLimits(allow_peers=frozenset())) as swarm:
+        client = swarm.client()
+        with pytest.raises(NotAllowed):
+            await client.generate(swarm.model_id, [PROMPT], max_new_tokens=2)
+        assert swarm.net.streams_opened == 1  # asked once, not again through the fallback
