@@ -467,8 +467,8 @@ class SwarmClient:
         h = chain.hops[index]
         h.account.disputed_reason = f"spot check failed at step {record.step}: max diff {verdict.diff:.3g}"
         await self.sessions.close(h)  # bounded, never raises: its final receipt is disputed
-        accused = [r.to_bytes() for r, _, _ in h.account.receipts]
-        evidence = [accused[-1]] if accused else []
+        receipts = h.account.receipts  # its last one (the final, disputed) is the evidence
+        evidence = [receipts[-1][0].to_bytes()] if receipts else []
         evidence += [witness_receipts[w] for w in record.witnesses if w in witness_receipts]
         replaced_by = await self._fail_over(chain, index, PeerError(
             "spot check: output disagrees with witnesses", peer_id=h.hop.peer_id,

@@ -66,20 +66,25 @@ def test_prometheus_scrapes_every_node_metrics_port():
     assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in prom["scrape_configs"])
 
 
-def exported_names() -> set[str]:
-    """Every sample name a node's registry can export (walked on a fake node with a server)."""
-    from node.http.metrics import NodeMetrics, metric_names
+def _fake_node(stats):  # type: ignore[no-untyped-def]
+    """The attributes of a Node that its metrics read, with a server holding ``stats``."""
     from node.serve.scheduler import StepScheduler
-    from node.serve.server import ServerLimits, ServerStats, StepDone
+    from node.serve.server import ServerLimits
 
-    stats = ServerStats(errors_by_code={7: 1}, receipts={"countersigned": 1})
     engine = SimpleNamespace(start=0, end=2, cache_tokens_reserved=lambda: 0)
     server = SimpleNamespace(stats=stats, limits=ServerLimits(), scheduler=StepScheduler())
-    fake = SimpleNamespace(server=server, engine=engine, state=None, announcer=None,
+    return SimpleNamespace(server=server, engine=engine, state=None, announcer=None,
                            cfg=SimpleNamespace(device="cpu"), source=SimpleNamespace(model_id="m"),
                            host=SimpleNamespace(connected_peers=lambda: []),
                            dht=SimpleNamespace(routing_table_peers=lambda: []))
-    metrics = NodeMetrics(fake)
+
+
+def exported_names() -> set[str]:
+    """Every sample name a node's registry can export (walked on a fake node with a server)."""
+    from node.http.metrics import NodeMetrics, metric_names
+    from node.serve.server import ServerStats, StepDone
+
+    metrics = NodeMetrics(_fake_node(ServerStats(errors_by_code={7: 1}, receipts={"countersigned": 1})))
     metrics.add_client(SimpleNamespace(failovers_total=0))  # a node's gateway exports its client's
     metrics.on_step(StepDone((0, 2), True, 1, 0.01))
     names = metric_names(metrics.registry)
@@ -143,17 +148,10 @@ def test_error_counters_are_labelled_by_code_and_name():
     from prometheus_client import generate_latest
 
     from node.http.metrics import NodeMetrics
-    from node.serve.scheduler import StepScheduler
-    from node.serve.server import ServerLimits, ServerStats
+    from node.serve.server import ServerStats
 
     stats = ServerStats(errors_by_code={1: 2, 27: 1, 4242: 1})  # malformed, rate limited, unknown
-    engine = SimpleNamespace(start=0, end=2, cache_tokens_reserved=lambda: 0)
-    server = SimpleNamespace(stats=stats, limits=ServerLimits(), scheduler=StepScheduler())
-    fake = SimpleNamespace(server=server, engine=engine, state=None, announcer=None,
-                           cfg=SimpleNamespace(device="cpu"), source=SimpleNamespace(model_id="m"),
-                           host=SimpleNamespace(connected_peers=lambda: []),
-                           dht=SimpleNamespace(routing_table_peers=lambda: []))
-    text = generate_latest(NodeMetrics(fake).registry).decode()
+    text = generate_latest(NodeMetrics(_fake_node(stats)).registry).decode()
     errors = {(s.labels["code"], s.labels["name"]): s.value for fam in text_string_to_metric_families(text)
               if fam.name == "shiza_errors" for s in fam.samples if s.name == "shiza_errors_total"}
     assert errors == {("1", "malformed_frame"): 2, ("27", "rate_limited"): 1, ("4242", "unknown"): 1}
