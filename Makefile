@@ -60,7 +60,7 @@ test: $(STAMP) $(CHROMIUM_STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vllm and not integration"
+	$(BIN)/python -m pytest -m "not slow and not vllm and not integration and not proc"
 
 bench: $(STAMP)
 	$(BIN)/shiza bench --quick --out bench-out

@@ -133,14 +133,12 @@ async def _drive(addr: str, model_id: str, num_layers: int, new_tokens: int,
         out["client_step_s"] = _decode_step_s(one)
         out["node_compute_per_token_s"] = compute
         out["direct_fallbacks"] = len(client.direct_failed)  # hops that fell back to libp2p
+        out["pushed_steps"] = one.pushed_steps  # node-to-node flow (SPEC 9.6), the default
+        # The same session driven by the client at every hop (the mode before SPEC 9.6).
+        out.update(await _single_with(addr, model_id, num_layers, new_tokens, ports, "client_driven", push=False))
         if libp2p_single:
-            async with SwarmClient.open([addr], direct=False) as plain:
-                route2 = await plain.wait_for_route(model_id, 120, num_layers=num_layers)
-                await plain.generate(model_id, [PROMPT], max_new_tokens=3, route=route2)
-                two, compute2 = await _timed_single(plain, model_id, route2, new_tokens, ports)
-            out["single_tok_s_libp2p"] = two.tokens_per_s
-            out["client_step_s_libp2p"] = _decode_step_s(two)
-            out["node_compute_per_token_s_libp2p"] = compute2
+            out.update(await _single_with(addr, model_id, num_layers, new_tokens, ports, "libp2p", direct=False,
+                                          push=False))  # every activation on the client's streams
         out["aggregate_tok_s"] = {}
         # Nodes cap open sessions per peer (8): many sessions come from several client peers.
         clients = [client]
@@ -150,6 +148,19 @@ async def _drive(addr: str, model_id: str, num_layers: int, new_tokens: int,
             for c in concurrency:
                 await _concurrent(clients, model_id, route, new_tokens, c, out)
     return out
+
+
+async def _single_with(addr: str, model_id: str, num_layers: int, new_tokens: int, ports: list[int],
+                       suffix: str, **options: Any) -> dict[str, Any]:
+    """One timed session from a client opened with ``options``; its keys end in ``_suffix``."""
+    from node.client.swarm import SwarmClient
+
+    async with SwarmClient.open([addr], **options) as client:
+        route = await client.wait_for_route(model_id, 120, num_layers=num_layers)
+        await client.generate(model_id, [PROMPT], max_new_tokens=3, route=route)  # warm-up
+        one, compute = await _timed_single(client, model_id, route, new_tokens, ports)
+    return {f"single_tok_s_{suffix}": one.tokens_per_s, f"client_step_s_{suffix}": _decode_step_s(one),
+            f"node_compute_per_token_s_{suffix}": compute}
 
 
 SESSIONS_PER_CLIENT = 8

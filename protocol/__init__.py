@@ -112,6 +112,7 @@ from .messages import (
     message_to_wire,
 )
 from .models import model_id, parse_model_id
+from . import push as _push  # noqa: F401 - registers the messages of SPEC 9.6
 from .receipts import (
     IoDigest,
     Receipt,

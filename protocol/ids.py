@@ -14,6 +14,7 @@ PROTOCOL_VERSION: Final = 0
 INFO_PROTOCOL: Final = "/shiza/info/0.1.0"
 INFERENCE_PROTOCOL: Final = "/shiza/inference/0.1.0"
 ADMIT_PROTOCOL: Final = "/shiza/admit/0.1.0"  # private swarms (SPEC.md, section 18)
+LINK_PROTOCOL: Final = "/shiza/link/0.1.0"  # node-to-node activations (SPEC.md, section 9.6)
 
 # DHT keys.
 CAPACITY_NAMESPACE: Final = "shiza-cap"
@@ -52,12 +53,14 @@ PURPOSE_RECEIPT: Final = b"shiza/receipt/v0\x00"
 PURPOSE_RECEIPT_COUNTERSIGN: Final = b"shiza/receipt-countersign/v0\x00"
 PURPOSE_STATEMENT: Final = b"shiza/statement/v0\x00"
 PURPOSE_STATEMENT_COUNTERSIGN: Final = b"shiza/statement-countersign/v0\x00"
+PURPOSE_PUSH: Final = b"shiza/push/v0\x00"  # a hop's word on what it pushed to the next (9.6)
 PURPOSES: Final = (
     PURPOSE_CAPACITY_RECORD,
     PURPOSE_RECEIPT,
     PURPOSE_RECEIPT_COUNTERSIGN,
     PURPOSE_STATEMENT,
     PURPOSE_STATEMENT_COUNTERSIGN,
+    PURPOSE_PUSH,
 )
 
 # Hash domains (never signed directly): the running digest of a session's inputs and outputs,

@@ -217,11 +217,15 @@ class Step(_Message):
 
     @classmethod
     def from_wire(cls, obj: Any) -> Step:
-        got = cls._wire_fields(obj)
-        for name in ("input", "positions", "mask"):
-            if got[name] is not None:
-                got[name] = Tensor.from_wire(got[name])
-        return cls(**got)
+        return cls(**step_tensors(cls._wire_fields(obj)))
+
+
+def step_tensors(got: dict[str, Any]) -> dict[str, Any]:
+    """A Step's (or Push's) wire fields with ``input``, ``positions`` and ``mask`` as Tensors."""
+    for name in ("input", "positions", "mask"):
+        if got[name] is not None:
+            got[name] = Tensor.from_wire(got[name])
+    return got
 
 
 @dataclass(frozen=True)
@@ -390,3 +394,6 @@ def decode_message(obj: Any) -> Message:
     if cls is None:
         raise UnknownMessageType(f"unknown message type {kind[:64]!r}")
     return cls.from_wire(obj)  # type: ignore[no-any-return]
+
+# The messages of node-to-node flow (SPEC.md 9.6) are protocol/push.py's; it adds them to
+# MESSAGE_TYPES when imported, which the package's __init__ does.

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--no-push", action="store_true",
+                     help="drive every hop from this client (no node-to-node flow, SPEC 9.6)")
     gen.add_argument("--wait", type=float, default=60.0, help="seconds to wait for full coverage")
     gen.add_argument("--data-dir", type=Path, default=None,
                      help="keep this agent's identity and receipt ledger here (default: ~/.shiza/client)")
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     async def main() -> dict[str, object]:
-        async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=getattr(args, "swarm_key", None)) as client:
+        async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=getattr(args, "swarm_key", None),
+                                    push=not getattr(args, "no_push", False)) as client:
             if client.host is not None and not client.host.connected_peers():
                 raise ConnectionError(f"none of the {len(args.bootstrap)} bootstrap peer(s) answered "
                               f"({', '.join(args.bootstrap)}): check each address and that a node runs there")
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 "route": [{"peer": h.peer_id, "start": h.start, "end": h.end} for h in route],
                 "ttft_s": round(result.ttft_s, 4),
                 "tokens_per_s": round(result.tokens_per_s, 2),
+                "pushed_steps": result.pushed_steps,
                 "model_id": model.model_id,
             }
 

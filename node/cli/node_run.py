@@ -92,6 +92,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                           "(default: any free port; SPEC 9.5)")
     run.add_argument("--no-direct", action="store_true",
                      help="serve sessions over libp2p streams only (no direct channel)")
+    run.add_argument("--no-push", action="store_true",
+                     help="take no steps pushed by other nodes and push none (clients then drive "
+                          "every hop; SPEC 9.6)")
     run.add_argument("--metrics-port", type=int, default=None,
                      help="serve Prometheus /metrics, /healthz and /readyz on this port")
     run.add_argument("--monitor-port", type=int, default=None, help="serve the swarm map on this port")
@@ -131,6 +134,7 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--swarm-key", type=Path, default=None, metavar="FILE",
                    help="join the private swarm of this key: peers without it cannot connect")
     g.add_argument("--corrupt-outputs", type=float, default=0.0, help=argparse.SUPPRESS)
+    g.add_argument("--tamper-pushes", action="store_true", help=argparse.SUPPRESS)
 
 
 def apply_limit_args(cfg: "NodeConfig", args: argparse.Namespace) -> None:
@@ -152,6 +156,8 @@ def apply_limit_args(cfg: "NodeConfig", args: argparse.Namespace) -> None:
         cfg.swarm_key = args.swarm_key
     if args.corrupt_outputs:
         cfg.corrupt_outputs = args.corrupt_outputs
+    cfg.push = not getattr(args, "no_push", False)
+    cfg.tamper_pushes = args.tamper_pushes
 
 
 def run(args: argparse.Namespace) -> int:

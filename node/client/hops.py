@@ -23,9 +23,9 @@ import trio
 
 from protocol import direct as direct_wire
 from protocol.codec import Tensor
-from protocol.errors import InvalidMessage, ShizaError
+from protocol.errors import InvalidMessage, InvalidSignature, ShizaError, UnknownMessageType
 from protocol.identity import Identity
-from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL
+from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL, MAX_ADDRS
 from protocol.messages import (
     CloseSession,
     Closed,
@@ -39,6 +39,7 @@ from protocol.messages import (
     Step,
     StepResult,
 )
+from protocol.push import Link, Linked, Pushed, push_digest, verify_push
 
 from node.client.errors import InvalidRequest, PeerError, PeerUnreachable, peer_error
 from node.client.health import PeerHealth, RttTracker
@@ -50,7 +51,8 @@ from node.net.direct import connect as connect_direct
 from node.net.streams import Connector, FramedStream, StreamBroken
 from node.net.wire import recv_message, send_message
 
-__all__ = ["CLOSE_TIMEOUT_S", "STEP_TIMEOUT_S", "HopSession", "HopSessions", "SessionSpec", "StepInput"]
+__all__ = ["CLOSE_TIMEOUT_S", "STEP_TIMEOUT_S", "HopSession", "HopSessions", "PushUnsupported", "SessionSpec",
+           "StepInput", "TamperedPush"]
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +91,28 @@ class HopSession:
     spec: SessionSpec | None = None  # what it was opened with: its outputs are checked against it
     hidden_size: int = 0  # as its SessionOpened said
     out_dtype: str | None = None  # the float dtype of its first hidden-state output
+    # Node-to-node flow (SPEC 9.6): its input is pushed by the hop before it; it pushes its
+    # output to the hop after it.
+    pushed_in: bool = False
+    pushing: bool = False
+    stream_ended_on_link: bool = False  # it answered Link as unknown: the session is over
 
     async def reset(self) -> None:
         """Abandon the session: its frames' transport and the stream it was opened on."""
         await self.stream.reset()
         if self.anchor is not None:
             await self.anchor.reset()
+
+
+class PushUnsupported(Exception):
+    """The hop does not take Link (a node without SPEC 9.6): its session ended; open it again."""
+
+
+class TamperedPush(PeerError):
+    """A hop pushed the next hop something other than the output it reported (its own
+    signature shows it): that hop is to blame, not the one that received it."""
+
+    name = "tampered_push"
 
 
 class _DirectFailed(Exception):
@@ -186,10 +204,30 @@ class HopSessions:
         """One step on one hop: its output. Any failure, or a stall past the step timeout,
         raises PeerError (the caller fails the hop over), and so does an output that this
         session cannot have (node/client/outputs.py): that hop's receipt for it is disputed."""
+        await self.send_step(h, payload, pos, mask)
+        return await self.result(h, payload, pos, mask)
+
+    async def send_step(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor) -> None:
+        """Send the hop its next Step (its answer is read by ``result``)."""
         try:
-            step = Step(h.steps, payload, pos, mask)
-            await send_message(h.stream, step)
-            result = _expect(await recv_message(h.stream, self.step_timeout_s), StepResult, h.hop)
+            await send_message(h.stream, Step(h.steps, payload, pos, mask))
+        except (ShizaError, StreamBroken) as exc:
+            raise _converted(exc, h.hop) from None
+
+    async def result(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor, *,
+                     timeout_s: float | None = None, pushed_from: "HopSession | None" = None) -> Tensor:
+        """The hop's answer to its step whose input is ``payload`` (sent by us, or, with
+        ``pushed_from``, that hop's output, pushed to it: then its ``Pushed`` report comes first
+        and is checked against ``payload``; SPEC 9.6). Raises as ``step``; TamperedPush (naming
+        ``pushed_from``) when the sender's signature shows it pushed something else."""
+        step = Step(h.steps, payload, pos, mask)
+        timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
+        try:
+            reply = await recv_message(h.stream, timeout_s)
+            if pushed_from is not None:
+                self._check_pushed(h, pushed_from, step, _expect(reply, Pushed, h.hop))
+                reply = await recv_message(h.stream, timeout_s)
+            result = _expect(reply, StepResult, h.hop)
             if result.step != h.steps:
                 raise InvalidMessage(f"answered step {result.step}, expected {h.steps}")
             await self._check_output(h, payload, result)
@@ -201,6 +239,40 @@ class HopSessions:
         h.history.append((payload, pos, mask))
         h.steps += 1
         return result.output
+
+    def _check_pushed(self, h: HopSession, sender: HopSession, step: Step, pushed: Pushed) -> None:
+        """The hop's report of what ``sender`` pushed it, against what ``sender`` reported to us."""
+        if pushed.step != step.step:
+            raise InvalidMessage(f"reported a push for step {pushed.step}, expected {step.step}")
+        try:
+            verify_push(sender.hop.peer_id, pushed.input_digest, pushed.sig)
+        except InvalidSignature:  # it cannot show what it received: its own fault
+            raise InvalidSignature(f"its report of step {step.step}'s push is not signed by "
+                                   f"{sender.hop.peer_id}") from None
+        sent = Step(sender.steps - 1, step.input, step.positions, step.mask)  # numbered by its sender
+        if pushed.input_digest != push_digest(h.session_id, sent):
+            raise TamperedPush(f"pushed step {step.step} to {h.hop.peer_id} altered (its signature "
+                               f"differs from the output it reported)", peer_id=sender.hop.peer_id,
+                               layers=(sender.hop.start, sender.hop.end))
+
+    async def link(self, h: HopSession, prev: "HopSession | None", nxt: "HopSession | None") -> bool:
+        """Tell the hop whose pushes it takes (``prev``) and where it pushes (``nxt``);
+        True when it pushes to ``nxt``. PushUnsupported for a node without SPEC 9.6 (its
+        session is over); PeerError when the hop fails."""
+        msg = Link(prev.hop.peer_id if prev else None, nxt.hop.peer_id if nxt else None,
+                   nxt.session_id if nxt else "", tuple(nxt.hop.addrs)[:MAX_ADDRS] if nxt else ())
+        try:
+            await send_message(h.stream, msg)
+            reply = await recv_message(h.stream, self.step_timeout_s)
+            if isinstance(reply, Error) and reply.code == UnknownMessageType.code:
+                h.stream_ended_on_link = True
+                raise PushUnsupported(reply.message)
+            linked = _expect(reply, Linked, h.hop)
+        except (ShizaError, StreamBroken) as exc:
+            raise _converted(exc, h.hop) from None
+        if nxt is not None and not linked.pushing:
+            log.info("%s does not push to %s: %s", h.hop.peer_id, nxt.hop.peer_id, linked.reason)
+        return linked.pushing
 
     async def _check_output(self, h: HopSession, payload: Tensor, result: StepResult) -> None:
         """Raise (BadShape or InvalidMessage) when ``result`` cannot answer this step of this

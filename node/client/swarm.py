@@ -40,7 +40,9 @@ from protocol.records import CapacityRecord
 from node.client.disputes import DisputeWatch, publish_dispute
 from node.client.errors import HopFailed, InvalidRequest, LayersLost, NoRoute, PeerError, peer_error
 from node.client.health import PeerHealth, RttTracker
-from node.client.hops import CLOSE_TIMEOUT_S, STEP_TIMEOUT_S, HopSession, HopSessions, SessionSpec, StepInput
+from node.client.hops import (
+    CLOSE_TIMEOUT_S, STEP_TIMEOUT_S, HopSession, HopSessions, PushUnsupported, SessionSpec, StepInput,
+)
 from node.client.pacing import Pacer
 from node.client.routing import Candidate, Hop, candidates_from, find_chain, find_chain_between, num_layers_of
 from node.client.spotcheck import CheckedStep, SpotChecker, Verdict
@@ -73,6 +75,7 @@ class GenerationResult:
     steps: int
     failovers: int = 0
     receipts: list[str] = field(default_factory=list)  # ids of the receipts stored for it
+    pushed_steps: int = 0  # hop steps whose input the previous hop pushed (SPEC 9.6)
 
     @property
     def tokens_per_s(self) -> float:
@@ -117,6 +120,7 @@ class SwarmClient:
         replay: str = "exact",
         direct: bool = True,
         spot_checker: SpotChecker | None = None,
+        push: bool = True,
     ) -> None:
         if replay not in ("exact", "merged"):
             raise InvalidRequest("replay must be 'exact' (step by step) or 'merged' (one prefill)")
@@ -136,6 +140,10 @@ class SwarmClient:
         self.sessions = HopSessions(connector, identity, ledger, swarm_id=swarm_id,
                                     step_timeout_s=step_timeout_s, direct=direct, rtt=self.rtt)
         self.spot_checker = spot_checker
+        # Node-to-node flow (SPEC 9.6): activations go hop to hop, each hop reporting to us
+        # off the critical path; peers that answered Link as unknown are driven by us.
+        self.push = push
+        self.no_push: set[str] = set()
         self.disputes = DisputeWatch(dht)  # peers disputed by enough reporters (node/client/disputes.py)
         self.failovers_total = 0  # over the client's life (node/http/metrics.py exports it)
         self._known: dict[str, list[CapacityRecord]] = {}
@@ -170,6 +178,7 @@ class SwarmClient:
         swarm_key: "str | Path | SwarmKey | None" = None,
         direct: bool = True,
         spot_checker: SpotChecker | None = None,
+        push: bool = True,
     ) -> AsyncIterator["SwarmClient"]:
         """A client; with ``data_dir`` it keeps its identity and a receipt ledger there.
         With ``swarm_key`` (a key file or a SwarmKey) it joins that private swarm. A key file
@@ -199,7 +208,7 @@ class SwarmClient:
                     async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
                         yield cls(host, dht, identity, ledger, swarm_id=swarm_id, bootstrap=bootstrap,
                                   step_timeout_s=step_timeout_s, replay=replay, direct=direct,
-                                  spot_checker=spot_checker)
+                                  spot_checker=spot_checker, push=push)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -311,7 +320,7 @@ class SwarmClient:
         ttft = 0.0
         steps = 0
         chain = _Chain(SessionSpec(model_id, batch, max_length, sampling, num_layers=route[-1].end,
-                                   vocab_size=vocab_size))
+                                   vocab_size=vocab_size), push=self.push)
         async with self._open_chain(chain, route):
             step_ids, step_pos, step_mask = ids, positions, mask
             # A long prompt goes in chunks (bounded memory per step); each chunk keeps >= 2
@@ -340,7 +349,8 @@ class SwarmClient:
         decode_s = time.perf_counter() - t0 - ttft
         route_used = [h.hop for h in chain.hops]
         receipts = [r.receipt_id for h in chain.retired + chain.hops for r, _, _ in h.account.receipts]
-        return GenerationResult(out, route_used, ttft, decode_s, steps, chain.failovers, receipts)
+        return GenerationResult(out, route_used, ttft, decode_s, steps, chain.failovers, receipts,
+                                chain.pushed_steps)
 
     async def stream(
         self,
@@ -368,6 +378,8 @@ class SwarmClient:
     async def _open_chain(self, chain: "_Chain", route: list[Hop]) -> AsyncIterator[None]:
         try:
             await self._open_hops(chain, route)
+            if chain.push:
+                await self._link_chain(chain)
             yield
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
@@ -426,16 +438,37 @@ class SwarmClient:
         positions: list[list[int]],
         mask: list[list[int]],
     ) -> list[int]:
+        """One step through the chain: the sampled ids. A hop that takes pushed input (SPEC
+        9.6) gets nothing from us: its previous hop pushed it; we read its report within what
+        is left of the step's deadline (the deadline is on the token, not on each hop). A hop
+        that fails or stalls is failed over; under push every hop after it is opened again
+        (it may hold the failed step already), and the chain is linked again after the step."""
         pos_t = int64_tensor(positions)
         mask_t = int64_tensor(mask)
         payload: Tensor = int64_tensor(ids)
+        inputs: list[Tensor] = []  # inputs[i]: what hop i takes in this step
+        deadline = trio.current_time() + self.sessions.step_timeout_s
         i = 0
         while i < len(chain.hops):
             h = chain.hops[i]
+            del inputs[i:]
+            inputs.append(payload)
             try:
-                payload = await self.sessions.step(h, payload, pos_t, mask_t)
+                if h.pushed_in:
+                    left = max(0.001, deadline - trio.current_time())
+                    payload = await self.sessions.result(h, payload, pos_t, mask_t, timeout_s=left,
+                                                         pushed_from=chain.hops[i - 1])
+                    chain.pushed_steps += 1
+                else:
+                    payload = await self.sessions.step(h, payload, pos_t, mask_t)
             except PeerError as exc:
-                await self._fail_over(chain, i, exc)
+                failed = i - 1 if i > 0 and exc.peer_id == chain.hops[i - 1].hop.peer_id else i
+                if failed < i:  # caught by what it pushed: its replacement redoes this step
+                    chain.hops[failed].history.pop()
+                chain.relink = chain.relink or chain.push
+                replaced_by = await self._fail_over(chain, failed, exc)
+                await self._restart_after(chain, failed + replaced_by)
+                i, payload = failed, inputs[failed]
                 continue  # retry this step on the replacement
             self.health.succeeded(h.hop.peer_id)
             if self.spot_checker is not None:
@@ -445,15 +478,108 @@ class SwarmClient:
                     spec.model_id, h.hop, h.session_id, h.steps - 1, h.history, payload,
                     need_tokens=spec.batch * spec.max_length))
                 if verdict.dispute is not None:
-                    i += await self._caught(chain, i, verdict, witnessing.receipts)
+                    replaced_by = await self._caught(chain, i, verdict, witnessing.receipts)
+                    await self._restart_after(chain, i + replaced_by)  # they took the caught output
+                    i += replaced_by
                     payload = verdict.output
                     continue
             i += 1
+        if chain.relink:
+            await self._link_chain(chain)
         try:
             return int64_values(payload)
         except ShizaError as exc:  # the last hop answered something other than token ids
             last = chain.hops[-1].hop
             raise peer_error(exc, peer_id=last.peer_id, layers=(last.start, last.end)) from None
+
+    async def _link_chain(self, chain: "_Chain") -> None:
+        """Link every hop to its neighbours (SPEC 9.6): first tell each hop whose pushes it
+        takes, then each hop where to push (a node links only to a session that named it).
+        A hop that does not know Link is opened again and driven by us; one that fails is
+        failed over and linking starts again (bounded by the failovers allowed)."""
+        chain.relink = False
+        hops = chain.hops
+        for h in hops:
+            h.pushed_in = h.pushing = False
+        if len(hops) < 2:
+            return
+        able = [h.hop.peer_id not in self.no_push for h in hops]
+        pushing: dict[int, bool] = {}
+        failures: list[BaseException] = []
+
+        async def link(i: int, prev: HopSession | None, nxt: HopSession | None) -> None:
+            try:  # each Link is read to its answer: one failing cancels none of the others
+                result = await self.sessions.link(hops[i], prev, nxt)
+            except PushUnsupported as exc:
+                self.no_push.add(hops[i].hop.peer_id)
+                failures.append(exc)
+            except PeerError as exc:
+                failures.append(exc)
+            else:
+                if nxt is not None:
+                    pushing[i] = result
+
+        async with trio.open_nursery() as nursery:  # whose pushes each takes
+            for i in range(1, len(hops)):
+                if able[i] and able[i - 1]:
+                    nursery.start_soon(link, i, hops[i - 1], None)
+        if not failures:
+            async with trio.open_nursery() as nursery:  # where each pushes
+                for i in range(len(hops) - 1):
+                    if able[i] and able[i + 1]:
+                        nursery.start_soon(link, i, hops[i - 1] if i > 0 and able[i - 1] else None, hops[i + 1])
+        if failures:
+            chain.relink = True
+            await self._reopen_unsupported(chain)
+            for failure in failures:
+                if isinstance(failure, PeerError):
+                    index = next((k for k, h in enumerate(chain.hops) if h.hop.peer_id == failure.peer_id), None)
+                    if index is not None:
+                        replaced_by = await self._fail_over(chain, index, failure)
+                        await self._restart_after(chain, index + replaced_by)
+            await self._link_chain(chain)
+            return
+        for i, ok in pushing.items():
+            hops[i].pushing = ok
+            hops[i + 1].pushed_in = ok
+
+    async def _reopen_unsupported(self, chain: "_Chain") -> None:
+        """Open again, on the same peers, the hops whose session ended on a Link they did not
+        know, replaying what they had done."""
+        for i, h in enumerate(chain.hops):
+            if h.hop.peer_id in self.no_push and not h.pushed_in and h.stream_ended_on_link:
+                await h.reset()
+                new = await self.sessions.open(chain.spec, h.hop)
+                for payload, pos, mask in h.history:
+                    await self.sessions.step(new, payload, pos, mask)
+                chain.retired.append(h)
+                chain.hops[i] = new
+
+    async def _restart_after(self, chain: "_Chain", start: int) -> None:
+        """Under push, open again the sessions of hops ``start`` onwards on the same peers and
+        replay their history: a hop that took a push of the failed step holds one step more
+        than we know of. They are linked again after the step (``chain.relink``)."""
+        if not any(h.pushed_in for h in chain.hops[start:]):
+            return
+        chain.relink = True
+        k = start
+        while k < len(chain.hops):
+            old = chain.hops[k]
+            old.pushed_in = old.pushing = False
+            if start > 0:
+                chain.hops[start - 1].pushing = False
+            await self.sessions.close(old)  # bounded, never raises: its receipts stay
+            try:
+                new = await self.sessions.open(chain.spec, old.hop)
+                for payload, pos, mask in old.history:
+                    await self.sessions.step(new, payload, pos, mask)
+            except PeerError as exc:
+                chain.hops[k] = old  # replace it as any failed hop: its history is replayed
+                k += await self._fail_over(chain, k, exc)
+                continue
+            chain.retired.append(old)
+            chain.hops[k] = new
+            k += 1
 
     async def _caught(self, chain: "_Chain", index: int, verdict: Verdict,
                       witness_receipts: dict[str, bytes]) -> int:
@@ -539,6 +665,9 @@ class _Chain:
     retired: list[HopSession] = field(default_factory=list)  # replaced by failover
     failovers: int = 0
     failed: set[str] = field(default_factory=set)  # peers that failed this generation: never its fallback
+    push: bool = False  # link the hops (SPEC 9.6)
+    relink: bool = False  # sessions were replaced under push: link the chain again
+    pushed_steps: int = 0
 
 
 class _Witnessing:

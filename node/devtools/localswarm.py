@@ -122,14 +122,18 @@ def start_chain(
     extra_args: Sequence[str] = (),
     timeout_s: float = 300.0,
     metrics_ports: Sequence[int] | None = None,
+    node_args: Sequence[Sequence[str]] | None = None,
 ) -> list[NodeProcess]:
     """Start one node per span; the first is the bootstrap of the others. Ready on return.
-    With ``metrics_ports`` (one per span) node i serves its Prometheus metrics on port i."""
+    With ``metrics_ports`` (one per span) node i serves its Prometheus metrics on port i;
+    ``node_args`` (one list per span) are node i's own flags, after ``extra_args``."""
     if metrics_ports is not None and len(metrics_ports) != len(spans):
         raise ValueError("metrics_ports needs one port per span")
 
     def args_of(i: int) -> list[str]:
         own = ["--metrics-port", str(metrics_ports[i])] if metrics_ports is not None else []
+        if node_args is not None:
+            own += list(node_args[i])
         return [*extra_args, *own]
 
     nodes: list[NodeProcess] = []

@@ -25,7 +25,8 @@ from typing import Awaitable, Callable
 import trio
 
 from protocol.identity import Identity
-from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL, INFO_PROTOCOL
+from protocol.codec import Tensor
+from protocol.ids import DEFAULT_SWARM_ID, INFERENCE_PROTOCOL, INFO_PROTOCOL, LINK_PROTOCOL
 from protocol.messages import NodeInfo, ServedSpan
 from protocol.records import Gpu, Hardware
 
@@ -40,7 +41,8 @@ from node.ledger.store import LEDGER_FILE, Ledger
 from node.net.admission import SwarmKey, open_admission
 from node.net.dht import DhtObserver, SwarmDHT, open_dht
 from node.net.direct import DirectListener
-from node.net.host import Host, open_host
+from node.net.host import Host, Libp2pConnector, open_host
+from node.net.links import LinkPool
 from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
 from node.net.relay import RelayOptions
 from node.serve.announce import Announcer, RecordState
@@ -93,6 +95,17 @@ class NodeConfig:
     services: list[Callable[..., Awaitable[None]]] = field(default_factory=list)
     # The direct activation channel's TCP port (SPEC 9.5): 0 picks a free one, None disables it.
     direct_port: int | None = 0
+    # Node-to-node flow (SPEC 9.6): take pushed steps and push outputs to the next hop.
+    # False answers a client's Link as a node without it would (the client drives every hop).
+    push: bool = True
+    tamper_pushes: bool = False  # testing only: push altered outputs (the client catches it)
+
+
+def _tamper(output: Tensor) -> Tensor:
+    """Testing only (``tamper_pushes``): ``output`` with its first value's bytes changed."""
+    data = bytearray(output.data)
+    data[:2] = bytes(b ^ 0x5A for b in data[:2])
+    return Tensor(output.dtype, output.shape, bytes(data))
 
 
 @dataclass
@@ -253,15 +266,22 @@ class Node:
         direct = (DirectListener(_listen_host(cfg.listen), cfg.direct_port)
                   if cfg.direct_port is not None else None)
         hooks = ServerHooks(on_step=self.hooks.on_step, on_cache_change=self._cache_changed)
+        links = LinkPool(Libp2pConnector(self.host), direct=direct is not None) if cfg.push else None
         self.server = SpanServer(self.engine, node_info=self.node_info, limits=cfg.limits,
-                                 accounting=accounting, hooks=hooks, direct=direct)
+                                 accounting=accounting, hooks=hooks, direct=direct, links=links,
+                                 identity=self.identity, push=cfg.push,
+                                 push_fault=_tamper if cfg.tamper_pushes else None)
         self.host.set_handler(INFO_PROTOCOL, self.server.handle_info)
         self.host.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
+        if links is not None:
+            self.host.set_handler(LINK_PROTOCOL, self.server.handle_link)
         self.announcer = Announcer(self.identity, self.dht, self.state, ttl_s=cfg.record_ttl_s,
                                    provide_keys=(self.source.model_id,))
         async with trio.open_nursery() as channels:  # outlives the drain: sessions finish on it
             if direct is not None:
                 await channels.start(direct.serve)
+            if links is not None:
+                await channels.start(links.run)
             await self._serve(start, end, stop, task_status, loaded.supervised)
             channels.cancel_scope.cancel()
 

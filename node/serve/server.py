@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -37,9 +38,10 @@ from protocol.errors import (
     ShizaError,
     SpanNotServed,
     Timeout,
+    UnknownMessageType,
     UnknownModel,
 )
-from protocol.codec import itemsize
+from protocol.codec import Tensor, itemsize
 from protocol.ids import DEFAULT_SWARM_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES, MAX_TENSOR_ELEMENTS
 from protocol.messages import (
     CloseSession,
@@ -57,6 +59,7 @@ from protocol.messages import (
 )
 
 from protocol.identity import Identity
+from protocol.push import Link, Linked, Push, Pushed, push_digest, sign_push, verify_push
 from protocol.receipts import Receipt, verify_receipt
 
 from node.engine.base import Engine, Sampling
@@ -72,10 +75,12 @@ from node.ledger.accounting import (
 )
 from node.ledger.store import AWAITING_VERDICT, Ledger, LedgerError
 from node.net.direct import DirectListener, Offer
+from node.net.links import LinkPool, OutLink, accept_link
 from node.net.streams import FramedStream, StreamBroken
 from node.net.wire import recv_message, send_message
 from node.serve.limits import NodeShares, PeerLimiter, PeerLimits
 from node.serve.scheduler import CacheAdmission, StepScheduler
+from node.util.groups import unwrap_single_groups
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +166,11 @@ class _Session:
     kv_tokens: int = 0  # reserved against the client's per-peer limit
     frame_limit: int = MAX_CONTROL_FRAME_BYTES  # bytes of one frame of this session (a Step)
     last: bool = False  # ends at the model's last layer: its steps return token ids
+    # Node-to-node flow (SPEC 9.6), as the client's last Link set it:
+    prev_peer: str | None = None  # whose pushes this session takes (None: the client's Steps only)
+    next: OutLink | None = None  # where each output is pushed, to session next_session
+    next_session: str = ""
+    source: "_Source | None" = None  # where its messages come from (the stream, then also pushes)
 
 
 class SpanServer:
@@ -180,6 +190,10 @@ class SpanServer:
         accounting: Accounting | None = None,
         hooks: ServerHooks | None = None,
         direct: DirectListener | None = None,
+        links: LinkPool | None = None,
+        identity: Identity | None = None,
+        push: bool = True,
+        push_fault: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.engine = engine
         self.accounting = accounting
@@ -187,6 +201,15 @@ class SpanServer:
         self.limits = limits or ServerLimits()
         self.hooks = hooks or ServerHooks()
         self.direct = direct
+        # Node-to-node flow (SPEC 9.6): ``links`` reaches next hops, ``identity`` signs what is
+        # pushed; ``push`` False answers Link as a node without 9.6 does (UnknownMessageType).
+        self.links = links
+        self.identity = identity or (accounting.identity if accounting is not None else None)
+        self.push = push
+        self.push_fault = push_fault  # testing only: alters what is pushed, not what is reported
+        self._sessions: dict[str, _Session] = {}  # open sessions, by id: where pushes go
+        self.pushes_in = 0
+        self.pushes_out = 0
         self.stats = ServerStats()
         self.peers = PeerLimiter(self.limits.peer, max_sessions=self.limits.max_sessions, shares=self.limits.shares)
         self.accepting = True
@@ -229,6 +252,7 @@ class SpanServer:
             if not isinstance(msg, OpenSession):
                 raise InvalidMessage(f"expected open, got {type(msg).__name__}")
             session = await self._open(msg, stream.remote_peer_id)
+            self._sessions[session.session_id] = session
             offer = None
             direct = self.direct
             if msg.direct_key is not None and direct is not None:
@@ -262,6 +286,10 @@ class SpanServer:
                 with trio.move_on_after(2):
                     await stream.close()
             if session is not None:
+                self._sessions.pop(session.session_id, None)
+                if session.next is not None and self.links is not None:
+                    self.links.release(session.next)
+                    session.next = None
                 self.peers.close_session(session.client, session.kv_tokens)
                 self._close(session.session_id)
                 await self._settle_broken(session)
@@ -448,10 +476,21 @@ class SpanServer:
         raise InvalidMessage(f"expected cosign or dispute for receipt {pending.receipt_id}")
 
     async def _serve_steps(self, stream: FramedStream, session: "_Session") -> None:
+        with unwrap_single_groups():  # the session's error, not a group of one
+            async with trio.open_nursery() as nursery:
+                session.source = _Source(self, stream, session, nursery)
+                try:
+                    await self._serve_loop(stream, session, session.source)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    async def _serve_loop(self, stream: FramedStream, session: "_Session", source: "_Source") -> None:
         account = session.account
         expected_step = 0
         while True:
-            msg = await self._recv(stream, session.client, self.limits.idle_timeout_s, session.frame_limit)
+            # While a receipt is pending only the client's verdict may come next (9.3): a
+            # step pushed meanwhile waits for it (SPEC 9.6).
+            msg, pushed = await source.next(self.limits.idle_timeout_s, client_only=session.pending is not None)
             if session.pending is not None:
                 pending, session.pending = session.pending, None
                 if await self._await_verdict(stream, session, pending, msg):
@@ -466,14 +505,19 @@ class SpanServer:
                 if final is not None:
                     session.final_sent = True
                     try:
-                        verdict = await self._recv(stream, session.client, self.limits.open_timeout_s)
+                        verdict, _ = await source.next(self.limits.open_timeout_s, client_only=True)
                     except ShizaError:
                         verdict = None
                     await self._await_verdict(stream, session, final, verdict)
                 await stream.close()
                 return
+            if isinstance(msg, Link):
+                await self._link(stream, session, msg)
+                continue
             if not isinstance(msg, Step):
                 raise InvalidMessage(f"expected step or close, got {type(msg).__name__}")
+            if pushed is not None:  # numbered by its sender: it is this session's next step
+                msg = Step(expected_step, msg.input, msg.positions, msg.mask)
             if msg.step != expected_step:
                 raise InvalidMessage(f"expected step {expected_step}, got {msg.step}")
             self._check_step(msg, session)
@@ -499,6 +543,8 @@ class SpanServer:
             self.stats.work_units += tokens * (session.end - session.start)
             if self.hooks.on_step is not None:
                 self.hooks.on_step(StepDone((engine.start, engine.end), msg.step == 0, batch_rows, step_s))
+            if session.next is not None and not session.last:
+                await self._push(session, msg, output)  # the critical path first (SPEC 9.6)
             receipt_bytes = None
             if account is not None:
                 account.record(msg, output)
@@ -507,8 +553,111 @@ class SpanServer:
                     await self._store_issued(receipt)  # before it is sent
                     session.pending = receipt
                     receipt_bytes = receipt.to_bytes()
+            if pushed is not None:
+                await send_message(stream, Pushed(msg.step, pushed[0], pushed[1]))
             await send_message(stream, StepResult(msg.step, output, receipt_bytes))
             expected_step += 1
+
+    # ---- node-to-node flow (SPEC 9.6) -------------------------------------------------
+    async def _link(self, stream: FramedStream, session: "_Session", msg: Link) -> None:
+        """Apply a client's Link to its session and answer Linked."""
+        if not self.push:  # what a node without node-to-node flow answers
+            raise UnknownMessageType("unknown message type 'link'")
+        if msg.prev_peer is not None and session.start == 0:
+            raise InvalidMessage("the first span takes its steps from the client")
+        session.prev_peer = msg.prev_peer
+        if msg.prev_peer is not None and session.source is not None:
+            session.source.merge()
+        if session.next is not None and self.links is not None:
+            self.links.release(session.next)
+        session.next, session.next_session = None, ""
+        pushing, reason = False, ""
+        if msg.next_peer is not None:
+            if session.last:
+                reason = "the last span answers the client only"
+            elif self.links is None or self.identity is None:
+                reason = "this node opens no links"
+            else:
+                try:
+                    session.next = await self.links.acquire(msg.next_peer, msg.next_addrs)
+                    session.next_session, pushing = msg.next_session, True
+                except StreamBroken as exc:
+                    reason = f"no link to {msg.next_peer}: {exc}"[:1000]
+                    log.info("session %s: %s", session.session_id, reason)
+        await send_message(stream, Linked(pushing, reason))
+
+    async def _push(self, session: "_Session", step: Step, output: Tensor) -> None:
+        """Push ``output`` to the next hop's session, signed. A link that fails is dropped:
+        the session goes on, and its client (whose next hop reports nothing) re-links."""
+        link = session.next
+        assert link is not None and self.identity is not None
+        nxt = Step(step.step, output, step.positions, step.mask)
+        if self.push_fault is not None:
+            nxt = Step(nxt.step, self.push_fault(output), nxt.positions, nxt.mask)
+        sig = sign_push(self.identity, push_digest(session.next_session, nxt))
+        try:
+            await link.send(Push(session.next_session, session.client, nxt.step, nxt.input, nxt.positions, sig,
+                                 nxt.mask))
+            self.pushes_out += 1
+        except StreamBroken as exc:
+            log.info("push of session %s to %s failed: %s", session.session_id, link.peer_id, exc)
+            if self.links is not None:
+                self.links.release(link)
+            session.next = None
+
+    async def handle_link(self, stream: FramedStream) -> None:
+        """A node linking to us to push steps: allowed when an open session names it."""
+        peer = stream.remote_peer_id
+        io: FramedStream = stream
+        try:
+            self._admit(peer)
+            if not self.push:
+                raise NotAllowed("this node takes no pushed steps")
+            if not any(s.prev_peer == peer for s in self._sessions.values()):
+                raise NotAllowed("no session on this node takes pushes from you")
+            with self._first_frame(peer):
+                io, _ = await accept_link(stream, self.direct, self.limits.open_timeout_s)
+            await self._serve_link(io, peer)
+        except ShizaError as exc:
+            await self._fail(io, exc)
+        except StreamBroken as exc:
+            log.info("link from %s broke: %s", peer, exc)
+        finally:
+            await io.close()
+            if io is not stream:
+                with trio.move_on_after(2):
+                    await stream.close()
+
+    async def _serve_link(self, io: FramedStream, peer: str) -> None:
+        """Hand each Push from ``peer`` to its session, after checking that the session takes
+        pushes from ``peer`` for the same client and that ``peer`` signed it."""
+        while True:
+            limits = [s.frame_limit for s in self._sessions.values() if s.prev_peer == peer]
+            try:
+                msg = await self._recv(io, peer, self.limits.idle_timeout_s, max(limits, default=MAX_CONTROL_FRAME_BYTES))
+            except Timeout:
+                return  # an idle link: its sender opens another when it needs one
+            if msg is None:
+                return
+            if not isinstance(msg, Push):
+                raise self._violation(peer, InvalidMessage(f"a link carries pushes, got {type(msg).__name__}"))
+            session = self._sessions.get(msg.session_id)
+            if session is None:
+                log.info("push from %s for session %s, which is not open here", peer, msg.session_id)
+                continue  # it ended meanwhile (or failed over): nothing to do with the step
+            if session.prev_peer != peer or session.client != msg.client:
+                raise self._violation(peer, NotAllowed(
+                    f"session {msg.session_id} takes no pushes from you for {msg.client}"))
+            step = msg.as_step()
+            digest = push_digest(msg.session_id, step)
+            try:
+                verify_push(peer, digest, msg.sig)
+            except ShizaError as exc:
+                raise self._violation(peer, exc) from None
+            assert session.source is not None
+            if not session.source.pushed(step, digest, msg.sig):
+                raise self._violation(peer, LimitExceeded(f"pushes to session {msg.session_id} faster than it steps"))
+            self.pushes_in += 1
 
     async def _settle_broken(self, session: "_Session") -> None:
         """After a stream ended without a countersigned final receipt, keep what was done."""
@@ -577,3 +726,66 @@ class SpanServer:
             await self._idle.wait()
             return True
         return False
+
+
+_PUSH_QUEUE = 16  # messages queued for a session that takes pushes (client's and pushed)
+
+
+class _Source:
+    """Where a session's messages come from: its stream alone, until a Link names a peer that
+    pushes steps to it; from then on (``merge``) a task reads the stream into a queue that the
+    link also feeds, and ``next`` takes from that queue in arrival order (a pushed step can be
+    held back while the client's verdict on a receipt is due)."""
+
+    def __init__(self, server: SpanServer, stream: FramedStream, session: _Session, nursery: trio.Nursery) -> None:
+        self.server = server
+        self.stream = stream
+        self.session = session
+        self.nursery = nursery
+        self.merged = False
+        self._send, self._recv = trio.open_memory_channel[tuple](_PUSH_QUEUE)
+        self._held: deque[tuple] = deque()
+
+    def merge(self) -> None:
+        if not self.merged:
+            self.merged = True
+            self.nursery.start_soon(self._pump)
+
+    def pushed(self, step: Step, digest: bytes, sig: bytes) -> bool:
+        """Queue a pushed step; False when the queue is full (the sender is flooding)."""
+        try:
+            self._send.send_nowait(("push", step, (digest, sig)))
+            return True
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    async def _pump(self) -> None:
+        session = self.session
+        try:
+            while True:
+                msg = await self.server._recv(self.stream, session.client, None, session.frame_limit)
+                await self._send.send(("client", msg, None))
+                if msg is None:
+                    return
+        except (ShizaError, StreamBroken) as exc:
+            await self._send.send(("error", exc, None))
+
+    async def next(self, timeout: float, *, client_only: bool = False) -> tuple[Message | None, tuple[bytes, bytes] | None]:
+        """(message, (digest, sig) of a pushed step or None). Raises as ``_recv`` does."""
+        if not self.merged:
+            return await self.server._recv(self.stream, self.session.client, timeout, self.session.frame_limit), None
+        if not client_only and self._held:
+            _, msg, pushed = self._held.popleft()
+            return msg, pushed
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    kind, msg, pushed = await self._recv.receive()
+                    if kind == "error":
+                        raise msg
+                    if kind == "push" and client_only:
+                        self._held.append((kind, msg, pushed))
+                        continue
+                    return msg, pushed
+        except trio.TooSlowError:
+            raise Timeout(f"no message within {timeout:g} s") from None

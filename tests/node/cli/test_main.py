@@ -43,6 +43,7 @@ def test_logging_flags_go_before_or_after_the_subcommand() -> None:
     assert p.parse_args(["demo"]).log_format == "text"
 
 
+@pytest.mark.proc
 def test_help_shows_defaults_and_an_example() -> None:
     done = shiza("node", "run", "--help")
     assert done.returncode == 0
@@ -100,6 +101,7 @@ def test_a_bad_flag_is_a_usage_error(argv: list[str]) -> None:
     assert last.startswith(("shiza node run: error:", "shiza: error:")), last
 
 
+@pytest.mark.proc
 def test_swarm_key_new_writes_a_private_key_once(tmp_path: Path) -> None:
     from node.net.admission import SwarmKey
 
@@ -114,6 +116,7 @@ def test_swarm_key_new_writes_a_private_key_once(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+@pytest.mark.proc
 def test_a_missing_or_corrupt_ledger_is_one_line(tmp_path: Path) -> None:
     missing = shiza("receipts", "list", "--data-dir", str(tmp_path))
     assert missing.returncode == EXIT_USAGE and missing.stderr.startswith("error: no ledger at")
@@ -124,6 +127,7 @@ def test_a_missing_or_corrupt_ledger_is_one_line(tmp_path: Path) -> None:
     assert (tmp_path / "ledger.sqlite").read_bytes() == b"not a database" * 100  # reported, not touched
 
 
+@pytest.mark.proc
 def test_an_unreachable_bootstrap_peer_is_a_network_error(tmp_path: Path, tiny_llama) -> None:
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))

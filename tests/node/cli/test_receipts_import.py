@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from protocol.identity import Identity
 from protocol.receipts import Receipt, countersign_receipt
 
@@ -25,6 +27,7 @@ def shiza(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([SHIZA, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.proc
 def test_a_missed_countersignature_is_imported_and_the_statements_agree(tmp_path: Path) -> None:
     server_dir, client_dir = tmp_path / "server", tmp_path / "client"
     server_dir.mkdir()

@@ -102,6 +102,7 @@ async def test_disputes_are_stored_found_and_forgeries_refused():
         assert list(found) == [reporter.peer_id] and found[reporter.peer_id] == claim
 
 
+@pytest.mark.proc
 async def test_distinct_reporters_exclude_a_peer_from_routing():
     async with AsyncExitStack() as stack:
         # 0, 1: nodes serving the whole model; 2..4: reporters; 5: the client.

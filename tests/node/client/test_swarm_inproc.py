@@ -94,6 +94,7 @@ async def test_losing_the_only_server_of_some_layers_raises_layers_lost(tiny_lla
         assert swarm.nodes[0].server.stats.receipts == {"countersigned": 1}
 
 
+@pytest.mark.proc
 async def test_a_peer_that_refuses_surfaces_as_its_peer_error(tiny_llama):
     async with open_swarm(tiny_llama, [(0, 6)], limits=ServerLimits(max_sessions=0)) as swarm:
         with pytest.raises(Busy) as err:
@@ -279,6 +280,7 @@ async def test_a_dead_peer_whose_record_remains_is_routed_around_at_open_and_the
         assert client.health.failures(dead) == 1
 
 
+@pytest.mark.proc
 async def test_a_busy_peer_at_open_is_replaced_by_another_for_its_layers(tiny_llama):
     async with open_swarm(tiny_llama, []) as swarm:
         busy = await swarm.add_node("busy", engine_of(tiny_llama, 0, 6), limits=ServerLimits(max_sessions=0))

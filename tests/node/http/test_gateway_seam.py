@@ -95,6 +95,7 @@ async def test_no_coverage_is_503_with_retry_after(tiny_llama, text_model):
     assert headers["retry-after"].isdigit()
 
 
+@pytest.mark.proc
 async def test_a_busy_peer_is_503_busy(tiny_llama, text_model):
     async with open_swarm(tiny_llama, [(0, 6)], limits=ServerLimits(max_sessions=0)) as swarm:
         status, error, _ = await _post_status(swarm, text_model)

@@ -69,6 +69,7 @@ async def swarm(n: int = N) -> AsyncIterator[list[tuple[Host, SwarmDHT]]]:
         yield nodes
 
 
+@pytest.mark.proc
 async def test_five_node_swarm(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     timings: dict[str, float] = {}
     with trio.fail_after(25):
@@ -224,6 +225,7 @@ async def test_provider_lists_hold_more_than_twenty_and_let_stale_entries_go() -
         assert listed() == set() and key not in store.providers
 
 
+@pytest.mark.proc
 async def test_fresh_identities_cannot_evict_honest_providers() -> None:
     """Announcing is free for a fresh identity: if a full key made room for newcomers, a flood
     of them would push every honest provider out of a DHT node's list. Here the honest
