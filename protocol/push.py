@@ -14,6 +14,7 @@ something else cannot forge the sender's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
@@ -39,9 +40,14 @@ def sign_push(identity: Identity, digest: bytes) -> bytes:
     return identity.sign(PURPOSE_PUSH, digest)
 
 
+@functools.lru_cache(maxsize=1024)
+def _public_key(peer_id: str) -> bytes:
+    return public_key_from_peer_id(peer_id)
+
+
 def verify_push(sender_peer_id: str, digest: bytes, sig: bytes) -> None:
     """InvalidSignature unless ``sig`` is ``sender_peer_id``'s signature of ``digest``."""
-    verify(public_key_from_peer_id(sender_peer_id), PURPOSE_PUSH, digest, sig)
+    verify(_public_key(sender_peer_id), PURPOSE_PUSH, digest, sig)
 
 
 # Messages ------------------------------------------------------------------------------

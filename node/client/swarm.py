@@ -391,10 +391,40 @@ class SwarmClient:
         """Open a session on every hop of ``route``. A hop that cannot be opened (gone, busy,
         refusing) is backed off and replaced by another chain for its layers, as a failed step
         is; when nobody else serves them its PeerError is raised."""
-        pending = list(route)
-        while pending:
-            hop = pending.pop(0)
+        # Every hop of the route at once (one round trip, not one per hop); then, in order,
+        # each one that failed is replaced as below.
+        first: dict[int, HopSession | PeerError] = {}
+        other: list[Exception] = []  # not a peer's failure (e.g. InvalidRequest): raised
+
+        async def open_one(k: int, hop: Hop) -> None:
             try:
+                first[k] = await self.pacing.open(lambda: self.sessions.open(chain.spec, hop), hop.peer_id)
+            except PeerError as exc:
+                first[k] = exc
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others are closed
+                other.append(exc)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for k, hop in enumerate(route):
+                    nursery.start_soon(open_one, k, hop)
+        finally:
+            if other or len(first) < len(route):  # raising (or cancelled): none stays open
+                with trio.CancelScope(shield=True):
+                    for opened in first.values():
+                        if isinstance(opened, HopSession):
+                            await opened.reset()
+        if other:
+            raise other[0]
+        pending: list[tuple[Hop, HopSession | PeerError | None]] = [(hop, first[k]) for k, hop in enumerate(route)]
+        while pending:
+            hop, opened = pending.pop(0)
+            if isinstance(opened, HopSession):
+                chain.hops.append(opened)
+                continue
+            try:
+                if opened is not None:
+                    raise opened
                 chain.hops.append(await self.pacing.open(lambda: self.sessions.open(chain.spec, hop), hop.peer_id))
                 continue
             except PeerError as exc:
@@ -411,7 +441,7 @@ class SwarmClient:
                 raise failure from None
             log.warning("cannot open %s (layers %d:%d): %s; opening %s instead", hop.peer_id, hop.start,
                         hop.end, failure.reason, ", ".join(f"{h.peer_id} {h.start}:{h.end}" for h in replacement))
-            pending[:0] = replacement
+            pending[:0] = [(h, None) for h in replacement]
 
     async def _replacement(self, spec: SessionSpec, start: int, end: int,
                            failed_now: frozenset[str] = frozenset()) -> list[Hop]:
@@ -493,9 +523,9 @@ class SwarmClient:
             raise peer_error(exc, peer_id=last.peer_id, layers=(last.start, last.end)) from None
 
     async def _link_chain(self, chain: "_Chain") -> None:
-        """Link every hop to its neighbours (SPEC 9.6): first tell each hop whose pushes it
-        takes, then each hop where to push (a node links only to a session that named it).
-        A hop that does not know Link is opened again and driven by us; one that fails is
+        """Link every hop to its neighbours (SPEC 9.6), all at once: each hop is told whose
+        pushes it takes and where it pushes (a node's link to the next waits there until that
+        session names it). A hop that does not know Link is opened again and driven by us; one that fails is
         failed over and linking starts again (bounded by the failovers allowed)."""
         chain.relink = False
         hops = chain.hops
@@ -519,15 +549,14 @@ class SwarmClient:
                 if nxt is not None:
                     pushing[i] = result
 
-        async with trio.open_nursery() as nursery:  # whose pushes each takes
-            for i in range(1, len(hops)):
-                if able[i] and able[i - 1]:
-                    nursery.start_soon(link, i, hops[i - 1], None)
-        if not failures:
-            async with trio.open_nursery() as nursery:  # where each pushes
-                for i in range(len(hops) - 1):
-                    if able[i] and able[i + 1]:
-                        nursery.start_soon(link, i, hops[i - 1] if i > 0 and able[i - 1] else None, hops[i + 1])
+        async with trio.open_nursery() as nursery:  # every hop at once: whose pushes it takes, where it pushes
+            for i in range(len(hops)):
+                if not able[i]:
+                    continue
+                prev = hops[i - 1] if i > 0 and able[i - 1] else None
+                nxt = hops[i + 1] if i + 1 < len(hops) and able[i + 1] else None
+                if prev is not None or nxt is not None:
+                    nursery.start_soon(link, i, prev, nxt)
         if failures:
             chain.relink = True
             await self._reopen_unsupported(chain)

@@ -105,6 +105,16 @@ class NodeCollector(Collector):
             yield tokens
             yield CounterMetricFamily(f"{PREFIX}_work_units", "Work units served (tokens times layers).",
                                       value=st.work_units)
+            pushes = CounterMetricFamily(f"{PREFIX}_pushes", "Steps pushed node to node (SPEC 9.6): "
+                                         "in, taken from the hop before; out, sent to the hop after.",
+                                         labels=["direction"])
+            pushes.add_metric(["in"], getattr(server, "pushes_in", 0))
+            pushes.add_metric(["out"], getattr(server, "pushes_out", 0))
+            yield pushes
+            links = getattr(server, "links", None)
+            if links is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_links_open", "Node-to-node links this node pushes on now.",
+                                        value=len(links.links()))
             receipts = CounterMetricFamily(f"{PREFIX}_receipts", "Receipts issued, by how the client answered.",
                                            labels=["status"])
             for status in ("countersigned", "disputed", "server_only"):

@@ -84,6 +84,8 @@ from node.util.groups import unwrap_single_groups
 
 log = logging.getLogger(__name__)
 
+# How long a link from a peer no session names yet waits for a Link naming it (SPEC 9.6).
+LINK_NAME_WAIT_S = 5.0
 # What a peer sends that cannot be decoded, or is over a frame limit: a strike against it.
 _FRAME_VIOLATIONS = (MalformedFrame, FrameTooLarge, LimitExceeded)
 
@@ -208,6 +210,7 @@ class SpanServer:
         self.push = push
         self.push_fault = push_fault  # testing only: alters what is pushed, not what is reported
         self._sessions: dict[str, _Session] = {}  # open sessions, by id: where pushes go
+        self._named = trio.Event()  # set (and replaced) whenever a session names a pushing peer
         self.pushes_in = 0
         self.pushes_out = 0
         self.stats = ServerStats()
@@ -568,6 +571,8 @@ class SpanServer:
         session.prev_peer = msg.prev_peer
         if msg.prev_peer is not None and session.source is not None:
             session.source.merge()
+            self._named.set()  # a link from that peer waiting to be allowed may go on
+            self._named = trio.Event()
         if session.next is not None and self.links is not None:
             self.links.release(session.next)
         session.next, session.next_session = None, ""
@@ -613,9 +618,8 @@ class SpanServer:
             self._admit(peer)
             if not self.push:
                 raise NotAllowed("this node takes no pushed steps")
-            if not any(s.prev_peer == peer for s in self._sessions.values()):
-                raise NotAllowed("no session on this node takes pushes from you")
-            with self._first_frame(peer):
+            with self._first_frame(peer):  # bounded per peer, like streams before their first frame
+                await self._until_named(peer)
                 io, _ = await accept_link(stream, self.direct, self.limits.open_timeout_s)
             await self._serve_link(io, peer)
         except ShizaError as exc:
@@ -627,6 +631,16 @@ class SpanServer:
             if io is not stream:
                 with trio.move_on_after(2):
                     await stream.close()
+
+    async def _until_named(self, peer: str) -> None:
+        """Return once an open session names ``peer`` as the one pushing to it; NotAllowed
+        past LINK_NAME_WAIT_S (the client links every hop at once, so a link may arrive just
+        before the Link that allows it)."""
+        with trio.move_on_after(LINK_NAME_WAIT_S):
+            while not any(s.prev_peer == peer for s in self._sessions.values()):
+                await self._named.wait()
+            return
+        raise NotAllowed("no session on this node takes pushes from you")
 
     async def _serve_link(self, io: FramedStream, peer: str) -> None:
         """Hand each Push from ``peer`` to its session, after checking that the session takes

@@ -42,8 +42,13 @@ def _statuses(data_dir):
 @pytest.fixture
 def chain3(tiny_model, tmp_path):
     """0:2, 2:4 twice, 4:6: the middle layers have a spare."""
+    from node.http.asgi import free_port
+
+    ports = [free_port() for _ in range(4)]
     nodes = start_chain(tmp_path, [(0, 2), (2, 4), (4, 6), (2, 4)], model=str(tiny_model),
-                        extra_args=["--receipt-every", "4"], timeout_s=120)
+                        extra_args=["--receipt-every", "4"], timeout_s=120, metrics_ports=ports)
+    for node, port in zip(nodes, ports):
+        node.metrics_port = port
     yield nodes
     for n in nodes:
         if n.proc.poll() is None:
@@ -68,6 +73,13 @@ async def test_activations_flow_node_to_node_with_the_same_text_and_receipts(cha
         assert {r.server for r, _ in receipts} == {h.peer_id for h in route}
         assert all(status == "countersigned" for _, status in receipts), receipts
     assert texts[True] == texts[False] == expected
+    # The middle node's metrics count the steps it took pushed and pushed on.
+    from tests.integration.test_metrics import scrape, value
+
+    samples = scrape(chain3[1].metrics_port)
+    assert value(samples, "shiza_pushes_total", direction="in") == result.steps
+    assert value(samples, "shiza_pushes_total", direction="out") == result.steps
+    assert value(samples, "shiza_links_open") == 1
 
 
 async def test_a_node_without_push_is_driven_by_the_client(tiny_model, tmp_path):
