@@ -1,19 +1,36 @@
-"""One session through 3 nodes and a client, each in its own namespace, at chosen one-way delays.
+"""One session through 3 nodes and a client, each in its own namespace, at chosen one-way delays,
+client-driven and node-to-node side by side.
 
     sudo .venv/bin/python -m benchmarks.wan [--model tiny|smollm2-135m|DIR] [--delays 0,10,25,50]
-        [--tokens 32] [--repeats 2] [--out DIR]
+        [--tokens 32] [--repeats 2] [--modes client,push] [--sessions 1,16] [--out DIR]
 
 Every link between two hosts (node-node and client-node) gets the same one-way delay. For each
-delay it runs ``shiza generate --json`` in the client's namespace and reads the session's
-tokens/s and time to first token, and prints beside them what the client-driven cost model
-predicts (ARCHITECTURE.md, "How a token travels"):
+delay and each mode it runs ``shiza generate --json`` in the client's namespace (a warm-up, then
+``--repeats`` measured runs) and reads the session's tokens/s, time to first token and
+``pushed_steps``. The modes:
 
-    seconds per token = t_compute + legs x one-way delay,   legs = 2 x hops
+    client   ``--no-push``: the client drives every hop (ARCHITECTURE.md, "How a token travels")
+    push     the default: activations go node to node, only the token comes back (SPEC.md 9.6)
 
-where t_compute (engine and protocol time per token, everything but the wire) is measured at the
-first delay of the list (0 ms by default: 1 / tokens/s there). results.json and results.md go to
-``--out``. The nodes keep running between delays; only the forwarder is restarted with the new
-delay.
+Beside each measurement it prints what the mode's cost model predicts:
+
+    client-driven   seconds per token = t_compute + 2 x hops x one-way delay
+    node-to-node    seconds per token = t_compute + (hops + 1) x one-way delay
+
+where t_compute (engine and protocol time per token, everything but the wire) is measured per
+mode at the first delay of the list (0 ms by default: 1 / tokens/s there), and at each delay the
+push/client tokens/s ratio. results.json, results.md and results.png (tokens/s against delay,
+the models dashed) go to ``--out``. The nodes keep running between delays; only the forwarder is
+restarted with the new delay.
+
+Concurrent sessions (``--sessions``, default 1,16): when a count N > 1 is listed, at each delay
+and mode benchmarks/wan/concurrent.py runs in the client's namespace, once with 1 session (the
+baseline, measured the same way) and once per N > 1: ceil(N / 8) client identities (a node holds
+8 sessions per client peer), a warm-up each, then N generations at once. Aggregate tokens/s = all
+new tokens / wall time from the first start to the last finish; beside it the per-session median
+(decode) tokens/s and the aggregate over the 1-session aggregate. These go to results.json
+("sessions"), a second table in results.md and sessions.png (aggregate tokens/s against sessions
+per mode and delay, linear scaling from 1 session dotted).
 """
 
 from __future__ import annotations
@@ -26,7 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,23 +53,150 @@ from node.devtools.netns import Network, start_node, tcp_round_trips, why_unavai
 NODES = ("n1", "n2", "n3")
 CLIENT = "c"
 PROMPT = "The capital of France is"
+MODES = ("client", "push")
+MODE_FLAGS = {"client": ["--no-push"], "push": []}
+MODE_NAMES = {"client": "client-driven", "push": "node-to-node"}
 
 
 @dataclass
 class Point:
+    mode: str  # "client" (--no-push) or "push" (node-to-node, the default)
     delay_ms: float
     tcp_rtt_ms: float  # a plain TCP round trip client to node, the injector's check (2 x delay)
     tokens_per_s: float
     ttft_s: float
     per_token_ms: float
+    pushed_steps: int | None = None  # the fewest over the measured runs; None if generate did not say
+    pushed_steps_runs: list[int | None] = field(default_factory=list)
+    tokens_generated: list[int] = field(default_factory=list)  # per measured run (fewer than asked: EOS)
     predicted_tokens_per_s: float | None = None
     predicted_per_token_ms: float | None = None
     measured_vs_predicted_ratio: float | None = None
+    warning: str | None = None
+
+
+@dataclass
+class Aggregate:
+    """N concurrent sessions at one delay in one mode (benchmarks/wan/concurrent.py)."""
+
+    mode: str
+    delay_ms: float
+    sessions: int
+    clients: int = 0
+    finished: int = 0
+    tokens_total: int = 0
+    wall_s: float = 0.0
+    aggregate_tokens_per_s: float = 0.0
+    median_session_tokens_per_s: float = 0.0
+    median_ttft_s: float | None = None
+    ratio_vs_single: float | None = None  # aggregate tok/s over the 1-session aggregate, same mode and delay
+    pushed_steps_min: int | None = None
+    tokens_per_session: list[int] = field(default_factory=list)
+    session_tokens_per_s: list[float] = field(default_factory=list)  # decode tok/s of each finished session
+    session_end_s: list[float] = field(default_factory=list)  # when each finished, from the first start
+    errors: list[str] = field(default_factory=list)
+    warning: str | None = None
+
+
+def session_counts(spec: str) -> list[int]:
+    """``--sessions``: positive counts, in order, duplicates dropped; 1 (the baseline) comes first
+    whenever any count is over 1."""
+    counts = list(dict.fromkeys(int(x) for x in spec.split(",") if x.strip()))
+    if not counts or any(n < 1 for n in counts):
+        raise ValueError(f"--sessions wants positive counts, got {spec!r}")
+    if any(n > 1 for n in counts):
+        counts = [1] + [n for n in counts if n != 1]
+    return counts
+
+
+def aggregate_from(mode: str, delay_ms: float, summary: dict) -> Aggregate:
+    """An Aggregate from concurrent.py's JSON summary; a warning when sessions failed or, under
+    push, some session pushed nothing."""
+    pushed = summary.get("pushed_steps", [])
+    a = Aggregate(mode, delay_ms, summary["sessions"], summary.get("clients", 0), summary.get("finished", 0),
+                  summary.get("tokens_total", 0), summary.get("wall_s", 0.0),
+                  summary.get("aggregate_tokens_per_s", 0.0), summary.get("median_session_tokens_per_s", 0.0),
+                  summary.get("median_ttft_s"), None, min(pushed) if pushed else None,
+                  list(summary.get("tokens_per_session", [])), list(summary.get("session_tokens_per_s", [])),
+                  list(summary.get("session_end_s", [])), list(summary.get("errors", [])))
+    notes = []
+    if a.finished < a.sessions:
+        notes.append(f"{a.sessions - a.finished} of {a.sessions} sessions failed")
+    if a.finished and (w := check_pushed(mode, a.pushed_steps_min)):
+        notes.append(w)
+    a.warning = "; ".join(notes) or None
+    return a
+
+
+def apply_single_ratios(aggs: Sequence[Aggregate]) -> None:
+    """Each aggregate over the 1-session aggregate of its mode and delay (None without one)."""
+    single = {(a.mode, a.delay_ms): a.aggregate_tokens_per_s for a in aggs if a.sessions == 1}
+    for a in aggs:
+        base = single.get((a.mode, a.delay_ms))
+        a.ratio_vs_single = round(a.aggregate_tokens_per_s / base, 2) if base else None
 
 
 def client_driven_s_per_token(compute_s: float, hops: int, delay_s: float) -> float:
     """Seconds per decoded token when every activation passes the client: 2 x hops legs."""
     return compute_s + 2 * hops * delay_s
+
+
+def node_to_node_s_per_token(compute_s: float, hops: int, delay_s: float) -> float:
+    """Seconds per decoded token when activations go hop to hop (SPEC 9.6): client -> first hop,
+    hops - 1 node-to-node legs, and the token back from the last hop: hops + 1 legs."""
+    return compute_s + (hops + 1) * delay_s
+
+
+def legs(mode: str, hops: int) -> int:
+    """One-way legs per token in ``mode``."""
+    return {"client": 2 * hops, "push": hops + 1}[mode]
+
+
+def s_per_token(mode: str, compute_s: float, hops: int, delay_s: float) -> float:
+    model = {"client": client_driven_s_per_token, "push": node_to_node_s_per_token}[mode]
+    return model(compute_s, hops, delay_s)
+
+
+def compute_s_from(mode: str, tokens_per_s: float, hops: int, delay_s: float) -> float:
+    """t_compute from one measurement: what is left of a token's time once the wire is taken off."""
+    return 1 / tokens_per_s - legs(mode, hops) * delay_s
+
+
+def check_pushed(mode: str, pushed_steps: int | None) -> str | None:
+    """A warning when the run did not go the way its mode says (push: some steps pushed; client: none)."""
+    if pushed_steps is None:
+        return "generate --json gave no pushed_steps"
+    if mode == "push" and pushed_steps <= 0:
+        return "0 pushed steps: the session fell back to client-driven"
+    if mode == "client" and pushed_steps != 0:
+        return f"{pushed_steps} pushed steps under --no-push"
+    return None
+
+
+def apply_models(points: list[Point], hops: int) -> dict[str, float]:
+    """Fill in each point's prediction from its mode's t_compute (taken at that mode's first delay)."""
+    compute: dict[str, float] = {}
+    for p in points:
+        if p.mode not in compute:
+            compute[p.mode] = compute_s_from(p.mode, p.tokens_per_s, hops, p.delay_ms / 1000)
+    for p in points:
+        s = s_per_token(p.mode, compute[p.mode], hops, p.delay_ms / 1000)
+        if s <= 0:
+            continue
+        p.predicted_per_token_ms = round(s * 1000, 1)
+        p.predicted_tokens_per_s = round(1 / s, 2)
+        p.measured_vs_predicted_ratio = round(p.tokens_per_s / (1 / s), 3)
+    return compute
+
+
+def push_vs_client(points: Sequence[Point]) -> dict[float, float]:
+    """At each delay measured in both modes: push tokens/s over client tokens/s."""
+    by = {(p.mode, p.delay_ms): p for p in points}
+    out: dict[float, float] = {}
+    for p in points:
+        if p.mode == "push" and ("client", p.delay_ms) in by and by[("client", p.delay_ms)].tokens_per_s > 0:
+            out[p.delay_ms] = round(p.tokens_per_s / by[("client", p.delay_ms)].tokens_per_s, 3)
+    return out
 
 
 def spans_of(num_layers: int, hops: int) -> list[tuple[int, int]]:
@@ -71,16 +215,37 @@ def _model(name: str, work: Path) -> tuple[str, int]:
     return name, resolve_model(name).num_layers
 
 
-def _generate(net: Network, model: str, bootstrap: str, tokens: int, data_dir: Path) -> dict:
+def _generate(net: Network, model: str, bootstrap: str, tokens: int, data_dir: Path, mode: str) -> dict:
     done = net.run(CLIENT, [sys.executable, "-m", "node", "generate", "--model", model, "--raw", "--json",
-                            "--max-new-tokens", str(tokens), "--wait", "120", "--data-dir", str(data_dir),
-                            "--bootstrap", bootstrap, PROMPT], check=False, timeout=600)
+                            *MODE_FLAGS[mode], "--max-new-tokens", str(tokens), "--wait", "120",
+                            "--data-dir", str(data_dir), "--bootstrap", bootstrap, PROMPT],
+                   check=False, timeout=600)
     if done.returncode != 0:
-        raise RuntimeError(f"generate failed ({done.returncode}): {done.stderr[-2000:]}")
+        raise RuntimeError(f"generate ({mode}) failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(model: str, delays: Sequence[float], tokens: int, repeats: int, work: Path) -> list[Point]:
+def _concurrent(net: Network, model: str, bootstrap: str, sessions: int, tokens: int, data_dir: Path,
+                mode: str, delay_ms: float) -> Aggregate:
+    """concurrent.py in the client's namespace; a failed run is an Aggregate with a warning."""
+    done = net.run(CLIENT, [sys.executable, "-m", "benchmarks.wan.concurrent", "--model", model,
+                            "--bootstrap", bootstrap, "--sessions", str(sessions), "--tokens", str(tokens),
+                            "--mode", mode, "--data-dir", str(data_dir)], check=False, timeout=600)
+    try:
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return Aggregate(mode, delay_ms, sessions, warning=f"concurrent.py failed ({done.returncode}): "
+                                                           f"{done.stderr.strip()[-1500:]}")
+    return aggregate_from(mode, delay_ms, summary)
+
+
+def run(model: str, delays: Sequence[float], tokens: int, repeats: int, work: Path,
+        modes: Sequence[str] = MODES, sessions: Sequence[int] = (1,),
+        aggregates: list[Aggregate] | None = None) -> list[Point]:
+    """The single-session points; with a count over 1 in ``sessions``, the concurrent runs are
+    appended to ``aggregates``."""
+    concurrent = session_counts(",".join(map(str, sessions))) if any(n > 1 for n in sessions) else []
+    aggregates = aggregates if aggregates is not None else []
     model_path, num_layers = _model(model, work)
     spans = spans_of(num_layers, len(NODES))
     points: list[Point] = []
@@ -97,33 +262,191 @@ def run(model: str, delays: Sequence[float], tokens: int, repeats: int, work: Pa
             for delay in delays:
                 net.reconfigure(delay_ms=delay)
                 rtt = statistics.median(tcp_round_trips(net, CLIENT, NODES[0], n=10)) * 1000
-                _generate(net, model_path, nodes[-1].addr, 4, work / "client")  # warm: caches, routes
-                runs = [_generate(net, model_path, nodes[-1].addr, tokens, work / "client") for _ in range(repeats)]
-                tok_s = statistics.median(r["tokens_per_s"] for r in runs)
-                ttft = statistics.median(r["ttft_s"] for r in runs)
-                points.append(Point(delay, round(rtt, 2), tok_s, round(ttft, 3), round(1000 / tok_s, 1)))
-                print(f"delay {delay:5.1f} ms: tcp rtt {rtt:6.1f} ms, {tok_s:6.2f} tok/s, ttft {ttft:.3f} s",
-                      flush=True)
+                for mode in modes:
+                    _generate(net, model_path, nodes[-1].addr, 4, work / "client", mode)  # warm: caches, routes
+                    runs = [_generate(net, model_path, nodes[-1].addr, tokens, work / "client", mode)
+                            for _ in range(repeats)]
+                    tok_s = round(statistics.median(r["tokens_per_s"] for r in runs), 2)
+                    ttft = statistics.median(r["ttft_s"] for r in runs)
+                    pushed = [r.get("pushed_steps") for r in runs]
+                    fewest = None if None in pushed else min(pushed)
+                    warning = check_pushed(mode, fewest)
+                    points.append(Point(mode, delay, round(rtt, 2), tok_s, round(ttft, 3), round(1000 / tok_s, 1),
+                                        fewest, pushed, [len(r.get("token_ids", [])) for r in runs],
+                                        warning=warning))
+                    print(f"delay {delay:5.1f} ms, {mode:6}: tcp rtt {rtt:6.1f} ms, {tok_s:6.2f} tok/s, "
+                          f"ttft {ttft:.3f} s, pushed steps {pushed}, tokens {points[-1].tokens_generated}", flush=True)
+                    if warning:
+                        print(f"warning: delay {delay:g} ms: {warning}", file=sys.stderr, flush=True)
+                    for n in concurrent:
+                        a = _concurrent(net, model_path, nodes[-1].addr, n, tokens, work / "concurrent", mode, delay)
+                        aggregates.append(a)
+                        print(f"delay {delay:5.1f} ms, {mode:6}: {n:3} sessions ({a.clients} clients, {a.finished} "
+                              f"finished): {a.aggregate_tokens_per_s:7.2f} tok/s aggregate, median session "
+                              f"{a.median_session_tokens_per_s:6.2f} tok/s, {a.tokens_total} tokens in "
+                              f"{a.wall_s:.2f} s", flush=True)
+                        if a.warning:
+                            print(f"warning: delay {delay:g} ms, {n} sessions: {a.warning}", file=sys.stderr,
+                                  flush=True)
         finally:
             stop_all(nodes)
-    compute_s = 1 / points[0].tokens_per_s - 2 * len(NODES) * points[0].delay_ms / 1000
-    for p in points:
-        s = client_driven_s_per_token(compute_s, len(NODES), p.delay_ms / 1000)
-        p.predicted_per_token_ms = round(s * 1000, 1)
-        p.predicted_tokens_per_s = round(1 / s, 2)
-        p.measured_vs_predicted_ratio = round(p.tokens_per_s / p.predicted_tokens_per_s, 3)
+    apply_models(points, len(NODES))
+    apply_single_ratios(aggregates)
     return points
 
 
 def markdown(points: Sequence[Point], hops: int) -> str:
-    rows = ["| one-way delay (ms) | TCP RTT (ms) | tok/s | predicted tok/s | ratio | ms/token | predicted ms/token | TTFT (s) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for p in points:
-        rows.append(f"| {p.delay_ms:g} | {p.tcp_rtt_ms} | {p.tokens_per_s} | {p.predicted_tokens_per_s} | "
-                    f"{p.measured_vs_predicted_ratio} | {p.per_token_ms} | {p.predicted_per_token_ms} | {p.ttft_s} |")
-    rows.append(f"\nCost model (client-driven, {hops} hops): s/token = t_compute + {2 * hops} x one-way delay; "
-                "t_compute from the first row.")
+    modes = list(dict.fromkeys(p.mode for p in points))
+    by = {(p.mode, p.delay_ms): p for p in points}
+    ratios = push_vs_client(points)
+    both = "client" in modes and "push" in modes
+    head = ["one-way delay (ms)", "TCP RTT (ms)"]
+    for m in modes:
+        head += [f"{m} tok/s", f"{m} predicted tok/s", f"{m} measured/predicted"]
+    if both:
+        head.append("push/client tok/s")
+    for m in modes:
+        head += [f"{m} ms/token", f"{m} predicted ms/token", f"{m} TTFT (s)"]
+    head += [f"{m} pushed steps" for m in modes]
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for delay in dict.fromkeys(p.delay_ms for p in points):
+        here = [by.get((m, delay)) for m in modes]
+        rtt = next(p.tcp_rtt_ms for p in here if p is not None)
+        cells: list[object] = [f"{delay:g}", rtt]
+        for p in here:
+            cells += [p.tokens_per_s, p.predicted_tokens_per_s, p.measured_vs_predicted_ratio] if p else ["-"] * 3
+        if both:
+            cells.append(ratios.get(delay, "-"))
+        for p in here:
+            cells += [p.per_token_ms, p.predicted_per_token_ms, p.ttft_s] if p else ["-"] * 3
+        for p in here:
+            cells.append("-" if p is None else f"{p.pushed_steps}" + (" (!)" if p.warning else ""))
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    rows.append("")
+    for m in modes:
+        rows.append(f"Cost model, {MODE_NAMES[m]} ({m}, {hops} hops): s/token = t_compute + {legs(m, hops)} x "
+                    "one-way delay; t_compute from this mode's first row.")
+    warnings = [f"{p.mode} at {p.delay_ms:g} ms: {p.warning}" for p in points if p.warning]
+    if warnings:
+        rows.append("\nWarnings (marked (!)): " + "; ".join(warnings))
     return "\n".join(rows)
+
+
+def plot(points: Sequence[Point], hops: int, compute: dict[str, float], path: Path, title: str) -> bool:
+    """Left: tokens/s against one-way delay per mode (log scale), each cost model dashed. Right: the
+    same as ms/token, where each model is a straight line of slope legs. False if matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"client": "#c44", "push": "#27a"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    delays = [p.delay_ms for p in points]
+    lo, hi = min(delays), max(delays)
+    grid = [lo + (hi - lo) * i / 200 for i in range(201)] if hi > lo else [lo]
+    for m in dict.fromkeys(p.mode for p in points):
+        mine = [p for p in points if p.mode == m]
+        c = colors.get(m)
+        xs = [p.delay_ms for p in mine]
+        label = f"{MODE_NAMES.get(m, m)} ({m}), measured"
+        left.plot(xs, [p.tokens_per_s for p in mine], "o", color=c, markersize=7, label=label)
+        right.plot(xs, [p.per_token_ms for p in mine], "o", color=c, markersize=7, label=label)
+        if m in compute:
+            s = [s_per_token(m, compute[m], hops, d / 1000) for d in grid]
+            model = f"model: t_compute + {legs(m, hops)} x delay"
+            left.plot(grid, [1 / v if v > 0 else float("nan") for v in s], "--", color=c, alpha=0.8, label=model)
+            right.plot(grid, [v * 1000 for v in s], "--", color=c, alpha=0.8, label=model)
+    left.set_yscale("log")
+    left.set_ylabel("tokens / s (log)")
+    right.set_ylabel("ms / token")
+    right.set_ylim(bottom=0)
+    for ax in (left, right):
+        ax.set_xlabel("one-way delay per link (ms)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+TARGET = ("push", 25.0, 16, 10.0)  # issue: 16 sessions at 25 ms one way, >= 10 x one session's tokens/s
+
+
+def markdown_sessions(aggs: Sequence[Aggregate]) -> str:
+    """The concurrent-sessions table, and the issue's target when it was measured."""
+    head = ["one-way delay (ms)", "mode", "sessions", "clients", "finished", "new tokens", "wall (s)",
+            "aggregate tok/s", "median session tok/s", "median TTFT (s)", "aggregate / 1 session",
+            "pushed steps (min)"]
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for a in aggs:
+        cells = [f"{a.delay_ms:g}", a.mode, a.sessions, a.clients, a.finished, a.tokens_total, round(a.wall_s, 2),
+                 a.aggregate_tokens_per_s, a.median_session_tokens_per_s,
+                 "-" if a.median_ttft_s is None else round(a.median_ttft_s, 3),
+                 "-" if a.ratio_vs_single is None else f"{a.ratio_vs_single}x",
+                 "-" if a.pushed_steps_min is None else a.pushed_steps_min]
+        rows.append("| " + " | ".join(str(c) for c in cells) + (" (!)" if a.warning else "") + " |")
+    rows.append("")
+    rows.append("Aggregate tok/s = all new tokens / wall time from the first start to the last finish; "
+                "session tok/s as `shiza generate --json` (decode, after the first token); "
+                "aggregate / 1 session: over the 1-session run of the same mode and delay, measured the same way.")
+    mode, delay, n, want = TARGET
+    hit = next((a for a in aggs if (a.mode, a.delay_ms, a.sessions) == (mode, delay, n)), None)
+    if hit is not None and hit.ratio_vs_single is not None:
+        verdict = "met" if hit.ratio_vs_single >= want else "NOT met"
+        rows.append(f"\nTarget ({mode}, {n} sessions at {delay:g} ms, >= {want:g}x one session): "
+                    f"{hit.ratio_vs_single}x, {verdict}.")
+    warnings = [f"{a.mode} at {a.delay_ms:g} ms, {a.sessions} sessions: {a.warning}" for a in aggs if a.warning]
+    if warnings:
+        rows.append("\nWarnings (marked (!)): " + "; ".join(warnings))
+    return "\n".join(rows)
+
+
+def plot_sessions(aggs: Sequence[Aggregate], path: Path, title: str) -> bool:
+    """Left: aggregate tokens/s against concurrent sessions, one line per mode and delay, linear
+    scaling from the 1-session run dotted. Right: the per-session median. False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"client": "#c44", "push": "#27a"}
+    styles = ["o-", "s-", "^-", "D-", "v-"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    delays = list(dict.fromkeys(a.delay_ms for a in aggs))
+    for m in dict.fromkeys(a.mode for a in aggs):
+        for k, d in enumerate(delays):
+            mine = sorted((a for a in aggs if a.mode == m and a.delay_ms == d), key=lambda a: a.sessions)
+            if not mine:
+                continue
+            xs = [a.sessions for a in mine]
+            label = f"{MODE_NAMES.get(m, m)} ({m}), {d:g} ms"
+            style = styles[k % len(styles)]
+            left.plot(xs, [a.aggregate_tokens_per_s for a in mine], style, color=colors.get(m), label=label)
+            right.plot(xs, [a.median_session_tokens_per_s for a in mine], style, color=colors.get(m), label=label)
+            base = next((a.aggregate_tokens_per_s for a in mine if a.sessions == 1), None)
+            if base:
+                left.plot(xs, [base * n for n in xs], ":", color=colors.get(m), alpha=0.6,
+                          label=f"{m}, {d:g} ms: linear from 1 session")
+    left.set_ylabel("aggregate tokens / s")
+    right.set_ylabel("median per-session tokens / s")
+    for ax in (left, right):
+        ax.set_xlabel("concurrent sessions")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,8 +455,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--delays", default="0,10,25,50", help="one-way delays per link, ms, comma-separated")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated, in order, from: client (--no-push), push (node-to-node, the default)")
+    p.add_argument("--sessions", default="1,16",
+                   help="concurrent session counts, comma-separated; with a count over 1 each is measured "
+                        "at every delay and mode beside a 1-session baseline")
     p.add_argument("--out", type=Path, default=Path("bench-wan"))
     args = p.parse_args(argv)
+    try:
+        sessions = session_counts(args.sessions)
+    except ValueError as exc:
+        p.error(str(exc))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        p.error(f"--modes: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(MODES)}")
     reason = why_unavailable()
     if reason is not None:
         print(f"error: {reason}", file=sys.stderr)
@@ -144,12 +480,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shiza-wan-") as tmp:
-        points = run(args.model, delays, args.tokens, args.repeats, Path(tmp))
-    table = markdown(points, len(NODES))
+        print(f"work dir {tmp} (node logs under it)", file=sys.stderr, flush=True)
+        aggs: list[Aggregate] = []
+        points = run(args.model, delays, args.tokens, args.repeats, Path(tmp), modes, sessions, aggs)
+    hops = len(NODES)
+    compute = {m: compute_s_from(m, first.tokens_per_s, hops, first.delay_ms / 1000)
+               for m in modes if (first := next((q for q in points if q.mode == m), None))}
+    table = markdown(points, hops)
+    if aggs:
+        table += "\n\n## Concurrent sessions\n\n" + markdown_sessions(aggs)
     print(table)
+    ratios = push_vs_client(points)
     (args.out / "results.json").write_text(json.dumps(
-        {"model": args.model, "hops": len(NODES), "tokens": args.tokens, "mode": "client-driven",
-         "points": [asdict(p) for p in points], "wall_s": round(time.monotonic() - t0, 1),
-         "pid": os.getpid()}, indent=2))
+        {"model": args.model, "hops": hops, "tokens": args.tokens, "repeats": args.repeats, "modes": modes,
+         "legs_per_token": {m: legs(m, hops) for m in modes},
+         "t_compute_s": {m: round(c, 5) for m, c in compute.items()},
+         "points": [asdict(q) for q in points],
+         "push_vs_client_tokens_per_s": [{"delay_ms": d, "ratio": r} for d, r in ratios.items()],
+         "session_counts": sessions if aggs else [1],
+         "sessions": [asdict(a) for a in aggs],
+         "warnings": [f"{q.mode} at {q.delay_ms:g} ms: {q.warning}" for q in points if q.warning]
+                     + [f"{a.mode} at {a.delay_ms:g} ms, {a.sessions} sessions: {a.warning}" for a in aggs
+                        if a.warning],
+         "wall_s": round(time.monotonic() - t0, 1), "pid": os.getpid()}, indent=2))
     (args.out / "results.md").write_text(table + "\n")
+    plotted = plot(points, hops, compute, args.out / "results.png",
+                   f"{args.model}, {hops} hops, {args.tokens} tokens: client-driven vs node-to-node")
+    plotted_sessions = bool(aggs) and plot_sessions(
+        aggs, args.out / "sessions.png", f"{args.model}, {hops} hops, {args.tokens} tokens a session: concurrent sessions")
+    print(f"wrote {args.out}/results.json, results.md" + (", results.png" if plotted else " (no matplotlib: no PNG)")
+          + (", sessions.png" if plotted_sessions else ""), file=sys.stderr)
     return 0

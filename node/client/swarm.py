@@ -398,7 +398,7 @@ class SwarmClient:
 
         async def open_one(k: int, hop: Hop) -> None:
             try:
-                first[k] = await self.pacing.open(lambda: self.sessions.open(chain.spec, hop), hop.peer_id)
+                first[k] = await self._open_paced(chain.spec, hop)
             except PeerError as exc:
                 first[k] = exc
             except Exception as exc:  # noqa: BLE001 - raised below, after the others are closed
@@ -425,7 +425,7 @@ class SwarmClient:
             try:
                 if opened is not None:
                     raise opened
-                chain.hops.append(await self.pacing.open(lambda: self.sessions.open(chain.spec, hop), hop.peer_id))
+                chain.hops.append(await self._open_paced(chain.spec, hop))
                 continue
             except PeerError as exc:
                 failure = exc
@@ -442,6 +442,11 @@ class SwarmClient:
             log.warning("cannot open %s (layers %d:%d): %s; opening %s instead", hop.peer_id, hop.start,
                         hop.end, failure.reason, ", ".join(f"{h.peer_id} {h.start}:{h.end}" for h in replacement))
             pending[:0] = [(h, None) for h in replacement]
+
+    async def _open_paced(self, spec: SessionSpec, hop: Hop) -> HopSession:
+        """Open a hop's session within this client's slots at that peer, waiting out its Busy
+        answers (node/client/pacing.py): failovers, replays and witnesses as first opens."""
+        return await self.pacing.open(lambda: self.sessions.open(spec, hop), hop.peer_id)
 
     async def _replacement(self, spec: SessionSpec, start: int, end: int,
                            failed_now: frozenset[str] = frozenset()) -> list[Hop]:
@@ -578,7 +583,7 @@ class SwarmClient:
         for i, h in enumerate(chain.hops):
             if h.hop.peer_id in self.no_push and not h.pushed_in and h.stream_ended_on_link:
                 await h.reset()
-                new = await self.sessions.open(chain.spec, h.hop)
+                new = await self._open_paced(chain.spec, h.hop)
                 for payload, pos, mask in h.history:
                     await self.sessions.step(new, payload, pos, mask)
                 chain.retired.append(h)
@@ -599,7 +604,7 @@ class SwarmClient:
                 chain.hops[start - 1].pushing = False
             await self.sessions.close(old)  # bounded, never raises: its receipts stay
             try:
-                new = await self.sessions.open(chain.spec, old.hop)
+                new = await self._open_paced(chain.spec, old.hop)
                 for payload, pos, mask in old.history:
                     await self.sessions.step(new, payload, pos, mask)
             except PeerError as exc:
@@ -664,7 +669,7 @@ class SwarmClient:
                 # (greedy text may differ in rare near-ties, hence not the default).
                 history = [tuple(concat_steps([h[k] for h in history]) for k in range(3))]  # type: ignore[misc]
             try:
-                replacement = [await self.sessions.open(spec, hop) for hop in hops]
+                replacement = [await self._open_paced(spec, hop) for hop in hops]
                 for payload, pos, mask in history:  # rebuild the KV caches
                     for h in replacement:
                         payload = await self.sessions.step(h, payload, pos, mask)
@@ -728,7 +733,7 @@ class _Witnessing:
         sessions = self._client.sessions
         health = self._client.health  # a witness that fails is backed off like a hop that does
         try:
-            wh = await sessions.open(self._chain.spec, witness)
+            wh = await self._client._open_paced(self._chain.spec, witness)
         except PeerError as exc:
             log.info("witness %s unavailable: %s", witness.peer_id, exc.reason)
             health.failed(witness.peer_id, time.monotonic())
