@@ -143,7 +143,10 @@ class HopSessions:
     async def open(self, spec: SessionSpec, hop: Hop) -> HopSession:
         """Open the hop's session; over a direct channel where the node offers one and it
         connects, else (or when it fails to connect: once more without asking) on the stream."""
-        if self.direct and hop.peer_id not in self.direct_backoff.avoided(self.clock()):
+        # A peer reached only through relays has no address of its own to take a direct
+        # channel at (its connection ends at the relay): not asked, no failed try to back off.
+        relayed = bool(hop.addrs) and all("/p2p-circuit" in a for a in hop.addrs)
+        if self.direct and not relayed and hop.peer_id not in self.direct_backoff.avoided(self.clock()):
             try:
                 opened = await self._open_once(spec, hop, direct=True)
             except _DirectFailed as exc:

@@ -97,3 +97,15 @@ async def test_each_further_failure_doubles_the_back_off(tiny_llama):
         assert sessions.direct_failed == {hop.peer_id}
         clock.now += DIRECT_RETRY_BASE_S
         assert sessions.direct_failed == frozenset()
+
+
+async def test_a_peer_reached_only_through_relays_is_not_asked_for_a_direct_channel(tiny_llama):
+    async with _serving(tiny_llama) as (sessions, connector, listener, _, hop, spec):
+        connector.ip = "127.0.0.1"  # would connect, were it asked
+        relayed = Hop(hop.peer_id, hop.start, hop.end, ("/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWRelay/p2p-circuit",))
+        h = await _open_and_close(sessions, spec, relayed)
+        assert h.anchor is None and sessions.direct_sessions == 0
+        assert listener.refused + listener.channels == 0  # no offer was even made
+        assert sessions.direct_failed == frozenset()  # nothing failed, nothing backed off
+        direct = await _open_and_close(sessions, spec, hop)  # the same peer by its own address
+        assert direct.anchor is not None
