@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import trio
 
@@ -216,16 +216,39 @@ class ServerAccount:
         return sign_receipt(self.identity, receipt)
 
 
+@dataclass
+class _SessionWork:
+    """What ``UnpaidWork.judged`` keeps of a session (as a ServerAccount does)."""
+
+    judged_work: int = 0
+    paid_work: int = 0
+
+
 class UnpaidWork:
     """Per client peer, on a server: work units that no countersigned receipt covers (its
     receipts disputed, or never countersigned: left, crashed, or a bad countersignature),
     less the work the peer has countersigned since. Receipts are cumulative, so a session's
     unpaid work is its largest judged receipt's work less its largest countersigned one's; a
-    later countersigned checkpoint pays for the disputed ones before it. In memory only (a
-    restarted node starts every peer at 0). Pure bookkeeping: no I/O, no trio."""
+    later countersigned checkpoint pays for the disputed ones before it. A restarted node
+    rebuilds it from its ledger (``restored``). Pure bookkeeping: no I/O, no trio."""
 
     def __init__(self) -> None:
         self._by_peer: dict[str, int] = {}
+
+    @classmethod
+    def restored(cls, entries: Iterable[Any], server: str) -> "UnpaidWork":
+        """The unpaid work of every client, from ``server``'s ledger entries in the order they
+        were recorded (``Ledger.entries()``: each receipt as it stands). A receipt still
+        awaiting its verdict (the node stopped before the client answered) counts as never
+        countersigned, as it would have once the session ended."""
+        work = cls()
+        sessions: dict[tuple[str, str], _SessionWork] = {}
+        for e in entries:
+            if e.server != server:
+                continue
+            session = sessions.setdefault((e.client, e.session_id), _SessionWork())
+            work.judged(e.client, session, e.work_units, paid=e.status == "countersigned")  # type: ignore[arg-type]
+        return work
 
     def of(self, peer: str) -> int:
         return self._by_peer.get(peer, 0)

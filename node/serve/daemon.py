@@ -36,7 +36,7 @@ from node.engine.errors import EngineError
 from node.engine.faults import Faults, FaultyEngine, slowed_throughput
 from node.engine.hardware import HardwareInfo, detect_hardware
 from node.engine.registry import ModelSource
-from node.ledger.accounting import DEFAULT_RECEIPT_EVERY
+from node.ledger.accounting import DEFAULT_RECEIPT_EVERY, UnpaidWork
 from node.ledger.store import LEDGER_FILE, Ledger
 from node.net.admission import SwarmKey, open_admission
 from node.net.dht import DhtObserver, SwarmDHT, open_dht
@@ -271,6 +271,10 @@ class Node:
                                  accounting=accounting, hooks=hooks, direct=direct, links=links,
                                  identity=self.identity, push=cfg.push,
                                  push_fault=_tamper if cfg.tamper_pushes else None)
+        if self.ledger is not None:  # what clients left unpaid before a restart still counts (SPEC 17)
+            ledger, me = self.ledger, self.identity.peer_id
+            self.server.unpaid = await trio.to_thread.run_sync(
+                lambda: UnpaidWork.restored(ledger.entries(), me))
         self.host.set_handler(INFO_PROTOCOL, self.server.handle_info)
         self.host.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         if links is not None:

@@ -66,3 +66,21 @@ def test_a_later_countersigned_checkpoint_pays_for_the_disputed_ones() -> None:
     b = ServerAccount(identity("server"), seqs, "m@1", 0, 2, "C", "s2")
     assert unpaid.judged("C", b, 40, paid=True) == 20  # paid work since offsets what is owed
     assert unpaid.judged("C", b, 100, paid=True) == 0 and unpaid.of("C") == 0
+
+
+async def test_a_restarted_node_rebuilds_unpaid_work_from_its_ledger(tiny_llama, tmp_path):
+    """Before: unpaid work lived in memory only, so restarting a node forgave every cheat."""
+    async with open_swarm(tiny_llama, [(0, 6)], swarm_id="private-" + "ab" * 16, limits=LIMITS,
+                          data_dir=tmp_path) as swarm:
+        node = swarm.nodes[0]
+        cheat = swarm.client("cheat", swarm_id="public", step_timeout_s=10)
+        honest = swarm.client("honest", swarm_id="private-" + "ab" * 16, step_timeout_s=10)
+        for client in (cheat, honest, cheat):
+            await client.generate(swarm.model_id, [PROMPT], max_new_tokens=NEW)
+            await swarm.settle()
+            node.server.accepting = True
+        live = node.server.unpaid
+        restored = UnpaidWork.restored(node.ledger.entries(), node.identity.peer_id)
+    assert live.of(identity("cheat").peer_id) == 2 * WORK
+    assert restored.of(identity("cheat").peer_id) == 2 * WORK
+    assert restored.of(identity("honest").peer_id) == 0
