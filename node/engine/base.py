@@ -9,7 +9,7 @@ representation inside, so the serving path never touches torch. Two implementati
 wraps either for tests.
 
 Threads and cancellation: every method is synchronous. ``run_steps`` computes (CPU/GPU bound,
-or blocks on the vLLM server): the scheduler runs it in a worker thread, or, for a batch of
+or blocks on the vLLM server): the scheduler runs it in its one engine thread, or, for a batch of
 decode steps of an engine whose ``inline_decode`` is true, in the event loop's thread (a short
 forward; node/serve/scheduler.py says why). A started call cannot be interrupted; cancelling the
 task that waits for it abandons nothing half-done (the scheduler shields it). Opening, closing

@@ -23,8 +23,8 @@ It implements ``node.engine.base.Engine`` (wire tensors, ``run_steps``) through 
 edge (node/engine/torch_engine.py); ``step`` and ``step_batch`` are its torch-level API for
 in-process callers.
 
-Cancellation / threads: ``step`` is synchronous and CPU/GPU bound; callers run it in a worker
-thread (or, for short decode batches, the event loop's: ``inline_decode``). It cannot be
+Cancellation / threads: ``step`` is synchronous and CPU/GPU bound; the node runs every
+forward in one engine thread (node/serve/scheduler.py, EngineThread: ``inline_decode`` is false). It cannot be
 interrupted once started. A lock serialises forwards, so distinct sessions may be stepped from
 several threads. A step that fails inside the forward leaves its cache half-updated: that
 session is closed.
@@ -77,8 +77,9 @@ class _Session:
 class SpanEngine(TorchEngine[_Session]):
     """Layers [start, end) of one model; construct with ``SpanEngine.load``."""
 
-    #: Decode batches are short forwards: the scheduler runs them in the event loop's thread.
-    inline_decode = True
+    #: Every forward runs in the scheduler's one engine thread, decodes too: forwards split
+    #: between two threads ran on one core (node/serve/scheduler.py, EngineThread).
+    inline_decode = False
 
     def __init__(self, source: ModelSource, start: int, end: int, model: nn.Module,
                  config: Any, device: torch.device, dtype: torch.dtype,

@@ -48,6 +48,7 @@ from node.net.relay import RelayOptions
 from node.serve.announce import Announcer, RecordState
 from node.serve.capacity import cached_throughput
 from node.serve.placement import choose_span, estimate_layer_bytes, layers_that_fit, should_move
+from node.serve.scheduler import ENGINE_THREAD
 from node.serve.server import Accounting, ServerHooks, ServerLimits, SpanServer, StepDone
 from node.util.atomic import write_json_atomic
 from node.util.dirs import default_data_dir
@@ -228,7 +229,8 @@ class Node:
                 raise
             return engine, supervised, tps
 
-        engine, supervised, tps = await trio.to_thread.run_sync(load_and_measure)
+        # In the one thread every forward of this process runs in (scheduler.py, EngineThread).
+        engine, supervised, tps = await ENGINE_THREAD.run(load_and_measure)
         faults = Faults(corrupt_outputs=cfg.corrupt_outputs, delay_s=cfg.throttle_s)
         if faults:
             log.warning("testing faults on: %s", faults)

@@ -20,13 +20,15 @@ gathers its own group, then, if a larger group is due soon, waits for it (at mos
 own interval between steps): the groups merge within a round. Measured, 16 sessions x 16 tokens
 through 3 SmolLM2 nodes on 2 cores, A/B in one sitting: 62-67 tok/s with it, 41-48 without.
 
-Where it computes: prefills (and any step of more than one token per row) run in a worker
-thread, so the node keeps reading its streams during a long forward. A batch of decode steps
-(one token per row) of an engine whose ``inline_decode`` is true runs in the event loop's own
-thread: a decode forward is short, and handing it to a worker costs two thread wake-ups per
-step and a second OpenMP thread team. Measured on a 3-node SmolLM2 pipeline (2 cores): the
-client's time per hop beyond the nodes' engine time fell from ~1.7-2.8 ms to ~0.6-0.9 ms, and
-the engines themselves got ~6% faster (one warm OpenMP team).
+Where it computes: every engine call that leaves the event loop runs in one thread of its
+own, ``ENGINE_THREAD`` (the node loads and measures its engine there too), so the node keeps
+reading its streams during a forward. One thread, always the same: torch's OpenMP team belongs
+to the thread that started it, and while another thread's team sat idle (the event loop's, or a
+trio worker's) forwards ran on one core. Measured on the 2-core CI machine, SmolLM2-135M: one
+node served 17.7 tok/s with prefills in trio workers and decodes in the event loop, 27.5 tok/s
+with every forward in the engine thread (3 nodes: 16 and 22.7; one process: 30). An engine
+whose ``inline_decode`` is true still has its decode batches run in the event loop's thread
+(none of this project's engines asks for it now).
 
 Cancellation: a step cancelled while it waits is dropped from the queue (it never reached the
 engine). Once its batch has started, the forward runs to its end (shielded: the other sessions
@@ -44,9 +46,12 @@ Both speak to the engine only through ``node.engine.base.Engine`` (wire tensors;
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -55,6 +60,8 @@ from protocol.errors import Busy
 
 from node.engine.base import Engine, StepInput
 from node.engine.errors import CapacityExceeded
+
+T = TypeVar("T")
 
 DEFAULT_MAX_ROWS = 64
 GROUP_GAP_S = 0.003  # steps of one group arrive closer together than this
@@ -86,6 +93,59 @@ class _Request:
     taken: bool = False  # in a batch that has started
 
 
+class EngineThread:
+    """One OS thread that runs every engine call the scheduler moves off the event loop.
+
+    Why one, always the same: the OpenMP team that torch's CPU kernels use belongs to the
+    thread that started it. While one thread's team sits idle (trio's worker threads live on
+    for seconds after their last call), forwards started in another thread ran on one core.
+    Measured on this project's 2-core CI machine, SmolLM2-135M: decode 31 ms/token when every
+    forward ran in one thread, 53-56 ms when the prefill ran in a trio worker and the decodes
+    elsewhere (a node served 17-18 tok/s where one process decoded 30). The thread is a daemon
+    that idles on its queue; a call waits for its result shielded (a forward runs to its end:
+    the scheduler's rule), and one whose caller was cancelled meanwhile is discarded."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name="shiza-engine", daemon=True)
+            self._thread.start()
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: dict[str, object] = {}
+
+        def job() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                box["error"] = exc
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:  # the caller's run ended meanwhile
+                pass
+
+        self._jobs.put(job)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box["value"]  # type: ignore[return-value]
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
+
+
+#: The process's one engine thread: the node loads and measures its engine there too.
+ENGINE_THREAD = EngineThread()
+
+
 class StepScheduler:
     """Runs the steps of concurrent sessions as batched engine calls (see the module doc)."""
 
@@ -100,6 +160,7 @@ class StepScheduler:
         self._period: dict[str, float] = {}
         self._arrival = trio.Event()
         self.gather = True  # False: batch only what is pending at once (tests, comparisons)
+        self.thread = ENGINE_THREAD  # every forward that leaves the event loop runs there
 
     @property
     def pending(self) -> int:
@@ -234,7 +295,7 @@ class StepScheduler:
             if engine.inline_decode and all(_is_decode(i) for i in items):
                 results, engine_s = timed(items)  # in this thread: see the module doc
             else:
-                results, engine_s = await trio.to_thread.run_sync(timed, items)
+                results, engine_s = await self.thread.run(timed, items)
         except Exception as exc:  # noqa: BLE001 - a bug fails this batch, not the node
             results = [exc] * len(batch)
         st = self.stats

@@ -42,7 +42,7 @@ def test_the_wrapper_is_an_engine_that_delegates(front: SpanEngine) -> None:
     assert isinstance(wrapped, Engine)
     assert (wrapped.model_id, wrapped.start, wrapped.end, wrapped.hidden_size, wrapped.dtype,
             wrapped.max_cache_tokens, wrapped.inline_decode) == (
-        front.model_id, 0, 3, 64, "float32", 500, True)
+        front.model_id, 0, 3, 64, "float32", 500, front.inline_decode)
     wrapped.open_session("d", 2, 10)
     assert front.sessions() == ["d"] and wrapped.cache_tokens_reserved() == 20
     assert wrapped.session_layers("d") == (0, 3)

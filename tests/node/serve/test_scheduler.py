@@ -187,7 +187,7 @@ async def test_admission_busy_after_bounded_wait_and_room_freed_on_close(
     engine.close_session("b")
 
 
-async def test_prefills_run_in_a_worker_thread_and_decode_batches_inline(
+async def test_every_forward_of_a_span_engine_runs_in_the_one_engine_thread(
         engines: dict[str, SpanEngine]) -> None:
     import threading
 
@@ -213,7 +213,33 @@ async def test_prefills_run_in_a_worker_thread_and_decode_batches_inline(
     assert out.shape == (1, 1, 64) and seconds > 0 and rows == 1
     main = threading.get_ident()
     assert threads[0][0] == 4 and threads[0][1] != main  # the prefill: off the event loop
-    assert threads[1] == (1, main)  # the decode step: in the event loop's thread
+    # The decode too, and in the same thread: torch's OpenMP team belongs to one thread, and
+    # forwards split between two ran on one core (scheduler.py, EngineThread).
+    assert threads[1] == (1, threads[0][1])
+
+
+async def test_an_engine_that_asks_for_it_decodes_in_the_event_loops_thread(
+        engines: dict[str, SpanEngine]) -> None:
+    import threading
+
+    engine = engines["front"]
+    threads: list[int] = []
+
+    class Inline:
+        inline_decode = True
+
+        def run_steps(self, steps):  # type: ignore[no-untyped-def]
+            threads.append(threading.get_ident())
+            return engine.run_steps(steps)
+
+    sched = StepScheduler()
+    engine.open_session("u", 1, 16)
+    try:
+        await sched.step(Inline(), "u", from_torch(torch.tensor([[1, 5]])), from_torch(torch.arange(2)[None]), None)
+        await sched.step(Inline(), "u", from_torch(torch.tensor([[11]])), from_torch(torch.tensor([[2]])), None)
+    finally:
+        engine.close_session("u")
+    assert threads[0] != threading.get_ident() and threads[1] == threading.get_ident()
 
 
 def test_prefills_of_fresh_sessions_share_one_forward_and_equal_alone(
