@@ -2,16 +2,19 @@
 
 Wire form: a msgpack map {"v": 0, "t": TYPE, ...fields}. Every field is checked when a message
 is built, locally or from the wire, so a message object that exists is a valid one. Receivers
-reject unknown fields (InvalidMessage): a new field needs a new protocol version.
+reject unknown fields (InvalidMessage): a new field needs a new protocol version, unless it is
+optional and left out of the wire map when unset (Error.retry_after_s, Step.keep and Step.draft),
+so every message without it keeps its old form.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-from ._fields import check_bytes, check_choice, check_float, check_hex, check_int, check_seq, check_str, fields_of, set_field
+from ._fields import check_bytes, check_choice, check_float, check_hex, check_int, check_seq, check_str, set_field
+from ._message import _check_bt, _Message, omit_unset
 from ._values import SamplingParams, ServedSpan, span_bounds
 from .codec import FLOAT_DTYPES, Tensor, encode_frame
 from .direct import KEY_BYTES as DIRECT_KEY_BYTES
@@ -36,39 +39,6 @@ class SessionState(enum.Enum):
 
 
 # Messages ------------------------------------------------------------------------------
-
-
-class _Message:
-    """Shared wire plumbing: to_wire emits every field, nested values in their wire form."""
-
-    TYPE: ClassVar[str]
-    _OPTIONAL: ClassVar[dict[str, Any]] = {}
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE}
-        for f in fields(self):  # type: ignore[arg-type]
-            out[f.name] = _to_wire_value(getattr(self, f.name))
-        return out
-
-    @classmethod
-    def _wire_fields(cls, obj: Any) -> dict[str, Any]:
-        names = tuple(f.name for f in fields(cls) if f.name not in cls._OPTIONAL)  # type: ignore[arg-type]
-        got = fields_of(obj, cls.TYPE, ("v", "t", *names), cls._OPTIONAL)
-        del got["v"], got["t"]
-        return got
-
-    @classmethod
-    def from_wire(cls, obj: Any) -> Any:
-        return cls(**cls._wire_fields(obj))
-
-
-def _to_wire_value(value: Any) -> Any:
-    if isinstance(value, (Tensor, ServedSpan, SamplingParams)):
-        return value.to_wire()
-    if isinstance(value, tuple):
-        return [_to_wire_value(item) for item in value]
-    return value
-
 
 @dataclass(frozen=True)
 class InfoRequest(_Message):
@@ -153,16 +123,21 @@ class OpenSession(_Message):
 @dataclass(frozen=True)
 class SessionOpened(_Message):
     """``direct_port`` and ``direct_key`` (both or neither): the node's offer of a direct
-    channel for this session's later frames (SPEC.md 9.5)."""
+    channel for this session's later frames (SPEC.md 9.5). ``windows``: the node runs window
+    steps (9.7); left out of the wire map when false."""
 
     TYPE: ClassVar[str] = "opened"
-    _OPTIONAL: ClassVar[dict[str, Any]] = {"direct_port": None, "direct_key": None}
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"direct_port": None, "direct_key": None, "windows": False}
     session_id: str
     start: int
     end: int
     hidden_size: int
     direct_port: int | None = None
     direct_key: bytes | None = None
+    windows: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return omit_unset(super().to_wire(), windows=False)
 
     def __post_init__(self) -> None:
         check_str("session_id", self.session_id, MAX_ID_LEN, nonempty=True)
@@ -173,33 +148,36 @@ class SessionOpened(_Message):
         if self.direct_port is not None:
             check_int("direct_port", self.direct_port, 1, 65535)
             check_bytes("direct_key", self.direct_key, DIRECT_KEY_BYTES, exact=True)
-
-
-def _check_bt(name: str, t: Tensor, batch: int, length: int) -> None:
-    if t.dtype != "int64":
-        raise InvalidMessage(f"{name} must be int64, got {t.dtype}")
-    if t.shape != (batch, length):
-        raise BadShape(f"{name} shape {list(t.shape)} must be [{batch}, {length}] like input")
+        if type(self.windows) is not bool:
+            raise InvalidMessage("windows must be a boolean")
 
 
 @dataclass(frozen=True)
 class Step(_Message):
     """One forward step. input: int64 token ids [B, T] (first span) or hidden states
     [B, T, H] in a float dtype; positions: int64 [B, T]; mask: int64 [B, T] of 0/1 for the
-    new tokens, None meaning all ones."""
+    new tokens, None meaning all ones.
+
+    A window step (speculative decoding, SPEC.md 9.7): ``keep`` first cuts the session's cache
+    to its first ``keep`` positions (the rest were drafts the client did not accept);
+    ``draft``, int64 [B, T - 1], names the draft tokens the step's last T - 1 positions hold,
+    and the last span then answers its choice at every position, int64 [B, T]. Both are left
+    out of the wire map when None, so a plain step has the form it always had."""
 
     TYPE: ClassVar[str] = "step"
-    _OPTIONAL: ClassVar[dict[str, Any]] = {"mask": None}
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"mask": None, "keep": None, "draft": None}
     step: int
     input: Tensor
     positions: Tensor
     mask: Tensor | None = None
+    keep: int | None = None
+    draft: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_int("step", self.step, 0, _MAX_STEP)
-        for name in ("input", "positions", "mask"):
+        for name in ("input", "positions", "mask", "draft"):
             value = getattr(self, name)
-            if not isinstance(value, Tensor) and not (name == "mask" and value is None):
+            if not isinstance(value, Tensor) and not (name in ("mask", "draft") and value is None):
                 raise InvalidMessage(f"{name} must be a tensor")
         inp = self.input
         if inp.dtype == "int64":
@@ -214,6 +192,20 @@ class Step(_Message):
         _check_bt("positions", self.positions, batch, length)
         if self.mask is not None:
             _check_bt("mask", self.mask, batch, length)
+        if self.keep is not None:
+            check_int("keep", self.keep, 0, MAX_SESSION_LENGTH)
+        if self.draft is not None:
+            if length < 2:
+                raise BadShape("a window step (with draft) holds at least 2 positions per row")
+            _check_bt("draft", self.draft, batch, length - 1)
+
+    def to_wire(self) -> dict[str, Any]:
+        return omit_unset(super().to_wire(), keep=None, draft=None)
+
+    @property
+    def window(self) -> bool:
+        """A window step: the last span answers a token per position."""
+        return self.draft is not None
 
     @classmethod
     def from_wire(cls, obj: Any) -> Step:
@@ -222,8 +214,8 @@ class Step(_Message):
 
 def step_tensors(got: dict[str, Any]) -> dict[str, Any]:
     """A Step's (or Push's) wire fields with ``input``, ``positions`` and ``mask`` as Tensors."""
-    for name in ("input", "positions", "mask"):
-        if got[name] is not None:
+    for name in ("input", "positions", "mask", "draft"):
+        if got.get(name) is not None:
             got[name] = Tensor.from_wire(got[name])
     return got
 
@@ -231,7 +223,7 @@ def step_tensors(got: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class StepResult(_Message):
     """Answer to Step with the same step number. output: hidden states [B, T, H] in a float
-    dtype, or for the last span the sampled token ids, int64 [B]. ``receipt``: at a checkpoint,
+    dtype, or for the last span the sampled token ids, int64 [B] ([B, T] for a window step). ``receipt``: at a checkpoint,
     the bytes of a server-signed cumulative receipt (protocol.receipts) to countersign."""
 
     TYPE: ClassVar[str] = "result"
@@ -248,8 +240,8 @@ class StepResult(_Message):
         if not isinstance(out, Tensor):
             raise InvalidMessage("output must be a tensor")
         if out.dtype == "int64":
-            if len(out.shape) != 1:
-                raise BadShape(f"sampled token ids must be [B], got {list(out.shape)}")
+            if len(out.shape) not in (1, 2):
+                raise BadShape(f"sampled token ids must be [B] or [B, T], got {list(out.shape)}")
         elif out.dtype in FLOAT_DTYPES:
             if len(out.shape) != 3:
                 raise BadShape(f"hidden states must be [B, T, H], got {list(out.shape)}")
@@ -328,10 +320,7 @@ class Error(_Message):
             set_field(self, "retry_after_s", check_float("retry_after_s", self.retry_after_s, 0.0, MAX_RETRY_AFTER_S))
 
     def to_wire(self) -> dict[str, Any]:
-        out = super().to_wire()
-        if self.retry_after_s is None:
-            del out["retry_after_s"]
-        return out
+        return omit_unset(super().to_wire(), retry_after_s=None)
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> Error:

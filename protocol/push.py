@@ -25,6 +25,7 @@ from .direct import KEY_BYTES as DIRECT_KEY_BYTES
 from .errors import InvalidMessage
 from .identity import Identity, public_key_from_peer_id, verify
 from .ids import MAX_ADDR_LEN, MAX_ADDRS, MAX_ERROR_MESSAGE_LEN, MAX_ID_LEN, PURPOSE_PUSH
+from ._message import omit_unset
 from .messages import _MAX_STEP, MESSAGE_TYPES, Step, _Message, step_tensors
 
 PUSH_DIGEST_DOMAIN: Final = b"shiza/push-digest/v0\x00"
@@ -136,10 +137,11 @@ class LinkOpened(_Message):
 @dataclass(frozen=True)
 class Push(_Message):
     """Node to node, on a link: a Step for session ``session_id`` of the receiver (opened by
-    ``client``), the sender's output; ``sig`` is the sender's signature of its push digest (protocol.push)."""
+    ``client``), the sender's output; ``sig`` is the sender's signature of its push digest (protocol.push).
+    ``keep`` and ``draft``: those of the sender's step (a window step, 9.7), left out when None."""
 
     TYPE: ClassVar[str] = "push"
-    _OPTIONAL: ClassVar[dict[str, Any]] = {"mask": None}
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"mask": None, "keep": None, "draft": None}
     session_id: str
     client: str  # the client of the sender's session: the receiver's session must have it too
     step: int
@@ -147,15 +149,20 @@ class Push(_Message):
     positions: Tensor
     sig: bytes
     mask: Tensor | None = None
+    keep: int | None = None
+    draft: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_str("session_id", self.session_id, MAX_ID_LEN, nonempty=True)
         _check_peer("client", self.client)
         check_bytes("sig", self.sig, 64, exact=True)
-        Step(self.step, self.input, self.positions, self.mask)  # the same checks as a Step
+        self.as_step()  # the same checks as a Step
 
     def as_step(self) -> "Step":
-        return Step(self.step, self.input, self.positions, self.mask)
+        return Step(self.step, self.input, self.positions, self.mask, self.keep, self.draft)
+
+    def to_wire(self) -> dict[str, Any]:
+        return omit_unset(super().to_wire(), keep=None, draft=None)
 
     @classmethod
     def from_wire(cls, obj: Any) -> Push:

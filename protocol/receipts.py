@@ -294,7 +294,9 @@ class IoDigest:
 
 def count_step_tokens(step: Step) -> tuple[int, int]:
     """(prefill, decode) tokens of one Step: the 1s of its mask (B x T without a mask), all
-    prefill when it is step 0 or carries more than one position per row, else all decode."""
+    decode for a window step (its positions are the next token and drafts, each verified: work
+    done whether or not the client accepts it, SPEC 9.7), else all prefill when it is step 0 or
+    carries more than one position per row, else all decode."""
     batch, length = step.input.shape[0], step.input.shape[1]
     if step.mask is None:
         tokens = batch * length
@@ -303,7 +305,7 @@ def count_step_tokens(step: Step) -> tuple[int, int]:
         if sys.byteorder != "little":
             values.byteswap()
         tokens = values.count(1)
-    if step.step == 0 or length > 1:
+    if step.step == 0 or (length > 1 and step.draft is None):
         return tokens, 0
     return 0, tokens
 

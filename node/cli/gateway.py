@@ -75,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--swarm-key", type=Path, default=None, metavar="FILE", help="join a private swarm")
     p.add_argument("--no-push", action="store_true",
                    help="drive every hop from the gateway (no node-to-node flow, SPEC 9.6)")
+    p.add_argument("--speculate", choices=("off", "ngram"), default="ngram",
+                   help="draft source for speculative decoding of each request (SPEC 9.7): ngram "
+                        "(prompt lookup, the default) or off")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the gateway's identity and receipt ledger (default: ~/.shiza/gateway)")
     add_api_key_args(p)
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=args.swarm_key,
-                                    push=not getattr(args, "no_push", False)) as client:
+                                    push=not getattr(args, "no_push", False),
+                                    speculate=getattr(args, "speculate", "off")) as client:
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(functools.partial(
                     serve_gateway, client, models, host=args.host, port=args.port, api_keys=api_keys))

@@ -12,6 +12,7 @@ import trio
 from protocol.errors import ShizaError
 from protocol.messages import SamplingParams
 
+from node.client.drafts import DRAFTERS
 from node.client.swarm import SwarmClient
 from node.util.dirs import default_data_dir
 from node.client.routing import NoRoute
@@ -32,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--speculate", choices=DRAFTERS, default="ngram",
+                     help="draft source for speculative decoding (SPEC 9.7): ngram (prompt lookup, the "
+                          "default) or off (one token per pass)")
     gen.add_argument("--no-push", action="store_true",
                      help="drive every hop from this client (no node-to-node flow, SPEC 9.6)")
     gen.add_argument("--wait", type=float, default=60.0, help="seconds to wait for full coverage")
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> dict[str, object]:
         async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=getattr(args, "swarm_key", None),
-                                    push=not getattr(args, "no_push", False)) as client:
+                                    push=not getattr(args, "no_push", False),
+                                    speculate=getattr(args, "speculate", "off")) as client:
             if client.host is not None and not client.host.connected_peers():
                 raise ConnectionError(f"none of the {len(args.bootstrap)} bootstrap peer(s) answered "
                               f"({', '.join(args.bootstrap)}): check each address and that a node runs there")
@@ -73,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
                 "ttft_s": round(result.ttft_s, 4),
                 "tokens_per_s": round(result.tokens_per_s, 2),
                 "pushed_steps": result.pushed_steps,
+                "speculate": result.speculate,
+                "passes": result.passes,
+                "drafted": result.drafted,
+                "accepted": result.accepted,
                 "model_id": model.model_id,
             }
 

@@ -14,6 +14,7 @@ breaks the protocol (or a stall past ``step_timeout_s``) the PeerError of that v
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from node.ledger.accounting import ClientAccount, record, seq_floor, store
 from node.ledger.store import DuplicateEntry, Ledger
 from node.net.direct import connect as connect_direct
 from node.net.streams import Connector, FramedStream, StreamBroken
-from node.net.wire import recv_message, send_message
+from node.net.wire import recv_message, send_message, take_positions
 
 __all__ = ["CLOSE_TIMEOUT_S", "STEP_TIMEOUT_S", "HopSession", "HopSessions", "PushUnsupported", "SessionSpec",
            "StepInput", "TamperedPush"]
@@ -96,6 +97,15 @@ class HopSession:
     pushed_in: bool = False
     pushing: bool = False
     stream_ended_on_link: bool = False  # it answered Link as unknown: the session is over
+    windows: bool = False  # it runs window steps (SPEC 9.7), as its SessionOpened said
+
+    def trim_last(self, positions: int) -> None:
+        """Keep only the first ``positions`` of the last step in the history: a window step
+        (SPEC 9.7) whose later drafts were not accepted, so a replay rebuilds exactly the cache
+        the hop keeps (``keep`` of the next step cuts the rest)."""
+        payload, pos, mask = self.history[-1]
+        self.history[-1] = (take_positions(payload, positions), take_positions(pos, positions),
+                            take_positions(mask, positions))
 
     async def reset(self) -> None:
         """Abandon the session: its frames' transport and the stream it was opened on."""
@@ -188,7 +198,7 @@ class HopSessions:
         self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
         account = ClientAccount(self.identity, hop.peer_id, spec.model_id, hop.start, hop.end,
                                 opened.session_id, swarm_id=self.swarm_id, seq_floor=floor)
-        checked = {"spec": spec, "hidden_size": opened.hidden_size}
+        checked = {"spec": spec, "hidden_size": opened.hidden_size, "windows": opened.windows}
         if opened.direct_port is None or public is None or secret is None:
             return HopSession(hop, stream, opened.session_id, account, **checked)
         try:
@@ -203,27 +213,31 @@ class HopSessions:
         self.direct_sessions += 1
         return HopSession(hop, channel, opened.session_id, account, anchor=stream, **checked)
 
-    async def step(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+    async def step(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor, *,
+                   keep: int | None = None, draft: Tensor | None = None) -> Tensor:
         """One step on one hop: its output. Any failure, or a stall past the step timeout,
         raises PeerError (the caller fails the hop over), and so does an output that this
-        session cannot have (node/client/outputs.py): that hop's receipt for it is disputed."""
-        await self.send_step(h, payload, pos, mask)
-        return await self.result(h, payload, pos, mask)
+        session cannot have (node/client/outputs.py): that hop's receipt for it is disputed.
+        ``keep`` and ``draft``: a window step's (SPEC 9.7)."""
+        await self.send_step(h, payload, pos, mask, keep=keep, draft=draft)
+        return await self.result(h, payload, pos, mask, keep=keep, draft=draft)
 
-    async def send_step(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor) -> None:
+    async def send_step(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor, *,
+                        keep: int | None = None, draft: Tensor | None = None) -> None:
         """Send the hop its next Step (its answer is read by ``result``)."""
         try:
-            await send_message(h.stream, Step(h.steps, payload, pos, mask))
+            await send_message(h.stream, Step(h.steps, payload, pos, mask, keep, draft))
         except (ShizaError, StreamBroken) as exc:
             raise _converted(exc, h.hop) from None
 
     async def result(self, h: HopSession, payload: Tensor, pos: Tensor, mask: Tensor, *,
-                     timeout_s: float | None = None, pushed_from: "HopSession | None" = None) -> Tensor:
+                     timeout_s: float | None = None, pushed_from: "HopSession | None" = None,
+                     keep: int | None = None, draft: Tensor | None = None) -> Tensor:
         """The hop's answer to its step whose input is ``payload`` (sent by us, or, with
         ``pushed_from``, that hop's output, pushed to it: then its ``Pushed`` report comes first
         and is checked against ``payload``; SPEC 9.6). Raises as ``step``; TamperedPush (naming
         ``pushed_from``) when the sender's signature shows it pushed something else."""
-        step = Step(h.steps, payload, pos, mask)
+        step = Step(h.steps, payload, pos, mask, keep, draft)
         timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
         try:
             reply = await recv_message(h.stream, timeout_s)
@@ -233,7 +247,7 @@ class HopSessions:
             result = _expect(reply, StepResult, h.hop)
             if result.step != h.steps:
                 raise InvalidMessage(f"answered step {result.step}, expected {h.steps}")
-            await self._check_output(h, payload, result)
+            await self._check_output(h, payload, result, window=draft is not None)
             h.account.record(step, result.output)
             if result.receipt is not None:
                 await self._judge(h, result.receipt)
@@ -252,7 +266,7 @@ class HopSessions:
         except InvalidSignature:  # it cannot show what it received: its own fault
             raise InvalidSignature(f"its report of step {step.step}'s push is not signed by "
                                    f"{sender.hop.peer_id}") from None
-        sent = Step(sender.steps - 1, step.input, step.positions, step.mask)  # numbered by its sender
+        sent = dataclasses.replace(step, step=sender.steps - 1)  # numbered by its sender
         if pushed.input_digest != push_digest(h.session_id, sent):
             raise TamperedPush(f"pushed step {step.step} to {h.hop.peer_id} altered (its signature "
                                f"differs from the output it reported)", peer_id=sender.hop.peer_id,
@@ -277,7 +291,8 @@ class HopSessions:
             log.info("%s does not push to %s: %s", h.hop.peer_id, nxt.hop.peer_id, linked.reason)
         return linked.pushing
 
-    async def _check_output(self, h: HopSession, payload: Tensor, result: StepResult) -> None:
+    async def _check_output(self, h: HopSession, payload: Tensor, result: StepResult, *,
+                            window: bool = False) -> None:
         """Raise (BadShape or InvalidMessage) when ``result`` cannot answer this step of this
         session, after disputing the receipt that came with it: the hop is not paid for it."""
         spec = h.spec
@@ -286,7 +301,7 @@ class HopSessions:
         last = None if spec.num_layers is None else h.hop.end == spec.num_layers
         try:
             check_output(result.output, batch=spec.batch, length=payload.shape[1], hidden_size=h.hidden_size,
-                         last=last, dtype=h.out_dtype, vocab_size=spec.vocab_size)
+                         last=last, dtype=h.out_dtype, vocab_size=spec.vocab_size, window=window)
         except ShizaError as exc:
             h.account.disputed_reason = f"step {h.steps}: {exc}"
             if result.receipt is not None:

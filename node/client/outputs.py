@@ -13,7 +13,7 @@ What a session fixes:
     length, ``(B, T, H)``, where H is the ``hidden_size`` its ``SessionOpened`` announced, in a
     float dtype that stays the same for the whole session (the first output fixes it; the client
     does not know the model's dtype in advance: SessionOpened does not carry it);
-  * the last hop answers ``int64 (B,)`` token ids in ``[0, vocab_size)`` when the caller knows the
+  * the last hop answers ``int64 (B,)`` (a window step: ``(B, T)``, SPEC 9.7) token ids in ``[0, vocab_size)`` when the caller knows the
     vocabulary (``SwarmClient.generate(vocab_size=...)``), else in ``[0, 2**31)``: records carry
     no vocabulary size, and no tokenizer has 2**31 entries;
   * every value of hidden states is finite.
@@ -69,21 +69,23 @@ def all_finite(t: Tensor) -> bool:
 
 
 def check_output(out: Tensor, *, batch: int, length: int, hidden_size: int, last: bool | None,
-                 dtype: str | None = None, vocab_size: int | None = None) -> None:
+                 dtype: str | None = None, vocab_size: int | None = None, window: bool = False) -> None:
     """Raise BadShape or InvalidMessage when ``out`` cannot be the answer to a step of ``batch``
     rows of ``length`` new tokens on this session. ``last``: whether the hop ends at the model's
     last layer (None: unknown, either form is accepted); ``dtype``: the float dtype the
-    session's earlier outputs had (None: this is its first)."""
+    session's earlier outputs had (None: this is its first); ``window``: a window step (SPEC
+    9.7), whose last hop answers a token per position, int64 [B, T]."""
     tokens = out.dtype == "int64"
     if last is not None and tokens != last:
         want = "token ids int64 [B]" if last else "hidden states [B, T, H]"
         raise BadShape(f"a hop {'ending' if last else 'not ending'} at the last layer answers {want}, "
                        f"got {out.dtype} {list(out.shape)}")
     if tokens:
-        if tuple(out.shape) != (batch,):
-            raise BadShape(f"token ids must be int64 [{batch}], got {list(out.shape)}")
+        want = (batch, length) if window else (batch,)
+        if tuple(out.shape) != want:
+            raise BadShape(f"token ids must be int64 {list(want)}, got {list(out.shape)}")
         bound = vocab_size if vocab_size is not None else MAX_TOKEN_ID
-        ids = struct.unpack(f"<{batch}q", bytes(out.data))
+        ids = struct.unpack(f"<{math.prod(want)}q", bytes(out.data))
         if any(not 0 <= t < bound for t in ids):
             raise InvalidMessage(f"token ids must lie in [0, {bound}), got {list(ids)[:8]}")
         return

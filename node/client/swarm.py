@@ -38,6 +38,7 @@ from protocol.messages import SamplingParams
 from protocol.records import CapacityRecord
 
 from node.client.disputes import DisputeWatch, publish_dispute
+from node.client.drafts import Drafter, Window, make_drafter
 from node.client.errors import HopFailed, InvalidRequest, LayersLost, NoRoute, PeerError, peer_error
 from node.client.health import PeerHealth, RttTracker
 from node.client.hops import (
@@ -72,10 +73,14 @@ class GenerationResult:
     route: list[Hop]  # the chain at the end (after any failover)
     ttft_s: float
     decode_s: float
-    steps: int
+    steps: int  # tokens generated (per row)
     failovers: int = 0
     receipts: list[str] = field(default_factory=list)  # ids of the receipts stored for it
     pushed_steps: int = 0  # hop steps whose input the previous hop pushed (SPEC 9.6)
+    passes: int = 0  # trips through the pipeline, the prefill's included (plain decoding: == steps)
+    drafted: int = 0  # draft tokens sent (speculative decoding, SPEC 9.7)
+    accepted: int = 0  # of those, the ones the model kept
+    speculate: str = "off"  # the draft source used
 
     @property
     def tokens_per_s(self) -> float:
@@ -121,6 +126,7 @@ class SwarmClient:
         direct: bool = True,
         spot_checker: SpotChecker | None = None,
         push: bool = True,
+        speculate: str = "off",
     ) -> None:
         if replay not in ("exact", "merged"):
             raise InvalidRequest("replay must be 'exact' (step by step) or 'merged' (one prefill)")
@@ -144,6 +150,8 @@ class SwarmClient:
         # off the critical path; peers that answered Link as unknown are driven by us.
         self.push = push
         self.no_push: set[str] = set()
+        make_drafter(speculate)  # ValueError now, not at the first generation
+        self.speculate = speculate  # generate's default draft source (node/client/drafts.py)
         self.disputes = DisputeWatch(dht)  # peers disputed by enough reporters (node/client/disputes.py)
         self.failovers_total = 0  # over the client's life (node/http/metrics.py exports it)
         self._known: dict[str, list[CapacityRecord]] = {}
@@ -179,6 +187,7 @@ class SwarmClient:
         direct: bool = True,
         spot_checker: SpotChecker | None = None,
         push: bool = True,
+        speculate: str = "off",
     ) -> AsyncIterator["SwarmClient"]:
         """A client; with ``data_dir`` it keeps its identity and a receipt ledger there.
         With ``swarm_key`` (a key file or a SwarmKey) it joins that private swarm. A key file
@@ -208,7 +217,7 @@ class SwarmClient:
                     async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, list(bootstrap)) as dht:
                         yield cls(host, dht, identity, ledger, swarm_id=swarm_id, bootstrap=bootstrap,
                                   step_timeout_s=step_timeout_s, replay=replay, direct=direct,
-                                  spot_checker=spot_checker, push=push)
+                                  spot_checker=spot_checker, push=push, speculate=speculate)
         finally:
             if ledger is not None:
                 ledger.close()
@@ -289,6 +298,7 @@ class SwarmClient:
         on_tokens: Callable[[list[int]], None] | None = None,
         until: Callable[[], bool] | None = None,
         vocab_size: int | None = None,
+        speculate: "str | Drafter | None" = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``.
 
@@ -297,8 +307,19 @@ class SwarmClient:
         that cannot be opened is replaced the same way before the first step. Every hop's output
         is checked against its session (node/client/outputs.py; ``vocab_size``, when the caller
         knows the tokenizer, bounds the token ids): a hop whose output fails is failed over.
+        ``speculate`` names a draft source (node/client/drafts.py: ``off``, ``ngram``; None: the
+        client's ``speculate``), or is a fresh ``Drafter``: each pass
+        then carries the next token and drafts of the ones after it, and the pipeline keeps those
+        it agrees with (SPEC 9.7); greedy output is the same token for token, sampled output has
+        the same distribution. It applies to one prompt; a batch decodes one token per pass.
         Raises InvalidRequest, NoRoute (LayersLost mid-generation) or PeerError.
         """
+        speculate = speculate or self.speculate
+        try:
+            drafter = (None if len(prompts) != 1 else
+                       make_drafter(speculate) if isinstance(speculate, str) else speculate)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("every prompt needs at least one token")
         sampling = with_fresh_seed(sampling)
@@ -333,6 +354,7 @@ class SwarmClient:
             for _ in range(max_new_tokens):
                 tokens = await self._step(chain, step_ids, step_pos, step_mask)
                 steps += 1
+                chain.passes += 1
                 if steps == 1:
                     ttft = time.perf_counter() - t0
                 for row, tok in enumerate(tokens):
@@ -343,6 +365,11 @@ class SwarmClient:
                     on_tokens(tokens)
                 if all(done) or (until is not None and until()):  # until: e.g. a stop sequence
                     break
+                if drafter is not None:  # the rest speculates (SPEC 9.7)
+                    drafter.extend(prompts[0])
+                    steps += await self._speculate(chain, drafter, tokens[0], step_pos[0][-1] + 1,
+                                                   max_new_tokens - steps, out[0], eos, on_tokens, until)
+                    break
                 step_ids = [[t] for t in tokens]
                 step_pos = [[p[-1] + 1] for p in step_pos]
                 step_mask = [[1] for _ in range(batch)]
@@ -350,7 +377,56 @@ class SwarmClient:
         route_used = [h.hop for h in chain.hops]
         receipts = [r.receipt_id for h in chain.retired + chain.hops for r, _, _ in h.account.receipts]
         return GenerationResult(out, route_used, ttft, decode_s, steps, chain.failovers, receipts,
-                                chain.pushed_steps)
+                                chain.pushed_steps, chain.passes, chain.drafted, chain.accepted,
+                                drafter.name if drafter is not None else "off")
+
+    async def _speculate(self, chain: "_Chain", drafter: Drafter, token: int, position: int, room: int,
+                         out: list[int], eos: set[int], on_tokens: Callable[[list[int]], None] | None,
+                         until: Callable[[], bool] | None) -> int:
+        """Decode one row by windows (SPEC 9.7) after its first token ``token`` (at ``position``,
+        not yet in any cache), at most ``room`` more tokens into ``out``; returns how many.
+
+        Each pass sends ``token`` and up to k drafts after it; the last hop answers its choice
+        at every position, the drafts up to the first it disagrees with are kept and its answer
+        there is the next token. Every hop then holds rejected drafts past the kept length,
+        which the next step's ``keep`` cuts; the hops' histories are trimmed to the kept
+        positions at once, so a failover replays accepted tokens only."""
+        window = Window()
+        held = kept = position  # positions every hop holds / the kept ones among them
+        drafter.extend([token])
+        emitted = 0
+        while emitted < room and not (out and out[-1] in eos) and not (until is not None and until()):
+            k = min(window.size(), room - emitted - 1, chain.spec.max_length - kept - 1)
+            if not all(h.windows for h in chain.hops):  # a hop without window steps: plain decoding
+                k = 0
+            drafts = drafter.propose(k) if k > 0 else []
+            ids = [[token, *drafts]]
+            positions = [[kept + i for i in range(len(ids[0]))]]
+            answer = await self._step(chain, ids, positions, [[1] * len(ids[0])],
+                                      keep=kept if held != kept else None,
+                                      draft=int64_tensor([drafts]) if drafts else None)
+            chain.passes += 1
+            accepted = 0
+            while accepted < len(drafts) and answer[accepted] == drafts[accepted]:
+                accepted += 1
+            new = answer[:accepted + 1]
+            chain.drafted += len(drafts)
+            chain.accepted += accepted
+            window.update(len(drafts), accepted)
+            held, kept = kept + len(ids[0]), kept + accepted + 1
+            if accepted < len(drafts):
+                for h in chain.hops:  # a replay rebuilds the kept positions only
+                    h.trim_last(accepted + 1)
+            for tok in new[:room - emitted]:
+                out.append(tok)
+                emitted += 1
+                if on_tokens is not None:
+                    on_tokens([tok])
+                if tok in eos or (until is not None and until()):
+                    return emitted
+            drafter.extend(new)
+            token = new[-1]
+        return emitted
 
     async def stream(
         self,
@@ -472,12 +548,16 @@ class SwarmClient:
         ids: list[list[int]],
         positions: list[list[int]],
         mask: list[list[int]],
+        *,
+        keep: int | None = None,
+        draft: Tensor | None = None,
     ) -> list[int]:
         """One step through the chain: the sampled ids. A hop that takes pushed input (SPEC
         9.6) gets nothing from us: its previous hop pushed it; we read its report within what
         is left of the step's deadline (the deadline is on the token, not on each hop). A hop
         that fails or stalls is failed over; under push every hop after it is opened again
-        (it may hold the failed step already), and the chain is linked again after the step."""
+        (it may hold the failed step already), and the chain is linked again after the step.
+        A window step (``keep``, ``draft``; SPEC 9.7) answers a token per position (one row)."""
         pos_t = int64_tensor(positions)
         mask_t = int64_tensor(mask)
         payload: Tensor = int64_tensor(ids)
@@ -492,10 +572,10 @@ class SwarmClient:
                 if h.pushed_in:
                     left = max(0.001, deadline - trio.current_time())
                     payload = await self.sessions.result(h, payload, pos_t, mask_t, timeout_s=left,
-                                                         pushed_from=chain.hops[i - 1])
+                                                         pushed_from=chain.hops[i - 1], keep=keep, draft=draft)
                     chain.pushed_steps += 1
                 else:
-                    payload = await self.sessions.step(h, payload, pos_t, mask_t)
+                    payload = await self.sessions.step(h, payload, pos_t, mask_t, keep=keep, draft=draft)
             except PeerError as exc:
                 failed = i - 1 if i > 0 and exc.peer_id == chain.hops[i - 1].hop.peer_id else i
                 if failed < i:  # caught by what it pushed: its replacement redoes this step
@@ -506,7 +586,7 @@ class SwarmClient:
                 i, payload = failed, inputs[failed]
                 continue  # retry this step on the replacement
             self.health.succeeded(h.hop.peer_id)
-            if self.spot_checker is not None:
+            if self.spot_checker is not None and draft is None:  # window steps go unchecked
                 spec = chain.spec
                 witnessing = _Witnessing(self, chain)
                 verdict = await self.spot_checker.check(witnessing, CheckedStep(
@@ -702,6 +782,9 @@ class _Chain:
     push: bool = False  # link the hops (SPEC 9.6)
     relink: bool = False  # sessions were replaced under push: link the chain again
     pushed_steps: int = 0
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
 
 class _Witnessing:

@@ -43,12 +43,17 @@ class StepInput(NamedTuple):
     ``inputs``: int64 token ids (B, T) for a session that starts at layer 0, else hidden states
     (B, T, H) as floats. ``positions``: int64 (B, T), each row's position of each new token
     (padding excluded). ``mask``: int64 (B, T) of 0/1 (0 = left padding); None means all ones.
+    A window step (speculative decoding, SPEC.md 9.7): ``keep`` first cuts the session's cache to
+    its first ``keep`` positions; ``draft``, int64 (B, T - 1), the drafts in the last T - 1
+    positions: a session that ends at the last layer then answers a token per position (B, T).
     """
 
     session_id: str
     inputs: Tensor
     positions: Tensor
     mask: Tensor | None = None
+    keep: int | None = None
+    draft: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,10 @@ class FaultyEngine:
         return self.inner.max_cache_tokens
 
     @property
+    def windows(self) -> bool:
+        return bool(getattr(self.inner, "windows", False))
+
+    @property
     def inline_decode(self) -> bool:
         # A delay slept in the event loop's thread would stall the whole node.
         return self.inner.inline_decode and self.faults.delay_s <= 0

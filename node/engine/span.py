@@ -80,6 +80,7 @@ class SpanEngine(TorchEngine[_Session]):
     #: Every forward runs in the scheduler's one engine thread, decodes too: forwards split
     #: between two threads ran on one core (node/serve/scheduler.py, EngineThread).
     inline_decode = False
+    windows = True  # window steps (keep, draft): speculative decoding, SPEC.md 9.7
 
     def __init__(self, source: ModelSource, start: int, end: int, model: nn.Module,
                  config: Any, device: torch.device, dtype: torch.dtype,
@@ -270,7 +271,8 @@ class SpanEngine(TorchEngine[_Session]):
     # --- the step ---------------------------------------------------------------------------
 
     def step(self, session_id: str, inputs: torch.Tensor, positions: torch.Tensor,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, *, keep: int | None = None,
+             draft: torch.Tensor | None = None) -> torch.Tensor:
         """Run T new tokens of every row through the span.
 
         inputs: int64 token ids (B, T) on the first span, else hidden states (B, T, H).
@@ -278,16 +280,25 @@ class SpanEngine(TorchEngine[_Session]):
         mask: int64 (B, T) of 0/1 for the new tokens (0 = left padding); None means all ones.
         Returns hidden states (B, T, H) in the engine's dtype, or on the last span the next
         token of each row, int64 (B,).
+
+        A window step (speculative decoding): ``keep`` first cuts the cache to its first
+        ``keep`` positions (drafts the client did not accept; the cut stands even if the step
+        then fails); ``draft``, int64 (B, T - 1), the draft tokens in the last T - 1 positions.
+        With a draft the last span answers a token per position, int64 (B, T) (``_choose_window``).
         """
         session = self._get(session_id)
+        if keep is not None:
+            self._rollback(session, keep)
         inputs, positions, mask = self._validate(session, inputs, positions, mask)
+        if draft is not None:
+            draft = self._check_draft(session, draft, inputs)
         full_mask = torch.cat([session.mask, mask], dim=1)  # (B, L + T)
         with self._lock:
             if self._sessions.get(session_id) is not session:
                 raise SessionUnknown(f"session {session_id!r} was closed during the step")
             try:
                 with torch.inference_mode():
-                    out = self._forward(session, inputs, positions, full_mask)
+                    out = self._forward(session, inputs, positions, full_mask, draft=draft)
             except Exception as e:
                 # The cache may hold some layers' keys for these tokens and not others.
                 self._sessions.pop(session_id, None)
@@ -295,8 +306,36 @@ class SpanEngine(TorchEngine[_Session]):
             session.mask = full_mask
         return out
 
+    def _rollback(self, session: _Session, keep: int) -> None:
+        """Cut the session's cache (every layer slot) and mask to the first ``keep`` positions."""
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= session.length:
+            raise BadInput(f"keep must be an int in [0, {session.length}] (the tokens the session "
+                           f"holds), got {keep!r}")
+        if keep == session.length:
+            return
+        with self._lock:
+            try:
+                drop = session.length - keep
+                for slot in {id(x): x for x in session.cache.layers}.values():  # aliases once
+                    if getattr(slot, "keys", None) is not None and slot.keys.numel():
+                        slot.crop(-drop)  # a negative count: drop that many from the end
+            except Exception as e:  # noqa: BLE001 - e.g. a sliding window that wrapped
+                raise BadInput(f"this session's cache cannot be cut to {keep} positions: {e}") from e
+            session.mask = session.mask[:, :keep]
+
+    def _check_draft(self, session: _Session, draft: Any, inputs: torch.Tensor) -> torch.Tensor:
+        batch, length = int(inputs.shape[0]), int(inputs.shape[1])
+        if (not isinstance(draft, torch.Tensor) or draft.dtype != torch.int64
+                or tuple(draft.shape) != (batch, length - 1) or length < 2):
+            raise BadInput(f"draft must be int64 ({batch}, {length - 1}): the drafts in the step's "
+                           f"last positions")
+        if draft.numel() and (int(draft.min()) < 0 or int(draft.max()) >= self.vocab_size):
+            raise BadInput(f"draft token ids must lie in [0, {self.vocab_size})")
+        return draft.to(self._device)
+
     def _forward(self, session: _Session, inputs: torch.Tensor, positions: torch.Tensor,
-                 full_mask: torch.Tensor, sample: bool = True) -> torch.Tensor:
+                 full_mask: torch.Tensor, sample: bool = True,
+                 draft: torch.Tensor | None = None) -> torch.Tensor:
         kwargs: dict[str, Any] = dict(
             attention_mask=full_mask, position_ids=positions,
             past_key_values=session.cache,  # 5.19's keyword; `cache=` would be swallowed
@@ -324,6 +363,9 @@ class SpanEngine(TorchEngine[_Session]):
         if not session.is_last or not sample:
             return hidden
         head = self._model.get_output_embeddings()
+        if draft is not None:
+            return _choose_window(head(hidden).float(), draft, session.temperature, session.top_p,
+                                  session.generator)
         logits = head(hidden[:, -1, :]).float()  # (B, V)
         return _sample(logits, session.temperature, session.top_p, session.generator)
 
@@ -351,11 +393,12 @@ class SpanEngine(TorchEngine[_Session]):
         results: list[torch.Tensor | Exception | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[tuple[int, _Session, tuple]]] = {}
         alone: list[int] = []
-        for i, (sid, inputs, positions, mask) in enumerate(items):
+        for i, item in enumerate(items):
+            sid, inputs, positions, mask = item[:4]
             with self._lock:
                 session = self._sessions.get(sid)
-            if session is None:
-                alone.append(i)  # step() raises SessionUnknown for it
+            if session is None or any(x is not None for x in item[4:]):
+                alone.append(i)  # step() raises SessionUnknown for it; window steps run alone
                 continue
             try:
                 prepared = self._validate(session, inputs, positions, mask)
@@ -384,7 +427,7 @@ class SpanEngine(TorchEngine[_Session]):
                 results[i] = out
         for i in sorted(alone):
             try:
-                results[i] = self.step(*items[i])
+                results[i] = self._step_item(items[i])
             except Exception as e:  # noqa: BLE001 - reported to that session only
                 results[i] = e
         return results  # type: ignore[return-value]
@@ -578,6 +621,55 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
     return order.gather(-1, choice).squeeze(-1)  # (B,)
+
+
+def _choose_window(logits: torch.Tensor, draft: torch.Tensor, temperature: float, top_p: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """A window step's answer, int64 (B, T), from float32 logits (B, T, V) and the drafts
+    (B, T - 1) in positions 1..T-1: at position i the model's choice of the token after it.
+
+    Greedy: the argmax everywhere. Sampling (speculative sampling with a deterministic draft,
+    whose proposal is a point mass): at each position i < T - 1 the draft d = draft[i] is kept
+    with probability p_i(d) (p_i the top-p distribution plain decoding samples from), else a
+    token is drawn from p_i without d, renormalised; the last position is drawn from p_{T-1}.
+    The client accepts the drafts up to the first position whose answer differs from its draft
+    and takes that answer as the next token, so each token it emits has exactly the
+    distribution plain decoding gives it. Positions after a rejection answer their argmax
+    (never used).
+    """
+    greedy = logits.argmax(dim=-1)  # (B, T)
+    if temperature == 0.0 or generator is None:
+        return greedy
+    out = greedy.clone()
+    batch, length = int(logits.shape[0]), int(logits.shape[1])
+    for b in range(batch):
+        for i in range(length):
+            probs = _top_p_probs(logits[b, i], temperature, top_p)  # (V,)
+            if i < length - 1:
+                d = int(draft[b, i])
+                u = float(torch.rand((), generator=generator, device=probs.device))
+                if u < float(probs[d]):
+                    out[b, i] = d
+                    continue
+                probs = probs.clone()
+                probs[d] = 0.0
+                if float(probs.sum()) <= 0.0:  # p_i(d) == 1 and u fell on the boundary
+                    out[b, i] = d
+                    continue
+            out[b, i] = torch.multinomial(probs, 1, generator=generator)[0]
+            break  # rejected (or the last position): nothing after it is used
+    return out
+
+
+def _top_p_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution ``_sample`` draws from, over the vocabulary (V,), summing to 1."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    kept = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return kept / kept.sum()
 
 
 # --- loading helpers ------------------------------------------------------------------------

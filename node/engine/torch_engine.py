@@ -21,7 +21,8 @@ from node.engine.errors import BadInput, CapacityExceeded
 from node.engine.sessions import S, SessionTable
 from node.engine.tensors import from_torch, to_torch
 
-TorchStep = tuple[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+#: (session_id, inputs, positions, mask, keep, draft): a StepInput's fields as torch tensors.
+TorchStep = tuple[str, torch.Tensor, torch.Tensor, "torch.Tensor | None", "int | None", "torch.Tensor | None"]
 
 
 class TorchEngine(SessionTable[S]):
@@ -29,6 +30,8 @@ class TorchEngine(SessionTable[S]):
 
     #: Decode batches are short forwards: the scheduler may run them in the event loop's thread.
     inline_decode = False
+    #: ``step`` takes ``keep`` and ``draft`` (window steps, SPEC 9.7); else they are BadInput.
+    windows = False
 
     def step(self, session_id: str, inputs: torch.Tensor, positions: torch.Tensor,
              mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,10 +42,22 @@ class TorchEngine(SessionTable[S]):
         out: list[torch.Tensor | Exception] = []
         for item in items:
             try:
-                out.append(self.step(*item))
+                out.append(self._step_item(item))
             except Exception as exc:  # noqa: BLE001 - reported to that session only
                 out.append(exc)
         return out
+
+    def _step_item(self, item: "TorchStep | tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]"
+                   ) -> torch.Tensor:
+        """``step`` for one item; a 4-tuple is a plain step (in-process callers)."""
+        sid, inputs, positions, mask = item[:4]
+        keep, draft = (item[4], item[5]) if len(item) > 4 else (None, None)  # type: ignore[misc]
+        if keep is None and draft is None:
+            return self.step(sid, inputs, positions, mask)
+        if not self.windows:
+            raise BadInput(f"{type(self).__name__} runs no window steps (keep, draft): "
+                           "speculative decoding needs a transformers span")
+        return self.step(sid, inputs, positions, mask, keep=keep, draft=draft)  # type: ignore[call-arg]
 
     def run_steps(self, steps: Sequence[StepInput]) -> list[Tensor | Exception]:
         """``Engine.run_steps``: wire tensors to torch (views, no copy where possible), one
@@ -54,7 +69,8 @@ class TorchEngine(SessionTable[S]):
         for i, s in enumerate(steps):
             try:
                 mask = to_torch(s.mask) if s.mask is not None else None
-                items.append((s.session_id, to_torch(s.inputs), to_torch(s.positions), mask))
+                draft = to_torch(s.draft) if s.draft is not None else None
+                items.append((s.session_id, to_torch(s.inputs), to_torch(s.positions), mask, s.keep, draft))
             except (BadShape, KeyError) as exc:  # KeyError: a dtype torch does not take here
                 results[i] = BadInput(f"step tensors do not convert: {exc}")
                 continue

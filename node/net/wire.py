@@ -87,3 +87,16 @@ def concat_steps(tensors: Sequence[Tensor]) -> Tensor:
             rows.append(bytes(memoryview(t.data)[b * row:(b + 1) * row]))
     total = sum(t.shape[1] for t in tensors)
     return Tensor(first.dtype, (batch, total, *rest), b"".join(rows))
+
+
+def take_positions(t: Tensor, n: int) -> Tensor:
+    """The first ``n`` positions of each row of a [B, T, ...] tensor (row-major bytes, no torch)."""
+    batch, length = t.shape[0], t.shape[1]
+    if not 0 <= n <= length:
+        raise MalformedFrame(f"cannot take {n} of {length} positions")
+    if n == length:
+        return t
+    inner = len(t.data) // (batch * length) if length else 0
+    view = memoryview(t.data)
+    rows = [bytes(view[b * length * inner:(b * length + n) * inner]) for b in range(batch)]
+    return Tensor(t.dtype, (batch, n, *t.shape[2:]), b"".join(rows))

@@ -167,17 +167,18 @@ class StepScheduler:
         return len(self._pending)
 
     async def step(self, engine: Engine, session_id: str, inputs: Tensor, positions: Tensor,
-                   mask: Tensor | None) -> Tensor:
+                   mask: Tensor | None, *, keep: int | None = None, draft: Tensor | None = None) -> Tensor:
         """The engine's output for this step, or the engine's exception raised here."""
-        return (await self.step_timed(engine, session_id, inputs, positions, mask))[0]
+        return (await self.step_timed(engine, session_id, inputs, positions, mask, keep=keep, draft=draft))[0]
 
     async def step_timed(self, engine: Engine, session_id: str, inputs: Tensor, positions: Tensor,
-                         mask: Tensor | None) -> tuple[Tensor, float, int]:
+                         mask: Tensor | None, *, keep: int | None = None,
+                         draft: Tensor | None = None) -> tuple[Tensor, float, int]:
         """``(output, seconds, rows)``: seconds is the engine call's own time (no queueing, no
         thread hand-off), shared by every step of its batch; rows is that batch's rows.
         Cancellation: see the module docstring (dropped while queued; once computing, the
         batch finishes, shielded, and this step's result is discarded)."""
-        req = _Request(engine, StepInput(session_id, inputs, positions, mask), int(inputs.shape[0]))
+        req = _Request(engine, StepInput(session_id, inputs, positions, mask, keep, draft), int(inputs.shape[0]))
         self._pending.append(req)
         self._arrived(session_id, _is_decode(req.item))
         if self._busy:

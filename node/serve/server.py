@@ -16,6 +16,8 @@ shield (``_settle_broken``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import secrets
 from collections import deque
@@ -266,7 +268,8 @@ class SpanServer:
             try:
                 await send_message(stream, SessionOpened(
                     session.session_id, msg.start, msg.end, self.engine.hidden_size,
-                    offer.port if offer else None, offer.public if offer else None))
+                    offer.port if offer else None, offer.public if offer else None,
+                    windows=bool(getattr(self.engine, "windows", False))))
                 if offer is not None:  # SPEC 9.5: the session goes on over the direct channel
                     channel = await self._await_channel(stream, offer)
                     if channel is None:
@@ -520,7 +523,7 @@ class SpanServer:
             if not isinstance(msg, Step):
                 raise InvalidMessage(f"expected step or close, got {type(msg).__name__}")
             if pushed is not None:  # numbered by its sender: it is this session's next step
-                msg = Step(expected_step, msg.input, msg.positions, msg.mask)
+                msg = dataclasses.replace(msg, step=expected_step)
             if msg.step != expected_step:
                 raise InvalidMessage(f"expected step {expected_step}, got {msg.step}")
             self._check_step(msg, session)
@@ -529,7 +532,7 @@ class SpanServer:
             engine = self.engine
             try:
                 output, step_s, batch_rows = await self.scheduler.step_timed(
-                    engine, session.session_id, msg.input, msg.positions, msg.mask)
+                    engine, session.session_id, msg.input, msg.positions, msg.mask, keep=msg.keep, draft=msg.draft)
             except BadInput as exc:
                 raise BadShape(str(exc)) from None
             except (CapacityExceeded, SessionUnknown) as exc:  # our words, about this session
@@ -596,13 +599,13 @@ class SpanServer:
         the session goes on, and its client (whose next hop reports nothing) re-links."""
         link = session.next
         assert link is not None and self.identity is not None
-        nxt = Step(step.step, output, step.positions, step.mask)
+        nxt = dataclasses.replace(step, input=output)  # keep and draft go on with it (9.7)
         if self.push_fault is not None:
-            nxt = Step(nxt.step, self.push_fault(output), nxt.positions, nxt.mask)
+            nxt = dataclasses.replace(nxt, input=self.push_fault(output))
         sig = sign_push(self.identity, push_digest(session.next_session, nxt))
         try:
             await link.send(Push(session.next_session, session.client, nxt.step, nxt.input, nxt.positions, sig,
-                                 nxt.mask))
+                                 nxt.mask, nxt.keep, nxt.draft))
             self.pushes_out += 1
         except StreamBroken as exc:
             log.info("push of session %s to %s failed: %s", session.session_id, link.peer_id, exc)
@@ -709,9 +712,11 @@ class SpanServer:
             raise BadShape(f"mask must be int64 {list(shape[:2])}")
         if shape[0] * shape[1] * (shape[2] if len(shape) == 3 else 1) > MAX_TENSOR_ELEMENTS:
             raise BadShape("step too large")
-        # The output, before computing it: token ids [B] on the last span, else hidden states
-        # [B, T, H] (from ids, the first span's output can be thousands of times its input).
-        out_elements = shape[0] if session.last else shape[0] * shape[1] * eng.hidden_size
+        # The output, before computing it: token ids [B] on the last span ([B, T] for a window
+        # step), else hidden states [B, T, H] (from ids, the first span's output can be thousands
+        # of times its input).
+        last_out = shape[0] * shape[1] if msg.draft is not None else shape[0]
+        out_elements = last_out if session.last else shape[0] * shape[1] * eng.hidden_size
         out_bytes = out_elements * (8 if session.last else itemsize(eng.dtype))
         if out_elements > MAX_TENSOR_ELEMENTS or out_bytes + MAX_CONTROL_FRAME_BYTES > MAX_FRAME_BYTES:
             raise self._violation(session.client, LimitExceeded(

@@ -200,7 +200,7 @@ def test_node_info_limits() -> None:
         lambda: Step(0, ids(2, 5), ids(2, 5), ids(1, 5)),  # mask does not match
         lambda: Step(0, ids(10), ids(10)),  # token ids must be [B, T]
         lambda: Step(0, Tensor("float32", (2, 3), bytes(24)), ids(2, 3)),  # hidden states are [B, T, H]
-        lambda: StepResult(0, ids(2, 3)),  # sampled ids are [B]
+        lambda: StepResult(0, ids(2, 3, 1)),  # sampled ids are [B] or [B, T]
         lambda: StepResult(0, Tensor("float32", (2, 3), bytes(24))),
     ],
 )

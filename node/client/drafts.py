@@ -1,0 +1,120 @@
+"""Draft sources for speculative decoding across the swarm (SPEC.md 9.7), and the adaptive window.
+
+A generation that speculates sends the pipeline, in one pass, its next token and up to k drafts
+of the tokens after it; the last hop answers its own choice at every position and the client
+keeps the drafts up to the first that differs (node/client/swarm.py). Where the drafts come from
+is a ``Drafter``, chosen per generation by name (``make_drafter``):
+
+    off     no drafts: plain decoding, one token per pass
+    ngram   prompt lookup: the tokens that followed the latest earlier occurrence of the text's
+            last n tokens (n = 3, then 2, then 1). Needs no model and no torch, so every client
+            has it; strong when the answer reuses the input (editing, extraction, summaries, code)
+
+A drafter's proposals must be a deterministic function of the text so far: the last hop's
+acceptance rule treats a draft as a point-mass proposal, which keeps sampled output exactly
+distributed as plain decoding's (node/engine/span.py, ``_choose_window``).
+
+``Window`` picks k per pass: it doubles while whole windows are accepted, falls back to one past
+what was accepted when a window is not, and after a window with nothing accepted at its
+smallest size stops drafting for a few passes (1, 2, 4 ... 32, reset by any acceptance), so a
+generation with nothing to draft runs almost exactly as plain decoding does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+__all__ = ["DRAFTERS", "Drafter", "PromptLookup", "Window", "make_drafter"]
+
+
+class Drafter(Protocol):
+    """Where drafts come from: it sees every accepted token, in order (the prompt first)."""
+
+    name: str
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """The text grew by ``tokens`` (accepted, or the prompt)."""
+        ...
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens likely to follow the text so far (none: nothing to draft)."""
+        ...
+
+
+class PromptLookup:
+    """n-gram drafts from the text itself (prompt and output so far).
+
+    For each n in [min_ngram, max_ngram] it keeps, per n-gram, where the token after its latest
+    occurrence is (an occurrence counts once a token follows it), so each extend and each
+    proposal costs O(max_ngram), whatever the length."""
+
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.tokens: list[int] = []
+        self._next: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for tok in tokens:
+            j = len(self.tokens)  # where tok goes: every n-gram ending at j - 1 is now followed
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if j >= n:
+                    self._next[n][tuple(self.tokens[j - n:j])] = j
+            self.tokens.append(int(tok))
+
+    def propose(self, k: int) -> list[int]:
+        if k < 1:
+            return []
+        for n in range(min(self.max_ngram, len(self.tokens)), self.min_ngram - 1, -1):
+            at = self._next[n].get(tuple(self.tokens[-n:]))
+            if at is not None:
+                return self.tokens[at:at + k]
+        return []
+
+
+DRAFTERS = ("off", "ngram")
+
+
+def make_drafter(name: str) -> Drafter | None:
+    """The drafter called ``name`` (None for ``off``); ValueError naming the choices otherwise."""
+    if name == "off":
+        return None
+    if name == "ngram":
+        return PromptLookup()
+    raise ValueError(f"unknown draft source {name!r}; choose one of {', '.join(DRAFTERS)}")
+
+
+@dataclass
+class Window:
+    """How many drafts the next pass carries (see the module docstring)."""
+
+    k: int = 4
+    k_min: int = 1
+    k_max: int = 16
+    max_rest: int = 32  # the longest pause in drafting after fruitless windows
+    rest: int = 0  # passes left without drafts
+    _pause: int = field(default=1, repr=False)  # the next pause's length
+
+    def size(self) -> int:
+        """Drafts to ask for this pass (0 while resting)."""
+        if self.rest > 0:
+            self.rest -= 1
+            return 0
+        return self.k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """A pass carried ``drafted`` drafts, ``accepted`` of which were kept."""
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.k = min(self.k_max, max(self.k, drafted) * 2)
+        else:
+            self.k = max(self.k_min, accepted + 1)
+        if accepted > 0:
+            self._pause = 1
+        elif drafted <= self.k_min:
+            self.rest, self._pause = self._pause, min(self.max_rest, self._pause * 2)
