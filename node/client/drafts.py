@@ -90,26 +90,69 @@ def make_drafter(name: str) -> Drafter | None:
 
 @dataclass
 class Window:
-    """How many drafts the next pass carries (see the module docstring)."""
+    """How many drafts the next pass carries (see the module docstring).
+
+    The size follows the drafts' luck (doubling after a whole window kept, one past what was
+    kept otherwise) and is capped by what pays: from the passes it has timed it fits
+    seconds per pass = a + b x positions, from the windows it has seen the share of drafts kept
+    (alpha, a moving average), and takes the k that maximises expected tokens per second,
+    (1 - alpha^(k+1)) / (1 - alpha) / (a + b (k + 1)). Over a slow link a pass costs the same
+    for 1 position or 16 (b is small next to a) and long windows pay; on loopback each position
+    costs about as much as the pass itself, so only windows likely to be kept are sent."""
 
     k: int = 4
     k_min: int = 1
     k_max: int = 16
     max_rest: int = 32  # the longest pause in drafting after fruitless windows
     rest: int = 0  # passes left without drafts
+    alpha: float = 0.5  # moving average of the share of drafts kept
     _pause: int = field(default=1, repr=False)  # the next pause's length
+    _timed: list[tuple[int, float]] = field(default_factory=list, repr=False)  # (positions, seconds)
 
     def size(self) -> int:
         """Drafts to ask for this pass (0 while resting)."""
         if self.rest > 0:
             self.rest -= 1
             return 0
-        return self.k
+        k = min(self.k, self.paying())
+        if k == 0:  # not worth drafting now: probe with the smallest window, then pause longer
+            self.rest, self._pause = self._pause, min(self.max_rest, self._pause * 2)
+            return self.k_min
+        return k
 
-    def update(self, drafted: int, accepted: int) -> None:
-        """A pass carried ``drafted`` drafts, ``accepted`` of which were kept."""
+    def paying(self) -> int:
+        """The window size with the most expected tokens per second under the fitted cost."""
+        fit = self.cost()
+        if fit is None:
+            return self.k_max
+        a, b = fit
+        best, best_rate = 0, 0.0
+        for k in range(self.k_max + 1):
+            expected = float(k + 1) if self.alpha >= 1.0 else (1 - self.alpha ** (k + 1)) / (1 - self.alpha)
+            rate = expected / max(a + b * (k + 1), 1e-6)
+            if rate > best_rate * 1.02:  # a longer window must pay a little more than noise
+                best, best_rate = k, rate
+        return max(best, self.k_min) if best > 0 else 0
+
+    def cost(self) -> tuple[float, float] | None:
+        """(a, b) of seconds per pass = a + b x positions, least squares over the last passes
+        timed; None until two different sizes were timed."""
+        pts = self._timed
+        if len({n for n, _ in pts}) < 2:
+            return None
+        mx = sum(n for n, _ in pts) / len(pts)
+        my = sum(t for _, t in pts) / len(pts)
+        var = sum((n - mx) ** 2 for n, _ in pts)
+        b = max(0.0, sum((n - mx) * (t - my) for n, t in pts) / var)
+        return max(0.0, my - b * mx), b
+
+    def update(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
+        """A pass carried ``drafted`` drafts, ``accepted`` of which were kept, in ``seconds``."""
+        if seconds is not None:
+            self._timed = [*self._timed[-23:], (drafted + 1, seconds)]
         if drafted == 0:
             return
+        self.alpha = 0.7 * self.alpha + 0.3 * (accepted / drafted)
         if accepted == drafted:
             self.k = min(self.k_max, max(self.k, drafted) * 2)
         else:

@@ -402,6 +402,7 @@ class SwarmClient:
             drafts = drafter.propose(k) if k > 0 else []
             ids = [[token, *drafts]]
             positions = [[kept + i for i in range(len(ids[0]))]]
+            started = time.perf_counter()
             answer = await self._step(chain, ids, positions, [[1] * len(ids[0])],
                                       keep=kept if held != kept else None,
                                       draft=int64_tensor([drafts]) if drafts else None)
@@ -412,7 +413,7 @@ class SwarmClient:
             new = answer[:accepted + 1]
             chain.drafted += len(drafts)
             chain.accepted += accepted
-            window.update(len(drafts), accepted)
+            window.update(len(drafts), accepted, time.perf_counter() - started)
             held, kept = kept + len(ids[0]), kept + accepted + 1
             if accepted < len(drafts):
                 for h in chain.hops:  # a replay rebuilds the kept positions only

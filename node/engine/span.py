@@ -395,23 +395,30 @@ class SpanEngine(TorchEngine[_Session]):
         alone: list[int] = []
         for i, item in enumerate(items):
             sid, inputs, positions, mask = item[:4]
+            keep, draft = (item[4], item[5]) if len(item) > 4 else (None, None)  # type: ignore[misc]
             with self._lock:
                 session = self._sessions.get(sid)
-            if session is None or any(x is not None for x in item[4:]):
-                alone.append(i)  # step() raises SessionUnknown for it; window steps run alone
+            if session is None:
+                alone.append(i)  # step() raises SessionUnknown for it
                 continue
             try:
+                if keep is not None:
+                    self._rollback(session, keep)
                 prepared = self._validate(session, inputs, positions, mask)
+                if draft is not None:
+                    draft = self._check_draft(session, draft, prepared[0])
             except Exception as e:  # noqa: BLE001 - reported to that session only
                 results[i] = e
                 continue
             t = int(prepared[1].shape[1])
-            if session.length == 0 and t <= PREFILL_BATCH_TOKENS and self._window_ok(session, t):
+            if (draft is None and session.length == 0 and t <= PREFILL_BATCH_TOKENS
+                    and self._window_ok(session, t)):
                 groups.setdefault(("prefill", *session.layers), []).append((i, session, prepared))
-            elif t == 1 and session.length > 0 and self._window_ok(session):
-                groups.setdefault(("decode", *session.layers), []).append((i, session, prepared))
+            elif (t == 1 or draft is not None) and t <= MAX_GROUP_WINDOW and session.length > 0 \
+                    and self._window_ok(session, t):
+                groups.setdefault(("decode", *session.layers), []).append((i, session, (*prepared, draft)))
             else:
-                alone.append(i)
+                alone.append(i)  # its cut is done: step() finds keep == length
         for key, members in _split_prefills(groups):
             if len(members) == 1:
                 alone.append(members[0][0])
@@ -463,20 +470,31 @@ class SpanEngine(TorchEngine[_Session]):
         return self._forward_group(members, inputs, positions, full_mask,
                                    DynamicCache(config=self._config))
 
-    def _step_group(self, members: list[tuple[_Session, tuple[torch.Tensor, ...]]]
+    def _step_group(self, members: list[tuple[_Session, tuple[Any, ...]]]
                     ) -> list[torch.Tensor]:
-        """One forward for decode steps (T == 1) of sessions running the same layers."""
+        """One forward for decode steps of sessions running the same layers: one token each, or
+        a window (a token and its drafts, SPEC 9.7) of any length up to MAX_GROUP_WINDOW.
+
+        Each session's new tokens are left-padded to the longest window (mask 0, position 0)
+        after its past, itself left-padded to the longest past; each session then takes back
+        its own last T columns."""
         from transformers import DynamicCache
 
         sessions = [s for s, _ in members]
-        for s in sessions:
-            check_room(s.length, 1, s.max_length)
+        width = max(int(p[1].shape[1]) for _, p in members)
+        for s, p in members:
+            check_room(s.length, int(p[1].shape[1]), s.max_length)
         longest = max(s.length for s in sessions)
-        inputs = torch.cat([p[0] for _, p in members], dim=0)  # (R, 1) or (R, 1, H)
-        positions = torch.cat([p[1] for _, p in members], dim=0)  # (R, 1)
-        # Each session's past, left-padded to the longest, then its new column: (R, longest + 1)
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # (B, T[, H]) -> (B, width[, H]), on the left
+            extra = width - int(x.shape[1])
+            return nn.functional.pad(x, (0, 0, extra, 0) if x.dim() == 3 else (extra, 0)) if extra else x
+
+        inputs = torch.cat([pad(p[0]) for _, p in members], dim=0)  # (R, W) or (R, W, H)
+        positions = torch.cat([pad(p[1]) for _, p in members], dim=0)  # (R, W)
+        # Each session's past, left-padded to the longest, then its new columns: (R, longest + W)
         full_mask = torch.cat([
-            torch.cat([nn.functional.pad(s.mask, (longest - s.length, 0)), p[2]], dim=1)
+            torch.cat([nn.functional.pad(s.mask, (longest - s.length, 0)), pad(p[2])], dim=1)
             for s, p in members], dim=0)
         a, b = sessions[0].layers
         cache = DynamicCache(config=self._config)
@@ -516,11 +534,13 @@ class SpanEngine(TorchEngine[_Session]):
             try:
                 with torch.inference_mode():
                     hidden = self._forward(batch, inputs, positions, full_mask, sample=False)  # (R, T, H)
+                    head = self._model.get_output_embeddings()
                     if batch.is_last:  # one product for every row: the head's weights are read once
-                        logits = self._model.get_output_embeddings()(hidden[:, -1, :]).float()  # (R, V)
+                        logits = head(hidden[:, -1, :]).float()  # (R, V)
                     outs: list[torch.Tensor] = []
                     row = 0
-                    for s, (_, _, m) in members:
+                    for s, p in members:
+                        m, draft = p[2], (p[3] if len(p) > 3 else None)
                         rows = slice(row, row + s.batch_size)
                         row += s.batch_size
                         t = int(m.shape[1])  # this session's new tokens: the last t columns
@@ -528,7 +548,10 @@ class SpanEngine(TorchEngine[_Session]):
                             new = cache.layers[j]
                             s.cache.layers[j].update(new.keys[rows, :, -t:, :], new.values[rows, :, -t:, :])
                         s.mask = torch.cat([s.mask, m], dim=1)
-                        if s.is_last:
+                        if s.is_last and draft is not None:
+                            outs.append(_choose_window(head(hidden[rows, -t:, :]).float(), draft,
+                                                       s.temperature, s.top_p, s.generator))
+                        elif s.is_last:
                             outs.append(_sample(logits[rows], s.temperature, s.top_p, s.generator))
                         else:
                             outs.append(hidden[rows, -t:, :])
@@ -556,6 +579,8 @@ class SpanEngine(TorchEngine[_Session]):
 
 #: Most rows x tokens (after padding) one batched prefill forward holds; more make several.
 PREFILL_BATCH_TOKENS = 2048
+#: The longest window step (a token and its drafts, SPEC 9.7) that shares a decode forward.
+MAX_GROUP_WINDOW = 64
 
 
 def _split_prefills(groups: dict[tuple[Any, ...], list[Any]]) -> list[tuple[tuple[Any, ...], list[Any]]]:

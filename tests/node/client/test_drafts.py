@@ -60,3 +60,30 @@ def test_fruitless_windows_pause_drafting_longer_each_time():
     w.update(1, 1)  # an accepted draft ends the back-off
     w.update(2, 0)
     assert w.size() == 1 and w.rest == 0
+
+
+def _timed(w, a, b, alpha):
+    """``w`` after passes timed at ``a + b x positions`` seconds, keeping ``alpha`` of the drafts."""
+    for n in (1, 3, 5, 9, 1, 5):
+        drafted = n - 1
+        w.update(drafted, round(alpha * drafted), a + b * n)
+    w.alpha = alpha
+    return w
+
+
+def test_the_window_is_capped_by_what_pays():
+    # Over 25 ms links a pass costs 0.1 s whatever its size: a long window pays.
+    assert _timed(Window(k=16), a=0.10, b=0.002, alpha=0.8).paying() >= 6
+    # On loopback each position costs about what the pass costs: a poor window does not pay.
+    assert _timed(Window(k=16), a=0.01, b=0.03, alpha=0.3).paying() == 0
+    # ... and a good one pays less far than over the slow link.
+    fast = _timed(Window(k=16), a=0.01, b=0.01, alpha=0.9).paying()
+    slow = _timed(Window(k=16), a=0.10, b=0.002, alpha=0.9).paying()
+    assert 1 <= fast < slow
+
+
+def test_a_window_that_does_not_pay_probes_now_and_then():
+    w = _timed(Window(k=16), a=0.01, b=0.03, alpha=0.1)
+    sizes = [w.size() for _ in range(12)]
+    assert sizes[0] == 1 and sizes.count(1) < 6  # a probe, then pauses that grow
+    assert set(sizes) <= {0, 1}

@@ -137,3 +137,33 @@ def test_sampled_windows_keep_the_model_distribution(small_vocab, top_p, rank):
     second = [int(answer[i, 1]) for i in accepted]
     assert len(second) > 100
     _assert_distributed_as(second, p1, p1.topk(3).indices.tolist())
+
+
+def test_windows_of_different_lengths_share_one_forward_with_the_tokens_they_get_alone(tiny_llama):
+    """Continuous batching: sessions with windows of 1, 3 and 5 positions (and cuts pending) in
+    one step_batch answer what each answers alone, and the batch is one forward."""
+    from node.engine import span as span_mod
+
+    alone_e, batch_e = SpanEngine.load(tiny_llama, 0, 6), SpanEngine.load(tiny_llama, 0, 6)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[2:]]
+    windows = [[9, 10, 11, 12], [], [13, 14]]
+    expected = []
+    for k, (p, w) in enumerate(zip(prompts, windows)):
+        for e in (alone_e, batch_e):
+            e.open_session(f"s{k}", 1, 64)
+            e.step(f"s{k}", torch.tensor([p]), torch.arange(len(p))[None])
+            e.step(f"s{k}", torch.tensor([[3, 4]]), torch.arange(len(p), len(p) + 2)[None])  # to be cut
+        ids = torch.tensor([[5, *w]])
+        pos = torch.arange(len(p) + 1, len(p) + 1 + ids.shape[1])[None]
+        draft = torch.tensor([w]) if w else None
+        expected.append((ids, pos, draft, alone_e.step(f"s{k}", ids, pos, keep=len(p) + 1, draft=draft)))
+    calls = []
+    forward = batch_e._forward_group
+    batch_e._forward_group = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    items = [(f"s{k}", ids, pos, None, len(prompts[k]) + 1, draft) for k, (ids, pos, draft, _) in enumerate(expected)]
+    outs = batch_e.step_batch(items)
+    assert calls == [1]
+    for (ids, _, draft, want), got in zip(expected, outs):
+        assert torch.equal(got, want)
+        assert tuple(got.shape) == ((1, ids.shape[1]) if draft is not None else (1,))
+    assert span_mod.MAX_GROUP_WINDOW >= 16
