@@ -33,9 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send PROMPT as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    gen.add_argument("--speculate", choices=DRAFTERS, default="ngram",
+    gen.add_argument("--speculate", choices=(*DRAFTERS, "model"), default="ngram",
                      help="draft source for speculative decoding (SPEC 9.7): ngram (prompt lookup, the "
-                          "default) or off (one token per pass)")
+                          "default), model (a draft model run here, --draft-model) or off (one token per pass)")
+    gen.add_argument("--draft-model", default=None, metavar="MODEL",
+                     help="with --speculate model: a smaller model with the same tokenizer (a name or a "
+                          "checkpoint dir); it runs in this process, on torch")
     gen.add_argument("--no-push", action="store_true",
                      help="drive every hop from this client (no node-to-node flow, SPEC 9.6)")
     gen.add_argument("--wait", type=float, default=60.0, help="seconds to wait for full coverage")
@@ -55,12 +58,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data_dir = args.data_dir or default_data_dir() / "client"
+    speculate = getattr(args, "speculate", "off")
+    if speculate == "model":
+        if not getattr(args, "draft_model", None):
+            print("error: --speculate model needs --draft-model MODEL (a smaller model with the same tokenizer)",
+                  file=sys.stderr)
+            return 2
+        try:
+            from node.engine.draft import model_drafters
+        except ImportError as exc:  # a light install without torch
+            print(f"error: --speculate model needs torch ({exc}); use --speculate ngram", file=sys.stderr)
+            return 2
+        speculate = model_drafters(args.draft_model)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     async def main() -> dict[str, object]:
         async with SwarmClient.open(args.bootstrap, data_dir=data_dir, swarm_key=getattr(args, "swarm_key", None),
                                     push=not getattr(args, "no_push", False),
-                                    speculate=getattr(args, "speculate", "off")) as client:
+                                    speculate=speculate) as client:
             if client.host is not None and not client.host.connected_peers():
                 raise ConnectionError(f"none of the {len(args.bootstrap)} bootstrap peer(s) answered "
                               f"({', '.join(args.bootstrap)}): check each address and that a node runs there")

@@ -23,9 +23,9 @@ generation with nothing to draft runs almost exactly as plain decoding does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence, Union
 
-__all__ = ["DRAFTERS", "Drafter", "PromptLookup", "Window", "make_drafter"]
+__all__ = ["DRAFTERS", "DraftSpec", "Drafter", "PromptLookup", "Window", "make_drafter"]
 
 
 class Drafter(Protocol):
@@ -77,15 +77,22 @@ class PromptLookup:
 
 
 DRAFTERS = ("off", "ngram")
+#: What a client speculates with: a name of DRAFTERS, or a factory of fresh drafters (one per
+#: generation), e.g. node/engine/draft.py's draft model, which only callers with torch can build.
+DraftSpec = Union[str, Callable[[], Drafter]]
 
 
-def make_drafter(name: str) -> Drafter | None:
-    """The drafter called ``name`` (None for ``off``); ValueError naming the choices otherwise."""
-    if name == "off":
+def make_drafter(spec: DraftSpec) -> Drafter | None:
+    """A fresh drafter for ``spec`` (None for ``off``); ValueError naming the choices for an
+    unknown name. A drafter with ``blocking = True`` computes in ``propose`` (the client runs it
+    in a worker thread); one with a ``close()`` is closed after its generation."""
+    if callable(spec):
+        return spec()
+    if spec == "off":
         return None
-    if name == "ngram":
+    if spec == "ngram":
         return PromptLookup()
-    raise ValueError(f"unknown draft source {name!r}; choose one of {', '.join(DRAFTERS)}")
+    raise ValueError(f"unknown draft source {spec!r}; choose one of {', '.join(DRAFTERS)}")
 
 
 @dataclass

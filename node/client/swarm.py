@@ -38,7 +38,7 @@ from protocol.messages import SamplingParams
 from protocol.records import CapacityRecord
 
 from node.client.disputes import DisputeWatch, publish_dispute
-from node.client.drafts import Drafter, Window, make_drafter
+from node.client.drafts import DRAFTERS, DraftSpec, Drafter, Window, make_drafter
 from node.client.errors import HopFailed, InvalidRequest, LayersLost, NoRoute, PeerError, peer_error
 from node.client.health import PeerHealth, RttTracker
 from node.client.hops import (
@@ -126,7 +126,7 @@ class SwarmClient:
         direct: bool = True,
         spot_checker: SpotChecker | None = None,
         push: bool = True,
-        speculate: str = "off",
+        speculate: DraftSpec = "off",
     ) -> None:
         if replay not in ("exact", "merged"):
             raise InvalidRequest("replay must be 'exact' (step by step) or 'merged' (one prefill)")
@@ -150,7 +150,8 @@ class SwarmClient:
         # off the critical path; peers that answered Link as unknown are driven by us.
         self.push = push
         self.no_push: set[str] = set()
-        make_drafter(speculate)  # ValueError now, not at the first generation
+        if not callable(speculate):
+            make_drafter(speculate)  # ValueError now, not at the first generation
         self.speculate = speculate  # generate's default draft source (node/client/drafts.py)
         self.disputes = DisputeWatch(dht)  # peers disputed by enough reporters (node/client/disputes.py)
         self.failovers_total = 0  # over the client's life (node/http/metrics.py exports it)
@@ -187,7 +188,7 @@ class SwarmClient:
         direct: bool = True,
         spot_checker: SpotChecker | None = None,
         push: bool = True,
-        speculate: str = "off",
+        speculate: DraftSpec = "off",
     ) -> AsyncIterator["SwarmClient"]:
         """A client; with ``data_dir`` it keeps its identity and a receipt ledger there.
         With ``swarm_key`` (a key file or a SwarmKey) it joins that private swarm. A key file
@@ -298,7 +299,7 @@ class SwarmClient:
         on_tokens: Callable[[list[int]], None] | None = None,
         until: Callable[[], bool] | None = None,
         vocab_size: int | None = None,
-        speculate: "str | Drafter | None" = None,
+        speculate: "DraftSpec | Drafter | None" = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``.
 
@@ -308,18 +309,15 @@ class SwarmClient:
         is checked against its session (node/client/outputs.py; ``vocab_size``, when the caller
         knows the tokenizer, bounds the token ids): a hop whose output fails is failed over.
         ``speculate`` names a draft source (node/client/drafts.py: ``off``, ``ngram``; None: the
-        client's ``speculate``), or is a fresh ``Drafter``: each pass
+        client's ``speculate``), or is a factory of drafters or a fresh ``Drafter``: each pass
         then carries the next token and drafts of the ones after it, and the pipeline keeps those
         it agrees with (SPEC 9.7); greedy output is the same token for token, sampled output has
         the same distribution. It applies to one prompt; a batch decodes one token per pass.
         Raises InvalidRequest, NoRoute (LayersLost mid-generation) or PeerError.
         """
         speculate = speculate or self.speculate
-        try:
-            drafter = (None if len(prompts) != 1 else
-                       make_drafter(speculate) if isinstance(speculate, str) else speculate)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        if isinstance(speculate, str) and speculate not in DRAFTERS:
+            raise InvalidRequest(f"unknown draft source {speculate!r}; choose one of {', '.join(DRAFTERS)}")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("every prompt needs at least one token")
         sampling = with_fresh_seed(sampling)
@@ -342,7 +340,9 @@ class SwarmClient:
         steps = 0
         chain = _Chain(SessionSpec(model_id, batch, max_length, sampling, num_layers=route[-1].end,
                                    vocab_size=vocab_size), push=self.push)
-        async with self._open_chain(chain, route):
+        drafter = (None if batch != 1 else
+                   speculate if hasattr(speculate, "propose") else make_drafter(speculate))  # type: ignore[arg-type]
+        async with self._open_chain(chain, route), _closing(drafter):
             step_ids, step_pos, step_mask = ids, positions, mask
             # A long prompt goes in chunks (bounded memory per step); each chunk keeps >= 2
             # tokens so receipts count it as prefill. Only the last chunk's token is used.
@@ -399,7 +399,12 @@ class SwarmClient:
             k = min(window.size(), room - emitted - 1, chain.spec.max_length - kept - 1)
             if not all(h.windows for h in chain.hops):  # a hop without window steps: plain decoding
                 k = 0
-            drafts = drafter.propose(k) if k > 0 else []
+            if k <= 0:
+                drafts: list[int] = []
+            elif getattr(drafter, "blocking", False):  # a draft model: computes
+                drafts = await trio.to_thread.run_sync(drafter.propose, k)
+            else:
+                drafts = drafter.propose(k)
             ids = [[token, *drafts]]
             positions = [[kept + i for i in range(len(ids[0]))]]
             started = time.perf_counter()
@@ -771,6 +776,17 @@ class SwarmClient:
         excluded = self.disputes.excluded()
         return [replace(c, rtt_s=self.rtt.get(c.peer_id)) for c in candidates_from(records, model_id)
                 if c.peer_id not in excluded]
+
+
+@asynccontextmanager
+async def _closing(drafter: Drafter | None) -> AsyncIterator[None]:
+    """Close a drafter that holds something (a draft model's session) after its generation."""
+    try:
+        yield
+    finally:
+        close = getattr(drafter, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass

@@ -85,3 +85,20 @@ async def test_a_hop_killed_mid_generation_is_replaced_with_accepted_tokens_only
     assert middle.peer_id not in {h.peer_id for h in result.route}
     assert result.accepted < result.drafted
 
+
+
+async def test_a_draft_model_run_by_the_client_drafts_what_the_swarm_keeps(chain3, tiny_model, tmp_path):
+    """The target model as its own draft (node/engine/draft.py): every greedy draft is kept."""
+    from node.engine.draft import model_drafters
+
+    source = resolve_model(str(tiny_model))
+    expected = reference_greedy(source, PROMPT, NEW)
+    async with SwarmClient.open([chain3[0].addr], data_dir=tmp_path / "agent",
+                                speculate=model_drafters(str(tiny_model))) as client:
+        route = await client.wait_for_route(source.model_id, 60)
+        result = await client.generate(source.model_id, [PROMPT], max_new_tokens=NEW, route=route)
+        again = await client.generate(source.model_id, [PROMPT], max_new_tokens=NEW, route=route)
+    assert result.token_ids[0] == again.token_ids[0] == expected
+    assert result.speculate == "model"
+    assert result.drafted > 0 and result.accepted == result.drafted
+    assert result.passes < NEW // 2

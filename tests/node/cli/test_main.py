@@ -93,12 +93,15 @@ def test_failures_are_explained_through_exception_groups() -> None:
     assert code == 1 and "internal error: RuntimeError: boom" in text and "-vv" in text
 
 
-@pytest.mark.parametrize("argv", [["node", "run", "--layers", "5:2"], ["node", "run", "--bogus"]])
+@pytest.mark.parametrize("argv", [["node", "run", "--layers", "5:2"], ["node", "run", "--bogus"],
+                                  ["generate", "--speculate", "medusa", "hi"],
+                                  ["gateway", "--speculate", "medusa"]])
 def test_a_bad_flag_is_a_usage_error(argv: list[str]) -> None:
     done = shiza(*argv)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     last = done.stderr.rstrip().splitlines()[-1]
-    assert last.startswith(("shiza node run: error:", "shiza: error:")), last
+    assert last.startswith(("shiza node run: error:", "shiza generate: error:", "shiza gateway: error:",
+                            "shiza: error:")), last
 
 
 @pytest.mark.proc
