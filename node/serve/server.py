@@ -649,9 +649,12 @@ class SpanServer:
         """Hand each Push from ``peer`` to its session, after checking that the session takes
         pushes from ``peer`` for the same client and that ``peer`` signed it."""
         while True:
-            limits = [s.frame_limit for s in self._sessions.values() if s.prev_peer == peer]
+            # The protocol's frame limit, not the sessions' of this moment: the next push may be
+            # for a session opened while this read waits (a long prompt after a short one; it was
+            # refused as too large). The peer is one an open session named; each push is then
+            # checked against its own session's limits as any step.
             try:
-                msg = await self._recv(io, peer, self.limits.idle_timeout_s, max(limits, default=MAX_CONTROL_FRAME_BYTES))
+                msg = await self._recv(io, peer, self.limits.idle_timeout_s, MAX_FRAME_BYTES)
             except Timeout:
                 return  # an idle link: its sender opens another when it needs one
             if msg is None:
