@@ -150,8 +150,7 @@ class SwarmClient:
         # off the critical path; peers that answered Link as unknown are driven by us.
         self.push = push
         self.no_push: set[str] = set()
-        if not callable(speculate):
-            make_drafter(speculate)  # ValueError now, not at the first generation
+        _check_speculate(speculate)  # now, not at the first generation
         self.speculate = speculate  # generate's default draft source (node/client/drafts.py)
         self.disputes = DisputeWatch(dht)  # peers disputed by enough reporters (node/client/disputes.py)
         self.failovers_total = 0  # over the client's life (node/http/metrics.py exports it)
@@ -316,8 +315,7 @@ class SwarmClient:
         Raises InvalidRequest, NoRoute (LayersLost mid-generation) or PeerError.
         """
         speculate = speculate or self.speculate
-        if isinstance(speculate, str) and speculate not in DRAFTERS:
-            raise InvalidRequest(f"unknown draft source {speculate!r}; choose one of {', '.join(DRAFTERS)}")
+        _check_speculate(speculate)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequest("every prompt needs at least one token")
         sampling = with_fresh_seed(sampling)
@@ -776,6 +774,12 @@ class SwarmClient:
         excluded = self.disputes.excluded()
         return [replace(c, rtt_s=self.rtt.get(c.peer_id)) for c in candidates_from(records, model_id)
                 if c.peer_id not in excluded]
+
+
+def _check_speculate(spec: object) -> None:
+    """InvalidRequest for a draft source name the client does not know."""
+    if isinstance(spec, str) and spec not in DRAFTERS:
+        raise InvalidRequest(f"unknown draft source {spec!r}; choose one of {', '.join(DRAFTERS)}")
 
 
 @asynccontextmanager

@@ -43,7 +43,7 @@ from node.engine.base import Sampling, check_session_size, parse_sampling
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.models import ModelSource
 from node.engine.throughput import measure_throughput
-from node.engine.torch_engine import TorchEngine, check_room, validate_step
+from node.engine.torch_engine import TorchEngine, check_room, step_extras, validate_step
 
 __all__ = ["PREFILL_BATCH_TOKENS", "SpanEngine", "measure_throughput"]
 
@@ -287,11 +287,7 @@ class SpanEngine(TorchEngine[_Session]):
         With a draft the last span answers a token per position, int64 (B, T) (``_choose_window``).
         """
         session = self._get(session_id)
-        if keep is not None:
-            self._rollback(session, keep)
-        inputs, positions, mask = self._validate(session, inputs, positions, mask)
-        if draft is not None:
-            draft = self._check_draft(session, draft, inputs)
+        inputs, positions, mask, draft = self._prepare(session, inputs, positions, mask, keep, draft)
         full_mask = torch.cat([session.mask, mask], dim=1)  # (B, L + T)
         with self._lock:
             if self._sessions.get(session_id) is not session:
@@ -305,6 +301,17 @@ class SpanEngine(TorchEngine[_Session]):
                 raise EngineError(f"forward failed, session {session_id!r} closed: {e}") from e
             session.mask = full_mask
         return out
+
+    def _prepare(self, session: _Session, inputs: Any, positions: Any, mask: Any, keep: int | None,
+                 draft: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A step's cut applied, then its tensors checked against the session (``_validate``,
+        ``_check_draft``); BadInput when they do not fit."""
+        if keep is not None:
+            self._rollback(session, keep)
+        inputs, positions, mask = self._validate(session, inputs, positions, mask)
+        if draft is not None:
+            draft = self._check_draft(session, draft, inputs)
+        return inputs, positions, mask, draft
 
     def _rollback(self, session: _Session, keep: int) -> None:
         """Cut the session's cache (every layer slot) and mask to the first ``keep`` positions."""
@@ -395,18 +402,15 @@ class SpanEngine(TorchEngine[_Session]):
         alone: list[int] = []
         for i, item in enumerate(items):
             sid, inputs, positions, mask = item[:4]
-            keep, draft = (item[4], item[5]) if len(item) > 4 else (None, None)  # type: ignore[misc]
+            keep, draft = step_extras(item)
             with self._lock:
                 session = self._sessions.get(sid)
             if session is None:
                 alone.append(i)  # step() raises SessionUnknown for it
                 continue
             try:
-                if keep is not None:
-                    self._rollback(session, keep)
-                prepared = self._validate(session, inputs, positions, mask)
-                if draft is not None:
-                    draft = self._check_draft(session, draft, prepared[0])
+                x, pos, m, draft = self._prepare(session, inputs, positions, mask, keep, draft)
+                prepared = (x, pos, m)
             except Exception as e:  # noqa: BLE001 - reported to that session only
                 results[i] = e
                 continue

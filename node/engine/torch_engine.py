@@ -51,7 +51,7 @@ class TorchEngine(SessionTable[S]):
                    ) -> torch.Tensor:
         """``step`` for one item; a 4-tuple is a plain step (in-process callers)."""
         sid, inputs, positions, mask = item[:4]
-        keep, draft = (item[4], item[5]) if len(item) > 4 else (None, None)  # type: ignore[misc]
+        keep, draft = step_extras(item)
         if keep is None and draft is None:
             return self.step(sid, inputs, positions, mask)
         if not self.windows:
@@ -84,6 +84,11 @@ class TorchEngine(SessionTable[S]):
             except Exception as exc:  # noqa: BLE001 - a bug fails that step only
                 results[i] = exc
         return results  # type: ignore[return-value]
+
+
+def step_extras(item: Sequence[Any]) -> tuple[Any, Any]:
+    """``(keep, draft)`` of a TorchStep; ``(None, None)`` for a plain 4-tuple."""
+    return (item[4], item[5]) if len(item) > 4 else (None, None)
 
 
 def validate_step(inputs: Any, positions: Any, mask: Any, *, batch_size: int, max_length: int,
