@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._fields import check_float, check_int, check_str, fields_of, set_field
+from ._fields import check_float, check_int, check_seq, check_str, fields_of, set_field
 from .errors import InvalidMessage
-from .ids import MAX_ID_LEN, MAX_LAYERS, MAX_TEMPERATURE, MAX_UINT64
+from .ids import (MAX_BATCH_SIZE, MAX_GRAMMAR_BYTES, MAX_ID_LEN, MAX_LAYERS, MAX_SESSION_LENGTH,
+                  MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_UINT64)
 
 
 def span_bounds(start: int, end: int) -> None:
@@ -41,11 +42,20 @@ class ServedSpan:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the last span picks the next token. temperature 0 means greedy (argmax)."""
+    """How the last span picks the next token. temperature 0 means greedy (argmax).
+
+    ``grammar`` (SPEC 7.1, 9.8): the last span chooses only tokens an llguidance grammar allows
+    (its JSON form: ``{"grammars": [...]}``) for the tokens at positions ``grammar_start`` and
+    on; ``grammar_prefix`` holds each row's tokens there that a session opened mid-generation
+    (a failover) has already seen chosen. All three are left out of the wire map when unset.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    grammar: str | None = None
+    grammar_start: int | None = None
+    grammar_prefix: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         set_field(self, "temperature", check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
@@ -54,10 +64,31 @@ class SamplingParams:
             raise InvalidMessage("top_p must be greater than 0")
         if self.seed is not None:
             check_int("seed", self.seed, 0, MAX_UINT64)
+        if self.grammar is None:
+            if self.grammar_start is not None or self.grammar_prefix is not None:
+                raise InvalidMessage("grammar_start and grammar_prefix need a grammar")
+            return
+        check_str("grammar", self.grammar, MAX_GRAMMAR_BYTES, nonempty=True)
+        if self.grammar_start is None:
+            raise InvalidMessage("a grammar needs grammar_start")
+        check_int("grammar_start", self.grammar_start, 1, MAX_SESSION_LENGTH)
+        if self.grammar_prefix is not None:
+            rows = check_seq("grammar_prefix", self.grammar_prefix, MAX_BATCH_SIZE)
+            set_field(self, "grammar_prefix", tuple(
+                tuple(check_int("grammar_prefix token", t, 0, MAX_TOKEN_ID)
+                      for t in check_seq("grammar_prefix row", row, MAX_SESSION_LENGTH))
+                for row in rows))
 
     def to_wire(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        wire: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        if self.grammar is not None:
+            wire.update(grammar=self.grammar, grammar_start=self.grammar_start)
+            if self.grammar_prefix is not None:
+                wire["grammar_prefix"] = [list(row) for row in self.grammar_prefix]
+        return wire
 
     @classmethod
     def from_wire(cls, obj: Any) -> SamplingParams:
-        return cls(**fields_of(obj, "sampling", (), {"temperature": 0.0, "top_p": 1.0, "seed": None}))
+        return cls(**fields_of(obj, "sampling", (), {"temperature": 0.0, "top_p": 1.0, "seed": None,
+                                                     "grammar": None, "grammar_start": None,
+                                                     "grammar_prefix": None}))

@@ -101,6 +101,9 @@ MAX_ERROR_MESSAGE_LEN: Final = 4096  # characters; longer messages are truncated
 MAX_RETRY_AFTER_S: Final = 3600.0  # Error.retry_after_s: the longest retry hint a frame may carry
 MAX_UINT64: Final = 2**64 - 1
 MAX_TEMPERATURE: Final = 10.0
+MAX_TOKEN_ID: Final = 2**31 - 1  # a token id in a message's int fields (grammar_prefix)
+# SamplingParams.grammar (7.1): the llguidance grammar of a constrained session, UTF-8 bytes.
+MAX_GRAMMAR_BYTES: Final = 32 * 2**10
 
 # Capacity records.
 RECORD_MAX_TTL_S: Final = 3600

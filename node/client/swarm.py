@@ -33,7 +33,7 @@ from protocol.codec import Tensor
 from protocol.disputes import sign_dispute
 from protocol.errors import ShizaError
 from protocol.identity import Identity
-from protocol.ids import DEFAULT_SWARM_ID
+from protocol.ids import DEFAULT_SWARM_ID, MAX_CONTROL_FRAME_BYTES
 from protocol.messages import SamplingParams
 from protocol.records import CapacityRecord
 
@@ -299,6 +299,7 @@ class SwarmClient:
         until: Callable[[], bool] | None = None,
         vocab_size: int | None = None,
         speculate: "DraftSpec | Drafter | None" = None,
+        grammar: str | None = None,
     ) -> GenerationResult:
         """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``.
 
@@ -312,6 +313,9 @@ class SwarmClient:
         then carries the next token and drafts of the ones after it, and the pipeline keeps those
         it agrees with (SPEC 9.7); greedy output is the same token for token, sampled output has
         the same distribution. It applies to one prompt; a batch decodes one token per pass.
+        ``grammar`` (llguidance's JSON form, SPEC 9.8; node/client/grammars.py builds them):
+        the last hop chooses every generated token under it, a failover's replacement resumes
+        it where the text stands; the prompts must then have one length.
         Raises InvalidRequest, NoRoute (LayersLost mid-generation) or PeerError.
         """
         speculate = speculate or self.speculate
@@ -326,6 +330,8 @@ class SwarmClient:
         batch = len(prompts)
         width = max(len(p) for p in prompts)
         max_length = width + max_new_tokens
+        if grammar is not None:
+            sampling = _constrained(sampling, grammar, prompts, max_new_tokens, vocab_size)
         route = route or await self.route(model_id, need_tokens=batch * max_length)
         ids = [[0] * (width - len(p)) + list(p) for p in prompts]
         mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
@@ -337,7 +343,7 @@ class SwarmClient:
         ttft = 0.0
         steps = 0
         chain = _Chain(SessionSpec(model_id, batch, max_length, sampling, num_layers=route[-1].end,
-                                   vocab_size=vocab_size), push=self.push)
+                                   vocab_size=vocab_size), push=self.push, out=out)
         drafter = (None if batch != 1 else
                    speculate if hasattr(speculate, "propose") else make_drafter(speculate))  # type: ignore[arg-type]
         async with self._open_chain(chain, route), _closing(drafter):
@@ -478,7 +484,7 @@ class SwarmClient:
 
         async def open_one(k: int, hop: Hop) -> None:
             try:
-                first[k] = await self._open_paced(chain.spec, hop)
+                first[k] = await self._open_paced(chain.open_spec(), hop)
             except PeerError as exc:
                 first[k] = exc
             except Exception as exc:  # noqa: BLE001 - raised below, after the others are closed
@@ -505,7 +511,7 @@ class SwarmClient:
             try:
                 if opened is not None:
                     raise opened
-                chain.hops.append(await self._open_paced(chain.spec, hop))
+                chain.hops.append(await self._open_paced(chain.open_spec(), hop))
                 continue
             except PeerError as exc:
                 failure = exc
@@ -590,7 +596,9 @@ class SwarmClient:
                 i, payload = failed, inputs[failed]
                 continue  # retry this step on the replacement
             self.health.succeeded(h.hop.peer_id)
-            if self.spot_checker is not None and draft is None:  # window steps go unchecked
+            constrained = chain.spec.sampling.grammar is not None and i == len(chain.hops) - 1
+            if self.spot_checker is not None and draft is None and not constrained:
+                # Window steps go unchecked, and so do a constrained session's choices (SPEC 9.8).
                 spec = chain.spec
                 witnessing = _Witnessing(self, chain)
                 verdict = await self.spot_checker.check(witnessing, CheckedStep(
@@ -667,7 +675,7 @@ class SwarmClient:
         for i, h in enumerate(chain.hops):
             if h.hop.peer_id in self.no_push and not h.pushed_in and h.stream_ended_on_link:
                 await h.reset()
-                new = await self._open_paced(chain.spec, h.hop)
+                new = await self._open_paced(chain.open_spec(), h.hop)
                 for payload, pos, mask in h.history:
                     await self.sessions.step(new, payload, pos, mask)
                 chain.retired.append(h)
@@ -688,7 +696,7 @@ class SwarmClient:
                 chain.hops[start - 1].pushing = False
             await self.sessions.close(old)  # bounded, never raises: its receipts stay
             try:
-                new = await self._open_paced(chain.spec, old.hop)
+                new = await self._open_paced(chain.open_spec(), old.hop)
                 for payload, pos, mask in old.history:
                     await self.sessions.step(new, payload, pos, mask)
             except PeerError as exc:
@@ -740,7 +748,7 @@ class SwarmClient:
             raise LayersLost(failed.hop.start, failed.hop.end, f"gave up after {MAX_FAILOVERS} failovers")
         with trio.CancelScope(shield=True):
             await failed.reset()
-        spec = chain.spec
+        spec = chain.open_spec()
         for attempt in range(MAX_FAILOVERS):
             try:
                 hops = await self._replacement(spec, failed.hop.start, failed.hop.end, frozenset(chain.failed))
@@ -776,6 +784,24 @@ class SwarmClient:
                 if c.peer_id not in excluded]
 
 
+def _constrained(sampling: SamplingParams, grammar: str, prompts: Sequence[Sequence[int]],
+                 max_new_tokens: int, vocab_size: int | None) -> SamplingParams:
+    """``sampling`` with ``grammar`` from the prompts' end (SPEC 9.8), if every session open it
+    may take (a failover's, with the text so far) fits a control frame; else InvalidRequest."""
+    if len({len(p) for p in prompts}) != 1:
+        raise InvalidRequest("a grammar needs prompts of one length (it starts at one position)")
+    per_token = 3 if vocab_size is not None and vocab_size <= 2**16 else 5  # msgpack uint16 / uint32
+    need = len(grammar.encode()) + per_token * len(prompts) * max_new_tokens + 4096
+    if need > MAX_CONTROL_FRAME_BYTES:
+        raise InvalidRequest(f"a grammar of {len(grammar.encode())} bytes with {len(prompts)} x "
+                             f"{max_new_tokens} new tokens does not fit a session's open "
+                             f"({MAX_CONTROL_FRAME_BYTES} bytes): shorten either")
+    try:
+        return replace(sampling, grammar=grammar, grammar_start=len(prompts[0]))
+    except ShizaError as exc:
+        raise InvalidRequest(f"bad grammar: {exc}") from None
+
+
 def _check_speculate(spec: object) -> None:
     """InvalidRequest for a draft source name the client does not know."""
     if isinstance(spec, str) and spec not in DRAFTERS:
@@ -806,6 +832,16 @@ class _Chain:
     passes: int = 0
     drafted: int = 0
     accepted: int = 0
+    out: list[list[int]] = field(default_factory=list)  # each row's tokens so far (the generation's)
+
+    def open_spec(self) -> SessionSpec:
+        """What a session opened now gets: under a grammar, each row's tokens so far, so a
+        replacement's grammar resumes where the text stands (SPEC 9.8)."""
+        sampling = self.spec.sampling
+        if sampling.grammar is None or not any(self.out):
+            return self.spec
+        prefix = tuple(tuple(row) for row in self.out)
+        return replace(self.spec, sampling=replace(sampling, grammar_prefix=prefix))
 
 
 class _Witnessing:

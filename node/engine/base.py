@@ -21,6 +21,8 @@ Errors (node/engine/errors.py): ``BadInput``, ``SessionUnknown``, ``CapacityExce
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -34,7 +36,7 @@ __all__ = [
     "parse_sampling",
 ]
 
-SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed"})
+SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed", "grammar", "grammar_start", "grammar_prefix"})
 
 
 class StepInput(NamedTuple):
@@ -63,13 +65,19 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    # Constrained decoding (SPEC 9.8): an llguidance grammar for the tokens at positions
+    # grammar_start and on, and each row's tokens there already chosen (a session opened
+    # mid-generation). Engines that cannot constrain refuse a grammar (BadInput).
+    grammar: str | None = None
+    grammar_start: int = 0
+    grammar_prefix: tuple[tuple[int, ...], ...] = ()
 
 
 def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling:
     """``sampling`` checked: keys ``temperature`` (>= 0), ``top_p`` (in (0, 1]) and ``seed``
     (an int); anything else is ``BadInput``."""
     if isinstance(sampling, Sampling):
-        params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+        return parse_sampling(dataclasses.asdict(sampling))
     else:
         params = dict(sampling or {})
     unknown = set(params) - SAMPLING_KEYS
@@ -85,7 +93,19 @@ def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling
         raise BadInput(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise BadInput(f"top_p must be in (0, 1], got {top_p}")
-    return Sampling(temperature, top_p, seed)
+    grammar = params.get("grammar")
+    if grammar is None:
+        return Sampling(temperature, top_p, seed)
+    start, prefix = params.get("grammar_start", 0), params.get("grammar_prefix") or ()
+    if not isinstance(grammar, str) or not grammar:
+        raise BadInput("grammar must be a non-empty string")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 1:
+        raise BadInput(f"grammar_start must be a positive int, got {start!r}")
+    try:
+        rows = tuple(tuple(int(t) for t in row) for row in prefix)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"grammar_prefix must be rows of token ids: {e}") from e
+    return Sampling(temperature, top_p, seed, grammar, start, rows)
 
 
 def check_session_size(batch_size: object, max_length: object) -> None:

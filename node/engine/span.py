@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from node.engine.base import Sampling, check_session_size, parse_sampling
+from node.engine.grammar import Constraint, GrammarTokenizer
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.models import ModelSource
 from node.engine.throughput import measure_throughput
@@ -68,6 +69,7 @@ class _Session:
     is_first: bool  # a == 0: takes token ids and embeds them
     is_last: bool  # b == num_layers: applies the final norm, the head and sampling
     view: nn.ModuleList | None  # the span's layers with those outside [a, b) skipped; None: all
+    constraint: Constraint | None = None  # a grammar on the tokens it chooses (SPEC 9.8)
 
     @property
     def length(self) -> int:
@@ -94,6 +96,8 @@ class SpanEngine(TorchEngine[_Session]):
         self._layers: nn.ModuleList = self._base.layers
         self._norm: nn.Module | None = getattr(self._base, "norm", None)
         self._config = config
+        self._grammar_tokenizer = GrammarTokenizer(source.path, int(config.vocab_size),
+                                                   source.config.get("eos_token_id"))
         self._device = device
         self._dtype = dtype
         # The table's lock is held around every forward and every session-table change.
@@ -232,12 +236,16 @@ class SpanEngine(TorchEngine[_Session]):
         if is_last and temperature > 0:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(seed)
+        constraint = None
+        if is_last and params.grammar is not None:
+            constraint = Constraint(self._grammar_tokenizer, params.grammar, params.grammar_start,
+                                    params.grammar_prefix, batch_size)
         self._add(session_id, _Session(
             batch_size=batch_size, max_length=max_length, temperature=temperature,
             top_p=top_p, seed=seed, cache=cache,
             mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
             generator=generator, layers=(a, b), is_first=is_first, is_last=is_last,
-            view=view,
+            view=view, constraint=constraint,
         ))
 
     def _check_layers(self, layers: Any) -> tuple[int, int]:
@@ -311,6 +319,10 @@ class SpanEngine(TorchEngine[_Session]):
         inputs, positions, mask = self._validate(session, inputs, positions, mask)
         if draft is not None:
             draft = self._check_draft(session, draft, inputs)
+        if session.constraint is not None:  # before the forward, which other sessions may share
+            first = positions[:, 0 if draft is not None else -1]
+            for b in range(int(first.shape[0])):
+                session.constraint.wants(b, int(first[b]) + 1)  # BadInput on a gap
         return inputs, positions, mask, draft
 
     def _rollback(self, session: _Session, keep: int) -> None:
@@ -329,6 +341,8 @@ class SpanEngine(TorchEngine[_Session]):
             except Exception as e:  # noqa: BLE001 - e.g. a sliding window that wrapped
                 raise BadInput(f"this session's cache cannot be cut to {keep} positions: {e}") from e
             session.mask = session.mask[:, :keep]
+        if session.constraint is not None:
+            session.constraint.rollback_to(keep)
 
     def _check_draft(self, session: _Session, draft: Any, inputs: torch.Tensor) -> torch.Tensor:
         batch, length = int(inputs.shape[0]), int(inputs.shape[1])
@@ -371,10 +385,9 @@ class SpanEngine(TorchEngine[_Session]):
             return hidden
         head = self._model.get_output_embeddings()
         if draft is not None:
-            return _choose_window(head(hidden).float(), draft, session.temperature, session.top_p,
-                                  session.generator)
+            return _choose_window(head(hidden).float(), draft, session, positions)
         logits = head(hidden[:, -1, :]).float()  # (B, V)
-        return _sample(logits, session.temperature, session.top_p, session.generator)
+        return _pick(logits, session, positions[:, -1])
 
     # --- batched decode -----------------------------------------------------------------------
 
@@ -554,9 +567,9 @@ class SpanEngine(TorchEngine[_Session]):
                         s.mask = torch.cat([s.mask, m], dim=1)
                         if s.is_last and draft is not None:
                             outs.append(_choose_window(head(hidden[rows, -t:, :]).float(), draft,
-                                                       s.temperature, s.top_p, s.generator))
+                                                       s, p[1]))
                         elif s.is_last:
-                            outs.append(_sample(logits[rows], s.temperature, s.top_p, s.generator))
+                            outs.append(_pick(logits[rows], s, p[1][:, -1]))
                         else:
                             outs.append(hidden[rows, -t:, :])
             except Exception as e:
@@ -652,10 +665,24 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
     return order.gather(-1, choice).squeeze(-1)  # (B,)
 
 
-def _choose_window(logits: torch.Tensor, draft: torch.Tensor, temperature: float, top_p: float,
-                   generator: torch.Generator | None) -> torch.Tensor:
+def _pick(logits: torch.Tensor, session: _Session, last: torch.Tensor) -> torch.Tensor:
+    """A plain step's next token per row, from float32 logits (B, V) at each row's last
+    position ``last`` (B,): a grammar's mask first where it applies (``Constraint``)."""
+    c = session.constraint
+    wants = [] if c is None else [b for b in range(int(logits.shape[0])) if c.wants(b, int(last[b]) + 1)]
+    for b in wants:
+        c.mask_(b, logits[b])  # type: ignore[union-attr]
+    out = _sample(logits, session.temperature, session.top_p, session.generator)
+    for b in wants:
+        c.take(b, int(out[b]))  # type: ignore[union-attr]
+    return out
+
+
+def _choose_window(logits: torch.Tensor, draft: torch.Tensor, session: _Session,
+                   positions: torch.Tensor) -> torch.Tensor:
     """A window step's answer, int64 (B, T), from float32 logits (B, T, V) and the drafts
-    (B, T - 1) in positions 1..T-1: at position i the model's choice of the token after it.
+    (B, T - 1) in positions 1..T-1 (``positions`` (B, T) theirs): at position i the model's
+    choice of the token after it.
 
     Greedy: the argmax everywhere. Sampling (speculative sampling with a deterministic draft,
     whose proposal is a point mass): at each position i < T - 1 the draft d = draft[i] is kept
@@ -664,29 +691,44 @@ def _choose_window(logits: torch.Tensor, draft: torch.Tensor, temperature: float
     The client accepts the drafts up to the first position whose answer differs from its draft
     and takes that answer as the next token, so each token it emits has exactly the
     distribution plain decoding gives it. Positions after a rejection answer their argmax
-    (never used).
+    (never used). With a grammar (SPEC 9.8) each position's choice is made under the mask of
+    the text up to it, drafts accepted so far included: a draft the grammar forbids is never kept.
     """
+    temperature, top_p, generator, c = session.temperature, session.top_p, session.generator, session.constraint
     greedy = logits.argmax(dim=-1)  # (B, T)
-    if temperature == 0.0 or generator is None:
+    sampled = temperature > 0.0 and generator is not None
+    if not sampled and c is None:
         return greedy
     out = greedy.clone()
     batch, length = int(logits.shape[0]), int(logits.shape[1])
     for b in range(batch):
         for i in range(length):
-            probs = _top_p_probs(logits[b, i], temperature, top_p)  # (V,)
-            if i < length - 1:
-                d = int(draft[b, i])
-                u = float(torch.rand((), generator=generator, device=probs.device))
-                if u < float(probs[d]):
-                    out[b, i] = d
-                    continue
-                probs = probs.clone()
-                probs[d] = 0.0
-                if float(probs.sum()) <= 0.0:  # p_i(d) == 1 and u fell on the boundary
-                    out[b, i] = d
-                    continue
-            out[b, i] = torch.multinomial(probs, 1, generator=generator)[0]
-            break  # rejected (or the last position): nothing after it is used
+            row = logits[b, i]
+            wants = c is not None and c.wants(b, int(positions[b, i]) + 1)
+            if wants:
+                row = c.mask_(b, row.clone())  # type: ignore[union-attr]
+            d = int(draft[b, i]) if i < length - 1 else None
+            if not sampled:
+                tok = int(row.argmax())
+            else:
+                probs = _top_p_probs(row, temperature, top_p)  # (V,)
+                tok = -1
+                if d is not None:
+                    u = float(torch.rand((), generator=generator, device=probs.device))
+                    if u < float(probs[d]):
+                        tok = d
+                    else:
+                        probs = probs.clone()
+                        probs[d] = 0.0
+                        if float(probs.sum()) <= 0.0:  # p_i(d) == 1 and u fell on the boundary
+                            tok = d
+                if tok < 0:
+                    tok = int(torch.multinomial(probs, 1, generator=generator)[0])
+            out[b, i] = tok
+            if wants:
+                c.take(b, tok)  # type: ignore[union-attr]
+            if tok != d:
+                break  # rejected (or the last position): nothing after it is used
     return out
 
 

@@ -41,10 +41,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 import trio
 
 from protocol.errors import Busy, InvalidMessage, LimitExceeded, RateLimited, ShizaError
-from protocol.ids import MAX_SESSION_LENGTH
+from protocol.ids import MAX_GRAMMAR_BYTES, MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
 from node.client.swarm import GenerationResult, SwarmClient
+from node.client.grammars import ToolCall
+from node.http.agents import BadField, Tools, answer_calls, output_grammar, parse_tools, render_conversation, tool_calls_json
 from node.http.asgi import http_only, read_body, send_json, serve_asgi
 from node.client.routing import Hop, NoRoute
 from node.client.textgen import TextModel, Detokenizer, with_fresh_seed
@@ -115,6 +117,8 @@ class Job:
     stop: list[str]
     stream: bool
     include_usage: bool
+    grammar: str | None = None  # constrained decoding (SPEC 9.8): response_format or tools
+    tools: Tools | None = None
     abandoned: bool = False  # the client went away: stop after the step in flight
 
 
@@ -140,22 +144,30 @@ def _text_content(content: Any, where: str) -> str:
     raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
 
 
-def _chat_ids(model: TextModel, messages: Any) -> list[int]:
+def _chat_ids(model: TextModel, messages: Any, tools: Tools | None = None) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    conv = []
+    contents = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] needs a 'role'", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        conv.append({"role": role, "content": _text_content(m.get("content"), f"messages[{i}]")})
+        if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}]: unknown role {m['role']!r}", param="messages")
+        contents.append(_text_content(m.get("content"), f"messages[{i}]"))
     tok = model.tokenizer
-    if not getattr(tok, "chat_template", None):  # no template: a plain transcript
+    template = getattr(tok, "chat_template", None)
+    try:
+        conv, template_tools = render_conversation(messages, contents, tools,
+                                                   bool(template) and "tools" in template)
+    except BadField as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
+    if not template:  # no template: a plain transcript
         text = "".join(f"{m['role']}: {m['content']}\n" for m in conv) + "assistant:"
         return list(tok.encode(text))
     try:
         # As TextModel.encode does for one user message, so the answer equals `shiza generate`.
-        text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False,
+                                       **({"tools": template_tools} if template_tools else {}))
     except Exception as exc:  # noqa: BLE001 - a template that rejects this conversation
         raise ApiError(400, f"the chat template rejects these messages: {exc}", param="messages") from None
     return list(tok.encode(text, add_special_tokens=False))
@@ -187,6 +199,37 @@ def _stops(body: dict[str, Any]) -> list[str]:
         raise ApiError(400, f"a stop sequence may have at most {MAX_STOP_CHARS} characters",
                        param="stop", code="invalid_value")
     return stops
+
+
+# Every field a request may carry. Those the gateway cannot honour yet are refused by name when
+# set to anything but their no-op value, never ignored: a 200 with another meaning misleads.
+_COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+                            "stream_options", "n", "user", "logprobs", "top_logprobs", "presence_penalty",
+                            "frequency_penalty", "logit_bias", "metadata", "store"})
+_FIELDS = {
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice",
+                              "parallel_tool_calls", "functions", "function_call"},
+    "completion": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
+}
+_NO_OP = {"n": (1,), "best_of": (1,), "logprobs": (False, None, 0), "top_logprobs": (0, None),
+          "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+          "logit_bias": ({},), "suffix": ("",), "store": (False,)}
+
+
+def _check_fields(body: dict[str, Any], kind: str) -> None:
+    """400 naming the first field this gateway does not know, or cannot honour as set."""
+    for name, value in body.items():
+        if name not in _FIELDS[kind]:
+            raise ApiError(400, f"unknown or unsupported field '{name}'", param=name, code="unsupported_field")
+        if value is not None and name in _NO_OP and not any(
+                value == ok and type(value) is type(ok) or (type(ok) is float and type(value) is int and value == ok)
+                for ok in _NO_OP[name]):
+            raise ApiError(400, f"'{name}' = {json.dumps(value)[:64]} is not supported by this gateway",
+                           param=name, code="unsupported_value")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise ApiError(400, "'user' must be a string", param="user", code="invalid_type")
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise ApiError(400, "'metadata' must be an object", param="metadata", code="invalid_type")
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -288,6 +331,7 @@ class Outcome:
     text: str
     result: GenerationResult
     finish_reason: str
+    calls: list[ToolCall] | None = None  # the answer is these tool calls
 
     def usage(self, prompt_tokens: int) -> dict[str, int]:
         completion = len(self.result.token_ids[0])
@@ -388,15 +432,19 @@ class Gateway:
         kind = "chat" if path.endswith("chat/completions") else "completion"
         if not isinstance(body.get("model"), str):
             raise ApiError(400, "'model' is required", param="model", code="missing_field")
-        if body.get("tools") or body.get("functions"):
-            raise ApiError(400, "tools and function calling are not supported", param="tools")
-        if _field(body, "n", (int,), 1) != 1:
-            raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
+        _check_fields(body, kind)
+        tools, grammar = None, None
+        if kind == "chat":
+            try:
+                tools = parse_tools(body)
+                grammar = output_grammar(body, tools)
+            except BadField as exc:
+                raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
         model = self.find_model(body["model"])
         if kind == "chat":
             if "messages" not in body:
                 raise ApiError(400, "'messages' is required", param="messages", code="missing_field")
-            ids = await trio.to_thread.run_sync(_chat_ids, model, body["messages"])
+            ids = await trio.to_thread.run_sync(_chat_ids, model, body["messages"], tools)
             max_tokens = _field(body, "max_completion_tokens", (int,), None)
         else:
             if "prompt" not in body:
@@ -421,8 +469,11 @@ class Gateway:
         except InvalidMessage as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
         options = _field(body, "stream_options", (dict,), {})
+        if grammar is not None and len(grammar.encode()) > MAX_GRAMMAR_BYTES:
+            raise ApiError(400, f"the schema or tools make a grammar over {MAX_GRAMMAR_BYTES} bytes",
+                           param="tools" if tools is not None else "response_format", code="invalid_value")
         return Job(kind, model, ids, max_tokens, sampling, _stops(body), bool(_field(body, "stream", (bool,), False)),
-                   bool(options.get("include_usage")))
+                   bool(options.get("include_usage")), grammar, tools)
 
     async def generate(self, job: Job, on_text: Callable[[str], None]) -> Outcome:
         """Wait (bounded) for a generation slot, route, hold the route's peer slots, generate;
@@ -454,7 +505,7 @@ class Gateway:
                         job.model.model_id, [job.prompt_ids], max_new_tokens=job.max_tokens,
                         sampling=job.sampling, eos_token_ids=job.model.eos_token_ids, route=route,
                         vocab_size=job.model.vocab_size, on_tokens=lambda toks: detok.push(toks[0]),
-                        until=lambda: text.stopped or job.abandoned,
+                        until=lambda: text.stopped or job.abandoned, grammar=job.grammar,
                     )
                 except (ShizaError, NoRoute) as exc:
                     error = _from_swarm(exc)
@@ -472,7 +523,8 @@ class Gateway:
         on_text(text.flush())
         ended_by_eos = bool(result.token_ids[0]) and result.token_ids[0][-1] in job.model.eos_token_ids
         reason = "stop" if text.stopped or ended_by_eos else "length"
-        return Outcome(text.text, result, reason)
+        calls = answer_calls(text.text, job.tools) if reason == "stop" else None
+        return Outcome(text.text, result, "tool_calls" if calls else reason, calls)
 
     async def _route(self, job: Job) -> list[Hop]:
         """A chain for ``job``: one DHT lookup at a time per model, its route shared by the
@@ -528,8 +580,10 @@ class Gateway:
         if outcome is None:
             return  # the client went away
         if job.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text},
-                      "logprobs": None, "finish_reason": outcome.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+            if outcome.calls:
+                message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(outcome.calls)}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}
         else:
             choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
         body = {**head, "choices": [choice], "usage": outcome.usage(len(job.prompt_ids))}
@@ -554,9 +608,9 @@ class Gateway:
             payload = data if isinstance(data, bytes) else b"data: " + json.dumps(data).encode() + b"\n\n"
             await send({"type": "http.response.body", "body": payload, "more_body": True})
 
-        def chunk(piece: str, finish: str | None) -> dict[str, Any]:
+        def chunk(piece: str, finish: str | None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
             if chat:
-                delta = {"content": piece} if piece else {}
+                delta = delta or ({"content": piece} if piece else {})
                 return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
                         **extra}
             return {**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}],
@@ -574,12 +628,23 @@ class Gateway:
                 except ApiError as exc:
                     failure = exc
 
+        # With tools, an answer of tool calls is held back and sent as OpenAI's tool-call
+        # deltas once complete; the first character tells it from text (node/client/grammars.py).
+        held: list[str] = []
+        mode = "text" if job.tools is None or not job.tools.active else ("calls" if job.tools.required else "?")
+
         async def work(cancel: trio.CancelScope) -> None:
+            nonlocal mode
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(produce)
                 async with out:
                     async for piece in out:
-                        await event(chunk(piece, None))
+                        if mode == "?":
+                            mode = "calls" if piece.startswith("<") else "text"
+                        if mode == "calls":
+                            held.append(piece)
+                        else:
+                            await event(chunk(piece, None))
             cancel.cancel()
 
         await _with_disconnect(receive, work, job)
@@ -589,6 +654,14 @@ class Gateway:
         if failure is not None:
             await event(failure.body())
         elif outcome is not None:
+            if outcome.calls:
+                for i, call in enumerate(tool_calls_json(outcome.calls)):
+                    fn = call["function"]
+                    await event(chunk("", None, {"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                                 "function": {"name": fn["name"], "arguments": ""}}]}))
+                    await event(chunk("", None, {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]}))
+            elif held:
+                await event(chunk("".join(held), None))
             await event(chunk("", outcome.finish_reason))
             if job.include_usage:
                 await event({**head, "choices": [], "usage": outcome.usage(len(job.prompt_ids))})

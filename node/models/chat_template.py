@@ -70,11 +70,12 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render_chat(source: str, messages: Sequence[Mapping[str, Any]], *,
-                add_generation_prompt: bool, special_tokens: Mapping[str, str]) -> str:
+                add_generation_prompt: bool, special_tokens: Mapping[str, str],
+                tools: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The conversation as text, ready to tokenize without adding special tokens."""
     template = compile_template(source)
     try:
-        return template.render(messages=list(messages), tools=None, documents=None,
+        return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
                                add_generation_prompt=add_generation_prompt, **special_tokens)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(str(e)) from None

@@ -138,7 +138,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
                             add_generation_prompt: bool = False,
-                            tokenize: Literal[False] = False) -> str:
+                            tokenize: Literal[False] = False,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The conversation as prompt text (tokenize it with ``add_special_tokens=False``).
 
         Raises ``ChatTemplateError`` when there is no template or it rejects the messages.
@@ -148,7 +149,7 @@ class Tokenizer:
         if self.chat_template is None:
             raise ChatTemplateError("this tokenizer has no chat template")
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           special_tokens=self.special_tokens_map)
+                           special_tokens=self.special_tokens_map, tools=tools)
 
 
 def _chat_templates(path: Path, config: Mapping[str, Any]) -> dict[str, str]:

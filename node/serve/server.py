@@ -357,8 +357,9 @@ class SpanServer:
             raise InvalidMessage(f"max_length must be in 1..{self.limits.max_length}")
         # Always the server's: a client reusing an id would bill two sessions as one (SPEC 7.4).
         session_id = secrets.token_hex(16)
-        sampling = Sampling(msg.sampling.temperature, msg.sampling.top_p,
-                            msg.sampling.seed if msg.sampling.seed is not None else 0)
+        sp = msg.sampling
+        sampling = Sampling(sp.temperature, sp.top_p, sp.seed if sp.seed is not None else 0,
+                            sp.grammar, sp.grammar_start or 0, sp.grammar_prefix or ())
         layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
         kv_tokens = msg.batch_size * msg.max_length
         self._check_unpaid(client)  # a client over its unpaid work is refused (SPEC 17)

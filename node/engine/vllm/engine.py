@@ -418,6 +418,9 @@ class VllmEngine(TorchEngine[_Session]):
             raise CapacityExceeded(f"max_length {max_length} exceeds vLLM's max_model_len "
                                    f"{self.server.max_model_len}")
         params = parse_sampling(sampling)
+        if params.grammar is not None:
+            raise BadInput("the vLLM engine does not constrain output (SPEC 9.8); open the session "
+                           "on a transformers span")
         self._add(session_id, _Session(batch_size, max_length, params,
                                        [_Row() for _ in range(batch_size)]))
 

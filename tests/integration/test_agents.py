@@ -1,0 +1,137 @@
+"""What agents use, through the gateway and the official ``openai`` package, in front of three
+real node processes serving the tiny model: structured output and tool calls generated under a
+grammar on the last node (SPEC 9.8), and a 400 naming every field the gateway cannot honour."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+
+from tests.integration.test_gateway import _in_thread, _oa, open_gateway
+
+PROMPTS = ["Describe a person.", "Give me a city and its population.", "What is 2 + 2?",
+           "Write a haiku about the sea."]
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 16},
+    "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "address": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+        "required": ["city", "zip"], "additionalProperties": False},
+    "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3}},
+    "required": ["name", "age", "address", "pets"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": -999, "maximum": 999},
+                                     "b": {"type": "integer", "minimum": -999, "maximum": 999}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "add": ADD["function"]["parameters"]}
+
+
+async def test_json_mode_and_schema_always_validate(tiny_swarm, tiny_model, tmp_path):
+    async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
+        oa = _oa(base)
+        chat = functools.partial(oa.chat.completions.create, model=model.model_id, max_tokens=200)
+        for i, prompt in enumerate(PROMPTS):
+            messages = [{"role": "user", "content": prompt}]
+            free = await _in_thread(lambda: chat(messages=messages, max_tokens=30, temperature=0))
+            with pytest.raises(ValueError):  # the random model writes no JSON unless made to
+                json.loads(free.choices[0].message.content)
+            resp = await _in_thread(lambda: chat(messages=messages, response_format={"type": "json_object"},
+                                                 temperature=0 if i % 2 else 1.0, seed=i))
+            text = resp.choices[0].message.content
+            if resp.choices[0].finish_reason == "stop":  # a random model may write one key forever
+                assert isinstance(json.loads(text), dict)
+            else:
+                assert text.startswith("{") and resp.usage.completion_tokens == 200
+            fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+            raw = await _in_thread(lambda: chat.func.__self__.with_raw_response.create(
+                model=model.model_id, max_tokens=200, messages=messages, response_format=fmt,
+                temperature=0 if i % 2 else 0.9, seed=10 + i))
+            ChatCompletion.model_validate(json.loads(raw.text))  # the openai package's own type
+            resp = raw.parse()
+            assert resp.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(resp.choices[0].message.content), PERSON)
+            chunks = await _in_thread(lambda: list(chat(messages=messages, response_format=fmt, stream=True,
+                                                        temperature=0)))
+            jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), PERSON)
+
+
+async def test_tool_calls_streamed_and_not_and_the_result_round_trip(tiny_swarm, tiny_model, tmp_path):
+    async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
+        oa = _oa(base)
+        chat = functools.partial(oa.chat.completions.create, model=model.model_id, max_tokens=200,
+                                 temperature=0)
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        for choice, parallel in [("required", False), ({"type": "function", "function": {"name": "add"}}, True),
+                                 ("required", True)]:
+            resp = await _in_thread(lambda: chat(messages=messages, tools=[WEATHER, ADD], tool_choice=choice,
+                                                 parallel_tool_calls=parallel))
+            msg = resp.choices[0].message
+            assert resp.choices[0].finish_reason == "tool_calls" and msg.content is None
+            assert msg.tool_calls and (parallel or len(msg.tool_calls) == 1)
+            for call in msg.tool_calls:
+                assert call.type == "function" and call.id.startswith("call_")
+                if isinstance(choice, dict):
+                    assert call.function.name == "add"
+                jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+            # The stream's tool-call deltas, keyed by index, assemble into the same calls.
+            chunks = await _in_thread(lambda: list(chat(messages=messages, tools=[WEATHER, ADD], tool_choice=choice,
+                                                        parallel_tool_calls=parallel, stream=True)))
+            calls: dict[int, dict] = {}
+            for c in chunks:
+                for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+                    got = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                    got["name"] += (d.function.name or "") if d.function else ""
+                    got["arguments"] += (d.function.arguments or "") if d.function else ""
+            assert [calls[i] for i in sorted(calls)] == [
+                {"name": t.function.name, "arguments": t.function.arguments} for t in msg.tool_calls]
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+        # The round trip: the call and its result go back, and the model answers in text.
+        first = await _in_thread(lambda: chat(messages=messages, tools=[WEATHER], tool_choice="required"))
+        call = first.choices[0].message.tool_calls[0]
+        history = [*messages, first.choices[0].message.model_dump(exclude_none=True),
+                   {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+        answer = await _in_thread(lambda: chat(messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8))
+        assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+        plain = await _in_thread(lambda: chat(messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=1))
+        assert answer.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the call and result were read
+        auto = await _in_thread(lambda: chat(messages=messages, tools=[WEATHER], max_tokens=60))
+        if auto.choices[0].message.tool_calls:  # the model may answer either way: both well-formed
+            jsonschema.validate(json.loads(auto.choices[0].message.tool_calls[0].function.arguments),
+                                SCHEMAS["get_weather"])
+        else:
+            assert not auto.choices[0].message.content.startswith("<")
+
+
+UNSUPPORTED = [
+    ("n", 2), ("logprobs", True), ("top_logprobs", 2), ("presence_penalty", 0.5),
+    ("frequency_penalty", 1.0), ("logit_bias", {"5": 10}), ("store", True), ("audio", {"voice": "x"}),
+    ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("response_format", {"type": "xml"}),
+]
+
+
+async def test_every_unsupported_field_is_a_400_naming_it(tiny_swarm, tiny_model, tmp_path):
+    async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            body = {"model": model.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            for field, value in UNSUPPORTED:
+                r = await http.post("/chat/completions", json={**body, field: value})
+                assert r.status_code == 400, (field, r.text)
+                assert r.json()["error"]["param"] == field
+            # Their no-op values are accepted.
+            ok = body | {"user": "agent-7", "n": 1, "logprobs": False, "presence_penalty": 0, "logit_bias": {}}
+            assert (await http.post("/chat/completions", json=ok)).status_code == 200
+        with pytest.raises(openai.BadRequestError, match="echo"):
+            await _in_thread(lambda: _oa(base).completions.create(model=model.model_id, prompt="a", echo=True))

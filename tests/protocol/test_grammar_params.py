@@ -1,0 +1,40 @@
+"""SamplingParams' grammar fields (SPEC 7.1, 9.8): left out of the wire when unset, checked when set."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.codec import unpack
+from protocol.errors import InvalidMessage, LimitExceeded
+from protocol.ids import MAX_CONTROL_FRAME_BYTES, MAX_GRAMMAR_BYTES
+from protocol.messages import OpenSession, SamplingParams, decode_message, encode_message
+
+GRAMMAR = '{"grammars": [{"json_schema": {"type": "object"}}]}'
+
+
+def test_unset_grammar_keeps_the_old_wire_form():
+    assert SamplingParams(0.5, 0.9, 7).to_wire() == {"temperature": 0.5, "top_p": 0.9, "seed": 7}
+
+
+def test_grammar_fields_round_trip_in_an_open():
+    sp = SamplingParams(grammar=GRAMMAR, grammar_start=12, grammar_prefix=((5, 6, 7), (8,)))
+    msg = OpenSession("m", 0, 6, 64, 2, sp)
+    back = decode_message(unpack(encode_message(msg)[4:]))
+    assert back.sampling == sp and back.sampling.grammar_prefix == ((5, 6, 7), (8,))
+    assert len(encode_message(OpenSession("m", 0, 6, 64, 1, SamplingParams(
+        grammar="x" * (MAX_GRAMMAR_BYTES - 64), grammar_start=1)))) < MAX_CONTROL_FRAME_BYTES
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"grammar_start": 3}, InvalidMessage),  # no grammar
+    ({"grammar": GRAMMAR}, InvalidMessage),  # no start
+    ({"grammar": GRAMMAR, "grammar_start": 0}, InvalidMessage),
+    ({"grammar": "", "grammar_start": 1}, InvalidMessage),
+    ({"grammar": "x" * (MAX_GRAMMAR_BYTES + 1), "grammar_start": 1}, LimitExceeded),
+    ({"grammar": GRAMMAR, "grammar_start": 1, "grammar_prefix": ((-1,),)}, InvalidMessage),
+    ({"grammar": GRAMMAR, "grammar_start": 1, "grammar_prefix": (("a",),)}, InvalidMessage),
+    ({"grammar": GRAMMAR, "grammar_start": 1, "grammar_prefix": 5}, InvalidMessage),
+])
+def test_bad_grammar_fields_are_refused(kwargs, error):
+    with pytest.raises(error):
+        SamplingParams(**kwargs)
