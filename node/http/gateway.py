@@ -6,6 +6,7 @@ A plain ASGI app (no framework) served by ``node.http.serve_asgi`` on trio:
     GET  /v1/models/{id}
     POST /v1/chat/completions   messages -> chat template -> the swarm; streamed as SSE or not
     POST /v1/completions        prompt (string or token ids) as is, no template
+    POST /v1/responses          OpenAI's Responses API (node/http/responses.py)
 
 The gateway is an agent of the swarm with its own identity: one ``SwarmClient`` countersigns the
 receipts of every generation and keeps them in its ledger. A complete response carries their ids
@@ -107,6 +108,17 @@ def _from_swarm(exc: Exception) -> ApiError:
 
 
 # ---- request parsing ---------------------------------------------------------------------------
+async def read_json(receive: Receive) -> dict[str, Any]:
+    """The request's body as a JSON object, else a 400."""
+    try:
+        body = json.loads(await read_body(receive))
+    except ValueError as exc:  # JSONDecodeError and "body too large" alike
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
 @dataclass
 class Job:
     kind: str  # "chat" or "completion"
@@ -356,6 +368,9 @@ class Gateway:
         self._route_locks: dict[str, trio.Lock] = {}
         self._routes: dict[str, tuple[float, list[Hop]]] = {}  # model id -> (when found, route)
         self.answered_busy = 0  # requests answered 503 for load (queue full or waited too long)
+        from node.http.responses import ResponseStore  # it builds on this module
+
+        self.stored = ResponseStore()  # conversations for the Responses API's previous_response_id
         self._app = http_only(self._answer)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -386,6 +401,12 @@ class Gateway:
                 raise ApiError(405, f"{path} takes POST", code="method_not_allowed")
             job = await self.parse(path, receive)
             await self.serve_job(job, receive, send)
+        elif path == "/v1/responses":
+            if method != "POST":
+                raise ApiError(405, f"{path} takes POST", code="method_not_allowed")
+            from node.http.responses import serve_responses  # it builds on this module
+
+            await serve_responses(self, receive, send)
         else:
             raise ApiError(404, f"no route {method} {path}", code="not_found")
 
@@ -423,13 +444,11 @@ class Gateway:
 
     # ---- requests ----------------------------------------------------------------------------
     async def parse(self, path: str, receive: Receive) -> Job:
-        try:
-            body = json.loads(await read_body(receive))
-        except ValueError as exc:  # JSONDecodeError and "body too large" alike
-            raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
         kind = "chat" if path.endswith("chat/completions") else "completion"
+        return await self.job(kind, await read_json(receive))
+
+    async def job(self, kind: str, body: dict[str, Any]) -> Job:
+        """A generation from a chat or completion request's body, checked."""
         if not isinstance(body.get("model"), str):
             raise ApiError(400, "'model' is required", param="model", code="missing_field")
         _check_fields(body, kind)
