@@ -66,17 +66,35 @@ class TextModel:
 
 
 class Detokenizer:
-    """Turns a growing list of token ids into new text, never splitting a character."""
+    """Turns a growing list of token ids into new text, never splitting a character.
+
+    Each token costs the decoding of a few tokens, not of the whole text: the tokenizers
+    library's streaming decoder (``DecodeStream``). A tokenizer that cleans up spaces after
+    decoding (a transformers option for non-BPE models) is decoded whole each time instead,
+    since its clean-up can change text already shown.
+    """
 
     def __init__(self, model: TextModel, sink: Callable[[str], None]) -> None:
         self.model, self.sink = model, sink
         self.ids: list[int] = []
         self.emitted = ""
+        tok = model.tokenizer
+        self._stream = None
+        if not getattr(tok, "_clean_up_spaces", True) and hasattr(tok, "backend"):
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> None:
         if token in self.model.eos_token_ids:
             return
         self.ids.append(token)
+        if self._stream is not None:
+            piece = self._stream.step(self.model.tokenizer.backend, token)
+            if piece:
+                self.emitted += piece
+                self.sink(piece)
+            return
         text = self.model.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return

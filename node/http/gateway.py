@@ -2,6 +2,7 @@
 
 A plain ASGI app (no framework) served by ``node.http.serve_asgi`` on trio:
 
+    GET  /health, /metrics      liveness and Prometheus metrics, without a key (node/http/gateway_metrics.py)
     GET  /v1/models             the models this gateway can tokenize that the swarm fully covers now
     GET  /v1/models/{id}
     POST /v1/chat/completions   messages -> chat template -> the swarm; streamed as SSE or not
@@ -48,7 +49,8 @@ from protocol.messages import SamplingParams
 from node.client.swarm import GenerationResult, SwarmClient
 from node.client.grammars import ToolCall
 from node.http.agents import BadField, Tools, answer_calls, output_grammar, parse_tools, render_conversation, tool_calls_json
-from node.http.asgi import http_only, read_body, send_json, serve_asgi
+from node.http.asgi import http_only, read_body, send_bytes, send_json, serve_asgi
+from node.http.gateway_metrics import GatewayMetrics, health
 from node.client.routing import Hop, NoRoute
 from node.client.textgen import TextModel, Detokenizer, with_fresh_seed
 
@@ -371,19 +373,46 @@ class Gateway:
         from node.http.responses import ResponseStore  # it builds on this module
 
         self.stored = ResponseStore()  # conversations for the Responses API's previous_response_id
+        self.metrics = GatewayMetrics(self)
         self._app = http_only(self._answer)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
 
+    @property
+    def in_flight(self) -> int:
+        """Generations holding a slot now."""
+        return MAX_CONCURRENT - self._slots.value
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
     async def _answer(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        status = 0
+
+        async def counted(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            await self._handle(scope, receive, send)
-        except ApiError as exc:
-            await send_json(send, exc.status, exc.body(), exc.headers())
+            try:
+                await self._handle(scope, receive, counted)
+            except ApiError as exc:
+                await send_json(counted, exc.status, exc.body(), exc.headers())
+        finally:
+            self.metrics.request(scope["path"].rstrip("/") or "/", status or 499)  # 499: the client left first
 
     async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"].rstrip("/")
+        if path == "/health" and method == "GET":
+            await send_json(send, 200, health(self))
+            return
+        if path == "/metrics" and method == "GET":
+            await send_bytes(send, 200, self.metrics.exposition(), self.metrics.content_type)
+            return
         if self.api_keys:
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not auth.startswith("Bearer ") or auth[7:].strip() not in self.api_keys:
@@ -533,6 +562,7 @@ class Gateway:
                     raise error from None
         finally:
             self._slots.release()
+        self.metrics.generation(job.model.model_id, result)
         # The whole decode may differ from the streamed pieces at the very end (a byte sequence
         # left incomplete): emit what is missing, so the text equals `shiza generate`'s.
         ids = [t for t in result.token_ids[0] if t not in job.model.eos_token_ids]

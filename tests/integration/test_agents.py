@@ -125,7 +125,8 @@ UNSUPPORTED = [
 async def test_every_unsupported_field_is_a_400_naming_it(tiny_swarm, tiny_model, tmp_path):
     async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
         async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-            body = {"model": model.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            body = {"model": model.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                    "temperature": 0}
             for field, value in UNSUPPORTED:
                 r = await http.post("/chat/completions", json={**body, field: value})
                 assert r.status_code == 400, (field, r.text)
@@ -133,5 +134,14 @@ async def test_every_unsupported_field_is_a_400_naming_it(tiny_swarm, tiny_model
             # Their no-op values are accepted.
             ok = body | {"user": "agent-7", "n": 1, "logprobs": False, "presence_penalty": 0, "logit_bias": {}}
             assert (await http.post("/chat/completions", json=ok)).status_code == 200
+            # What was answered shows in the gateway's own health and metrics.
+            root = base.removesuffix("/v1")
+            health = (await http.get(f"{root}/health")).json()
+            assert health["status"] == "ok" and health["models"] == [model.model_id]
+            metrics = (await http.get(f"{root}/metrics")).text
+            assert f'shiza_gateway_requests_total{{endpoint="/v1/chat/completions",status="400"}} {len(UNSUPPORTED)}.0' in metrics
+            assert 'shiza_gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in metrics
+            assert f'shiza_gateway_time_to_first_token_seconds_count{{model="{model.model_id}"}} 1.0' in metrics
+            assert f'shiza_gateway_completion_tokens_total{{model="{model.model_id}"}} 2.0' in metrics
         with pytest.raises(openai.BadRequestError, match="echo"):
             await _in_thread(lambda: _oa(base).completions.create(model=model.model_id, prompt="a", echo=True))
