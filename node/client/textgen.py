@@ -98,7 +98,7 @@ class Detokenizer:
         text = self.model.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
-        if text.startswith(self.emitted):
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
             self.sink(text[len(self.emitted):])
         self.emitted = text
 

@@ -31,6 +31,7 @@ a 503 with Retry-After (the peer's hint when it gave one), never a 502.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,18 +39,19 @@ import secrets
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import trio
 
-from protocol.errors import Busy, InvalidMessage, LimitExceeded, RateLimited, ShizaError
+from protocol.errors import InvalidMessage, ShizaError
 from protocol.ids import MAX_GRAMMAR_BYTES, MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
-from node.client.swarm import GenerationResult, SwarmClient
-from node.client.grammars import ToolCall
+from node.client.swarm import SwarmClient
 from node.http.agents import BadField, Tools, answer_calls, output_grammar, parse_tools, render_conversation, tool_calls_json
-from node.http.asgi import http_only, read_body, send_bytes, send_json, serve_asgi
+from node.http.api import (ApiError, Choice, Outcome, Receive, Send, _from_swarm, _unavailable, _with_disconnect,
+                           read_json)
+from node.http.asgi import http_only, send_bytes, send_json, serve_asgi
 from node.http.gateway_metrics import GatewayMetrics, health
 from node.client.routing import Hop, NoRoute
 from node.client.textgen import TextModel, Detokenizer, with_fresh_seed
@@ -61,64 +63,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROUTE_TIMEOUT_S = 15.0  # bound on the DHT lookup behind one request
-RETRY_AFTER_S = 5  # what a 503 tells the caller to wait when nobody gave a better hint
 MAX_CONCURRENT = 64  # generations at once (each also paced per peer: node/client/pacing.py)
 MAX_QUEUED = 256  # requests waiting for a generation slot; more get 503 at once
 QUEUE_WAIT_S = 60.0  # from a request's arrival to its generation starting; then 503
 ROUTE_REUSE_S = 2.0  # a route found by one request serves those arriving this soon after
 DEFAULT_MAX_TOKENS = {"chat": 256, "completion": 16}  # OpenAI's default for completions is 16
 MAX_STOP = 4  # stop sequences per request, as OpenAI
+MAX_N = 8  # choices per request (n): rows of one batch, so every hop must take n rows
 MAX_STOP_CHARS = 256  # characters per stop sequence: bounds the text held back and the scan
-DISCONNECT_GRACE_S = 5.0  # after a disconnect, how long the step in flight may take before a hard cancel
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's format with an HTTP status."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.retry_after_s = retry_after_s
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        if self.status != 503:
-            return []
-        after = RETRY_AFTER_S if self.retry_after_s is None else max(1, math.ceil(self.retry_after_s))
-        return [(b"retry-after", str(after).encode())]
-
-
-def _unavailable(message: str, code: str, retry_after_s: float | None = None) -> ApiError:
-    return ApiError(503, message, type="service_unavailable", code=code, retry_after_s=retry_after_s)
-
-
-def _from_swarm(exc: Exception) -> ApiError:
-    """A swarm failure as an HTTP answer."""
-    if isinstance(exc, NoRoute):
-        return _unavailable(f"the swarm cannot serve this model now: {exc}", "no_coverage")
-    if isinstance(exc, (Busy, RateLimited)):  # load: the peer's hint becomes Retry-After
-        return _unavailable(f"the swarm is busy: {exc}", "busy", getattr(exc, "retry_after_s", None))
-    if isinstance(exc, LimitExceeded):
-        return ApiError(400, f"a peer refused the request: {exc}", code="limit_exceeded")
-    return ApiError(502, f"a peer failed: {exc}", type="api_error", code="peer_error")
-
-
-# ---- request parsing ---------------------------------------------------------------------------
-async def read_json(receive: Receive) -> dict[str, Any]:
-    """The request's body as a JSON object, else a 400."""
-    try:
-        body = json.loads(await read_body(receive))
-    except ValueError as exc:  # JSONDecodeError and "body too large" alike
-        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-    return body
 
 
 @dataclass
@@ -133,6 +85,7 @@ class Job:
     include_usage: bool
     grammar: str | None = None  # constrained decoding (SPEC 9.8): response_format or tools
     tools: Tools | None = None
+    n: int = 1  # choices: batch rows sharing the prompt
     abandoned: bool = False  # the client went away: stop after the step in flight
 
 
@@ -225,7 +178,7 @@ _FIELDS = {
                               "parallel_tool_calls", "functions", "function_call"},
     "completion": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
 }
-_NO_OP = {"n": (1,), "best_of": (1,), "logprobs": (False, None, 0), "top_logprobs": (0, None),
+_NO_OP = {"best_of": (1,), "logprobs": (False, None, 0), "top_logprobs": (0, None),
           "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
           "logit_bias": ({},), "suffix": ("",), "store": (False,)}
 
@@ -338,19 +291,6 @@ class _StopText:
         if out:
             self._kept.append(out)
         return out
-
-
-@dataclass
-class Outcome:
-    text: str
-    result: GenerationResult
-    finish_reason: str
-    calls: list[ToolCall] | None = None  # the answer is these tool calls
-
-    def usage(self, prompt_tokens: int) -> dict[str, int]:
-        completion = len(self.result.token_ids[0])
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -520,12 +460,15 @@ class Gateway:
         if grammar is not None and len(grammar.encode()) > MAX_GRAMMAR_BYTES:
             raise ApiError(400, f"the schema or tools make a grammar over {MAX_GRAMMAR_BYTES} bytes",
                            param="tools" if tools is not None else "response_format", code="invalid_value")
+        n = _field(body, "n", (int,), 1)
+        if not 1 <= n <= MAX_N:
+            raise ApiError(400, f"'n' must be between 1 and {MAX_N}", param="n", code="invalid_value")
         return Job(kind, model, ids, max_tokens, sampling, _stops(body), bool(_field(body, "stream", (bool,), False)),
-                   bool(options.get("include_usage")), grammar, tools)
+                   bool(options.get("include_usage")), grammar, tools, n)
 
-    async def generate(self, job: Job, on_text: Callable[[str], None]) -> Outcome:
+    async def generate(self, job: Job, on_text: Callable[[int, str], None]) -> Outcome:
         """Wait (bounded) for a generation slot, route, hold the route's peer slots, generate;
-        ``on_text`` gets the text as it becomes safe to show."""
+        ``on_text(i, piece)`` gets choice i's text as it becomes safe to show."""
         deadline = trio.current_time() + QUEUE_WAIT_S
         if self._slots.value == 0 and self._queued >= MAX_QUEUED:
             self.answered_busy += 1
@@ -539,10 +482,20 @@ class Gateway:
             self._queued -= 1
         if waited.cancelled_caught:
             raise self._waited_too_long()
+        eos = job.model.eos_token_ids
+        texts = [_StopText(job.stop) for _ in range(job.n)]
+        ended = [False] * job.n  # a row past its end token: what the batch still gives it is not its text
+        detoks = [Detokenizer(job.model, functools.partial(lambda i, piece: on_text(i, texts[i].push(piece)), i))
+                  for i in range(job.n)]
+
+        def on_tokens(tokens: list[int]) -> None:
+            for i, t in enumerate(tokens):
+                if not ended[i]:
+                    detoks[i].push(t)
+                    ended[i] = t in eos
+
         try:
             route = await self._route(job)
-            text = _StopText(job.stop)
-            detok = Detokenizer(job.model, lambda piece: on_text(text.push(piece)))
             async with AsyncExitStack() as held:
                 with trio.move_on_at(deadline) as waited:  # this client's slots at the route's peers
                     await held.enter_async_context(self.client.pacing.hold([h.peer_id for h in route]))
@@ -550,10 +503,10 @@ class Gateway:
                     raise self._waited_too_long()
                 try:
                     result = await self.client.generate(
-                        job.model.model_id, [job.prompt_ids], max_new_tokens=job.max_tokens,
-                        sampling=job.sampling, eos_token_ids=job.model.eos_token_ids, route=route,
-                        vocab_size=job.model.vocab_size, on_tokens=lambda toks: detok.push(toks[0]),
-                        until=lambda: text.stopped or job.abandoned, grammar=job.grammar,
+                        job.model.model_id, [job.prompt_ids] * job.n, max_new_tokens=job.max_tokens,
+                        sampling=job.sampling, eos_token_ids=eos, route=route,
+                        vocab_size=job.model.vocab_size, on_tokens=on_tokens, grammar=job.grammar,
+                        until=lambda: all(t.stopped or e for t, e in zip(texts, ended)) or job.abandoned,
                     )
                 except (ShizaError, NoRoute) as exc:
                     error = _from_swarm(exc)
@@ -563,17 +516,21 @@ class Gateway:
         finally:
             self._slots.release()
         self.metrics.generation(job.model.model_id, result)
-        # The whole decode may differ from the streamed pieces at the very end (a byte sequence
-        # left incomplete): emit what is missing, so the text equals `shiza generate`'s.
-        ids = [t for t in result.token_ids[0] if t not in job.model.eos_token_ids]
-        full = job.model.decode(ids)
-        if full.startswith(detok.emitted):
-            on_text(text.push(full[len(detok.emitted):]))
-        on_text(text.flush())
-        ended_by_eos = bool(result.token_ids[0]) and result.token_ids[0][-1] in job.model.eos_token_ids
-        reason = "stop" if text.stopped or ended_by_eos else "length"
-        calls = answer_calls(text.text, job.tools) if reason == "stop" else None
-        return Outcome(text.text, result, "tool_calls" if calls else reason, calls)
+        choices = []
+        for i, (text, detok, row) in enumerate(zip(texts, detoks, result.token_ids)):
+            # The whole decode may differ from the streamed pieces at the very end (a byte
+            # sequence left incomplete): emit what is missing, so the text equals `shiza generate`'s.
+            if not text.stopped:
+                ids = [t for t in row if t not in eos]
+                full = job.model.decode(ids)
+                if full.startswith(detok.emitted):
+                    on_text(i, text.push(full[len(detok.emitted):]))
+            on_text(i, text.flush())
+            ended_by_eos = bool(row) and row[-1] in eos
+            reason = "stop" if text.stopped or ended_by_eos else "length"
+            calls = answer_calls(text.text, job.tools) if reason == "stop" else None
+            choices.append(Choice(text.text, "tool_calls" if calls else reason, calls))
+        return Outcome(choices, result)
 
     async def _route(self, job: Job) -> list[Hop]:
         """A chain for ``job``: one DHT lookup at a time per model, its route shared by the
@@ -592,7 +549,7 @@ class Gateway:
                         return route
                 try:
                     found = await self.client.route(model.model_id, num_layers=model.num_layers,
-                                                    need_tokens=len(job.prompt_ids) + job.max_tokens)
+                                                    need_tokens=job.n * (len(job.prompt_ids) + job.max_tokens))
                 except NoRoute as exc:
                     self._routes.pop(model.model_id, None)
                     raise _from_swarm(exc) from None
@@ -618,7 +575,7 @@ class Gateway:
         async def work(cancel: trio.CancelScope) -> None:
             nonlocal outcome, failure
             try:
-                outcome = await self.generate(job, lambda s: None)
+                outcome = await self.generate(job, lambda i, s: None)
             except ApiError as exc:
                 failure = exc
             cancel.cancel()
@@ -628,14 +585,16 @@ class Gateway:
             raise failure
         if outcome is None:
             return  # the client went away
-        if job.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
-            if outcome.calls:
-                message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(outcome.calls)}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}
-        else:
-            choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
-        body = {**head, "choices": [choice], "usage": outcome.usage(len(job.prompt_ids))}
+        choices = []
+        for i, c in enumerate(outcome.choices):
+            if job.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": c.text}
+                if c.calls:
+                    message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(c.calls)}
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": c.finish_reason})
+            else:
+                choices.append({"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason})
+        body = {**head, "choices": choices, "usage": outcome.usage(len(job.prompt_ids))}
         await send_json(send, 200, body, [(b"x-shiza-receipts", ",".join(outcome.result.receipts).encode())])
 
     async def _stream(self, job: Job, head: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -652,20 +611,21 @@ class Gateway:
                     (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                     (b"x-shiza-receipts", b"trailer")]})
                 if chat:
-                    await event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}], **extra})
+                    for i in range(job.n):
+                        await event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}], **extra})
             payload = data if isinstance(data, bytes) else b"data: " + json.dumps(data).encode() + b"\n\n"
             await send({"type": "http.response.body", "body": payload, "more_body": True})
 
-        def chunk(piece: str, finish: str | None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+        def chunk(index: int, piece: str, finish: str | None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
             if chat:
                 delta = delta or ({"content": piece} if piece else {})
-                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                        **extra}
-            return {**head, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}],
+                return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}], **extra}
+            return {**head, "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": finish}],
                     **extra}
 
-        pieces, out = trio.open_memory_channel[str](math.inf)
+        pieces, out = trio.open_memory_channel[tuple[int, str]](math.inf)
         outcome: Outcome | None = None
         failure: ApiError | None = None
 
@@ -673,27 +633,27 @@ class Gateway:
             nonlocal outcome, failure
             async with pieces:
                 try:
-                    outcome = await self.generate(job, lambda s: s and pieces.send_nowait(s))  # type: ignore[func-returns-value]
+                    outcome = await self.generate(job, lambda i, s: s and pieces.send_nowait((i, s)))  # type: ignore[func-returns-value]
                 except ApiError as exc:
                     failure = exc
 
         # With tools, an answer of tool calls is held back and sent as OpenAI's tool-call
         # deltas once complete; the first character tells it from text (node/client/grammars.py).
-        held: list[str] = []
-        mode = "text" if job.tools is None or not job.tools.active else ("calls" if job.tools.required else "?")
+        held: list[list[str]] = [[] for _ in range(job.n)]
+        first = "text" if job.tools is None or not job.tools.active else ("calls" if job.tools.required else "?")
+        mode = [first] * job.n
 
         async def work(cancel: trio.CancelScope) -> None:
-            nonlocal mode
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(produce)
                 async with out:
-                    async for piece in out:
-                        if mode == "?":
-                            mode = "calls" if piece.startswith("<") else "text"
-                        if mode == "calls":
-                            held.append(piece)
+                    async for i, piece in out:
+                        if mode[i] == "?":
+                            mode[i] = "calls" if piece.startswith("<") else "text"
+                        if mode[i] == "calls":
+                            held[i].append(piece)
                         else:
-                            await event(chunk(piece, None))
+                            await event(chunk(i, piece, None))
             cancel.cancel()
 
         await _with_disconnect(receive, work, job)
@@ -703,15 +663,18 @@ class Gateway:
         if failure is not None:
             await event(failure.body())
         elif outcome is not None:
-            if outcome.calls:
-                for i, call in enumerate(tool_calls_json(outcome.calls)):
-                    fn = call["function"]
-                    await event(chunk("", None, {"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                                                 "function": {"name": fn["name"], "arguments": ""}}]}))
-                    await event(chunk("", None, {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]}))
-            elif held:
-                await event(chunk("".join(held), None))
-            await event(chunk("", outcome.finish_reason))
+            for index, c in enumerate(outcome.choices):
+                if c.calls:
+                    for i, call in enumerate(tool_calls_json(c.calls)):
+                        fn = call["function"]
+                        await event(chunk(index, "", None, {"tool_calls": [{
+                            "index": i, "id": call["id"], "type": "function",
+                            "function": {"name": fn["name"], "arguments": ""}}]}))
+                        await event(chunk(index, "", None, {"tool_calls": [{
+                            "index": i, "function": {"arguments": fn["arguments"]}}]}))
+                elif held[index]:
+                    await event(chunk(index, "".join(held[index]), None))
+                await event(chunk(index, "", c.finish_reason))
             if job.include_usage:
                 await event({**head, "choices": [], "usage": outcome.usage(len(job.prompt_ids))})
             await event(b": x-shiza-receipts " + ",".join(outcome.result.receipts).encode() + b"\n\n")
@@ -719,31 +682,6 @@ class Gateway:
             return  # the client went away: nothing more to send
         await event(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _with_disconnect(receive: Receive, work: Callable[[trio.CancelScope], Awaitable[None]], job: Job) -> None:
-    """Run ``work`` until it cancels the given scope (done) or the client disconnects.
-
-    On a disconnect the generation stops after the step in flight (``job.abandoned``): the
-    sessions then close normally and the final receipts match the work done. Cancelling in the
-    middle of a step would leave that step's answer unread ahead of the session's ``Closed``, so
-    a hard cancel comes only after DISCONNECT_GRACE_S. ``work`` must catch its own errors (a
-    nursery would wrap them in an exception group).
-    """
-    async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            log.info("client disconnected: stopping its generation")
-            job.abandoned = True
-            await trio.sleep(DISCONNECT_GRACE_S)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
-        await work(nursery.cancel_scope)
-
-
 
 
 # ---- running it --------------------------------------------------------------------------------

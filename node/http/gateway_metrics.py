@@ -11,14 +11,25 @@ key or a peer. Each gateway has its own registry (no global state).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from node.client.swarm import GenerationResult
-    from node.http.gateway import Gateway
+
+
+class Gateway(Protocol):
+    """What is read of the gateway (node/http/gateway.py), which imports this module."""
+
+    models: Sequence[Any]
+    answered_busy: int
+
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
 
 ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/health", "/metrics")
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -18,15 +18,18 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from node.http.gateway import ApiError, Outcome, _with_disconnect, read_json, send_json
 from node.http.agents import tool_calls_json
+from node.http.api import ApiError, Outcome, Receive, Send, _with_disconnect, read_json
+from node.http.asgi import send_json
 
-if TYPE_CHECKING:
-    from node.http.gateway import Gateway, Job, Receive, Send
+# The gateway (node/http/gateway.py) calls in here with itself: ``gw.job``, ``gw.generate``,
+# ``gw.stored``; typed loosely, as this module must not import it (no cycle).
+Gateway = Any
+Job = Any
 
 MAX_STORED = 256  # conversations kept for previous_response_id
 
@@ -270,7 +273,7 @@ async def serve_responses(gw: Gateway, receive: Receive, send: Send) -> None:
         nonlocal outcome, failure
         async with pieces:
             try:
-                outcome = await gw.generate(job, lambda s: s and text_streamed and pieces.send_nowait(s))  # type: ignore[func-returns-value]
+                outcome = await gw.generate(job, lambda i, s: s and text_streamed and pieces.send_nowait(s))  # type: ignore[func-returns-value]
             except ApiError as exc:
                 failure = exc
 

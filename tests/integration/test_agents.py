@@ -116,7 +116,7 @@ async def test_tool_calls_streamed_and_not_and_the_result_round_trip(tiny_swarm,
 
 
 UNSUPPORTED = [
-    ("n", 2), ("logprobs", True), ("top_logprobs", 2), ("presence_penalty", 0.5),
+    ("n", 9), ("logprobs", True), ("top_logprobs", 2), ("presence_penalty", 0.5),
     ("frequency_penalty", 1.0), ("logit_bias", {"5": 10}), ("store", True), ("audio", {"voice": "x"}),
     ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("response_format", {"type": "xml"}),
 ]
@@ -132,7 +132,7 @@ async def test_every_unsupported_field_is_a_400_naming_it(tiny_swarm, tiny_model
                 assert r.status_code == 400, (field, r.text)
                 assert r.json()["error"]["param"] == field
             # Their no-op values are accepted.
-            ok = body | {"user": "agent-7", "n": 1, "logprobs": False, "presence_penalty": 0, "logit_bias": {}}
+            ok = body | {"user": "agent-7", "logprobs": False, "presence_penalty": 0, "logit_bias": {}}
             assert (await http.post("/chat/completions", json=ok)).status_code == 200
             # What was answered shows in the gateway's own health and metrics.
             root = base.removesuffix("/v1")
@@ -145,3 +145,30 @@ async def test_every_unsupported_field_is_a_400_naming_it(tiny_swarm, tiny_model
             assert f'shiza_gateway_completion_tokens_total{{model="{model.model_id}"}} 2.0' in metrics
         with pytest.raises(openai.BadRequestError, match="echo"):
             await _in_thread(lambda: _oa(base).completions.create(model=model.model_id, prompt="a", echo=True))
+
+
+async def test_n_choices_share_the_prompt_streamed_and_not(tiny_swarm, tiny_model, tmp_path):
+    async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
+        oa = _oa(base)
+        messages = [{"role": "user", "content": "Tell me a story."}]
+        chat = functools.partial(oa.chat.completions.create, model=model.model_id, messages=messages, max_tokens=12)
+        one = await _in_thread(lambda: chat(temperature=0))
+        greedy = await _in_thread(lambda: chat(temperature=0, n=3))
+        assert [c.index for c in greedy.choices] == [0, 1, 2]
+        assert {c.message.content for c in greedy.choices} == {one.choices[0].message.content}
+        assert greedy.usage.completion_tokens == 3 * one.usage.completion_tokens
+        sampled = await _in_thread(lambda: chat(temperature=1.0, seed=4, n=3))
+        assert len({c.message.content for c in sampled.choices}) > 1  # rows sample independently
+        chunks = await _in_thread(lambda: list(chat(temperature=1.0, seed=4, n=3, stream=True)))
+        texts = ["", "", ""]
+        for c in chunks:
+            for ch in c.choices:
+                texts[ch.index] += ch.delta.content or ""
+        assert texts == [c.message.content for c in sampled.choices]
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+        people = await _in_thread(lambda: chat(temperature=1.0, n=3, response_format=fmt, max_tokens=200))
+        for c in people.choices:  # each row under its own grammar state
+            jsonschema.validate(json.loads(c.message.content), PERSON)
+        done = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt="Once", n=2,
+                                                              max_tokens=5, temperature=0))
+        assert [c.index for c in done.choices] == [0, 1] and done.choices[0].text == done.choices[1].text

@@ -140,7 +140,7 @@ async def test_error_statuses(tiny_swarm, tiny_model, tmp_path):
         assert err.status_code == 401 and err.code == "invalid_api_key"
         err = await status_of(lambda: chat(model="no-such-model"))
         assert err.status_code == 404 and err.code == "model_not_found" and err.param == "model"
-        err = await status_of(lambda: chat(n=2))
+        err = await status_of(lambda: chat(n=9))
         assert err.status_code == 400 and err.param == "n"
         err = await status_of(lambda: chat(max_tokens=-1))
         assert err.status_code == 400 and err.param == "max_tokens"
