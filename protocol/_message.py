@@ -9,7 +9,7 @@ from ._fields import fields_of
 from ._values import SamplingParams, ServedSpan
 from .codec import Tensor
 from .errors import BadShape, InvalidMessage
-from .ids import PROTOCOL_VERSION
+from .ids import MAX_TOP_LOGPROBS, PROTOCOL_VERSION
 
 
 class _Message:
@@ -58,3 +58,20 @@ def _check_bt(name: str, t: Tensor, batch: int, length: int) -> None:
         raise InvalidMessage(f"{name} must be int64, got {t.dtype}")
     if t.shape != (batch, length):
         raise BadShape(f"{name} shape {list(t.shape)} must be [{batch}, {length}] like input")
+
+
+def _check_logprobs(output: Any, lp: Any, ids: Any) -> None:
+    """A StepResult's ``logprobs`` and ``top_ids`` (SPEC 9.9): both or neither, fitting ``output``."""
+    if (lp is None) != (ids is None):
+        raise InvalidMessage("logprobs and top_ids come together")
+    if lp is None:
+        return
+    if not isinstance(lp, Tensor) or not isinstance(ids, Tensor):
+        raise InvalidMessage("logprobs and top_ids must be tensors")
+    if lp.dtype != "float32" or ids.dtype != "int64":
+        raise InvalidMessage("logprobs must be float32 and top_ids int64")
+    if (not isinstance(output, Tensor) or output.dtype != "int64" or lp.shape[:-1] != output.shape
+            or ids.shape[:-1] != output.shape or lp.shape[-1] != ids.shape[-1] + 1
+            or ids.shape[-1] > MAX_TOP_LOGPROBS):
+        raise BadShape(f"logprobs {list(lp.shape)} and top_ids {list(ids.shape)} do not fit the output "
+                       f"{list(getattr(output, 'shape', ()))}")

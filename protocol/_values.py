@@ -8,7 +8,7 @@ from typing import Any
 from ._fields import check_float, check_int, check_seq, check_str, fields_of, set_field
 from .errors import InvalidMessage
 from .ids import (MAX_BATCH_SIZE, MAX_GRAMMAR_BYTES, MAX_ID_LEN, MAX_LAYERS, MAX_SESSION_LENGTH,
-                  MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_UINT64)
+                  MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOP_LOGPROBS, MAX_UINT64)
 
 
 def span_bounds(start: int, end: int) -> None:
@@ -56,6 +56,7 @@ class SamplingParams:
     grammar: str | None = None
     grammar_start: int | None = None
     grammar_prefix: tuple[tuple[int, ...], ...] | None = None
+    logprobs: int | None = None  # report log-probabilities, with this many top tokens (SPEC 9.9)
 
     def __post_init__(self) -> None:
         set_field(self, "temperature", check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
@@ -64,6 +65,8 @@ class SamplingParams:
             raise InvalidMessage("top_p must be greater than 0")
         if self.seed is not None:
             check_int("seed", self.seed, 0, MAX_UINT64)
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
         if self.grammar is None:
             if self.grammar_start is not None or self.grammar_prefix is not None:
                 raise InvalidMessage("grammar_start and grammar_prefix need a grammar")
@@ -81,6 +84,8 @@ class SamplingParams:
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        if self.logprobs is not None:
+            wire["logprobs"] = self.logprobs
         if self.grammar is not None:
             wire.update(grammar=self.grammar, grammar_start=self.grammar_start)
             if self.grammar_prefix is not None:
@@ -91,4 +96,4 @@ class SamplingParams:
     def from_wire(cls, obj: Any) -> SamplingParams:
         return cls(**fields_of(obj, "sampling", (), {"temperature": 0.0, "top_p": 1.0, "seed": None,
                                                      "grammar": None, "grammar_start": None,
-                                                     "grammar_prefix": None}))
+                                                     "grammar_prefix": None, "logprobs": None}))

@@ -3,8 +3,8 @@
 Wire form: a msgpack map {"v": 0, "t": TYPE, ...fields}. Every field is checked when a message
 is built, locally or from the wire, so a message object that exists is a valid one. Receivers
 reject unknown fields (InvalidMessage): a new field needs a new protocol version, unless it is
-optional and left out of the wire map when unset (Error.retry_after_s, Step.keep and Step.draft),
-so every message without it keeps its old form.
+optional and left out of the wire map when unset (Error.retry_after_s, Step.keep, Step.draft,
+StepResult.logprobs and top_ids), so every message without it keeps its old form.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from ._fields import check_bytes, check_choice, check_float, check_hex, check_int, check_seq, check_str, set_field
-from ._message import _check_bt, _Message, omit_unset
+from ._message import _check_bt, _check_logprobs, _Message, omit_unset
 from ._values import SamplingParams, ServedSpan, span_bounds
 from .codec import FLOAT_DTYPES, Tensor, encode_frame
 from .direct import KEY_BYTES as DIRECT_KEY_BYTES
@@ -227,15 +227,20 @@ class StepResult(_Message):
     the bytes of a server-signed cumulative receipt (protocol.receipts) to countersign."""
 
     TYPE: ClassVar[str] = "result"
-    _OPTIONAL: ClassVar[dict[str, Any]] = {"receipt": None}
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"receipt": None, "logprobs": None, "top_ids": None}
     step: int
     output: Tensor
     receipt: bytes | None = None
+    # SamplingParams.logprobs = k (9.9): float32 [B, 1 + k] (window: [B, T, 1 + k]), the chosen
+    # token's log-probability then the k most likely tokens'; top_ids int64 [B, k] ([B, T, k]).
+    logprobs: Tensor | None = None
+    top_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_int("step", self.step, 0, _MAX_STEP)
         if self.receipt is not None:
             check_bytes("receipt", self.receipt, MAX_RECEIPT_BYTES)
+        _check_logprobs(self.output, self.logprobs, self.top_ids)
         out = self.output
         if not isinstance(out, Tensor):
             raise InvalidMessage("output must be a tensor")
@@ -248,10 +253,16 @@ class StepResult(_Message):
         else:
             raise InvalidMessage(f"output dtype must be int64 or a float dtype, got {out.dtype}")
 
+    def to_wire(self) -> dict[str, Any]:
+        return omit_unset(super().to_wire(), logprobs=None, top_ids=None)
+
     @classmethod
     def from_wire(cls, obj: Any) -> StepResult:
         got = cls._wire_fields(obj)
         got["output"] = Tensor.from_wire(got["output"])
+        for name in ("logprobs", "top_ids"):
+            if got[name] is not None:
+                got[name] = Tensor.from_wire(got[name])
         return cls(**got)
 
 

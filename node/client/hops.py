@@ -98,6 +98,7 @@ class HopSession:
     pushing: bool = False
     stream_ended_on_link: bool = False  # it answered Link as unknown: the session is over
     windows: bool = False  # it runs window steps (SPEC 9.7), as its SessionOpened said
+    logprobs: tuple[Tensor, Tensor] | None = None  # its last step's (SPEC 9.9), if it reported them
 
     def trim_last(self, positions: int) -> None:
         """Keep only the first ``positions`` of the last step in the history: a window step
@@ -248,6 +249,12 @@ class HopSessions:
             if result.step != h.steps:
                 raise InvalidMessage(f"answered step {result.step}, expected {h.steps}")
             await self._check_output(h, payload, result, window=draft is not None)
+            if result.logprobs is not None:  # SPEC 9.9: only what was asked for
+                asked = h.spec.sampling.logprobs if h.spec is not None else None
+                if asked is None or result.top_ids.shape[-1] != asked:  # type: ignore[union-attr]
+                    raise InvalidMessage(f"log-probabilities of {result.top_ids.shape[-1]} top tokens; "  # type: ignore[union-attr]
+                                         f"the session asked for {asked}")
+            h.logprobs = None if result.logprobs is None else (result.logprobs, result.top_ids)  # type: ignore[assignment]
             h.account.record(step, result.output)
             if result.receipt is not None:
                 await self._judge(h, result.receipt)

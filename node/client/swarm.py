@@ -53,7 +53,7 @@ from node.net.dht import open_dht
 from node.net.host import Host, Libp2pConnector, open_host
 from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, RecordDHT, fetch_records
 from node.net.streams import Connector
-from node.net.wire import concat_steps, int64_tensor, int64_values
+from node.net.wire import concat_steps, float32_rows, int64_tensor, int64_values
 from node.util.groups import unwrap_single_groups
 
 __all__ = ["CLOSE_TIMEOUT_S", "PREFILL_CHUNK", "STEP_TIMEOUT_S", "GenerationResult", "HopFailed",
@@ -81,11 +81,34 @@ class GenerationResult:
     drafted: int = 0  # draft tokens sent (speculative decoding, SPEC 9.7)
     accepted: int = 0  # of those, the ones the model kept
     speculate: str = "off"  # the draft source used
+    # SamplingParams.logprobs (SPEC 9.9): per row, per token of token_ids, its log-probability
+    # and the top tokens' as the sampling node computed them; None when not asked for.
+    logprobs: list[list["TokenLogprob"]] | None = None
 
     @property
     def tokens_per_s(self) -> float:
         """Decode tokens per second (after the first token), per row."""
         return (self.steps - 1) / self.decode_s if self.steps > 1 and self.decode_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their log-probabilities, best first
+
+
+def _step_logprobs(chain: "_Chain") -> list[tuple[float, list[tuple[int, float]]]] | None:
+    """The last hop's log-probabilities of the step just run, one entry per row (per position
+    of a window step), or None when it sent none."""
+    got = chain.hops[-1].logprobs
+    if got is None:
+        return None
+    values, ids = got
+    rows = float32_rows(values)
+    k = values.shape[-1] - 1
+    flat = int64_values(ids)
+    return [(row[0], list(zip(flat[i * k:(i + 1) * k], row[1:]))) for i, row in enumerate(rows)]
 
 
 SEED_BITS = 63  # a drawn seed fits a signed 64-bit integer, whatever the engine's generator takes
@@ -338,6 +361,7 @@ class SwarmClient:
         positions = [[max(0, i - (width - len(p))) for i in range(width)] for p in prompts]
         eos = set(eos_token_ids)
         out: list[list[int]] = [[] for _ in range(batch)]
+        lps: list[list[TokenLogprob]] | None = None if sampling.logprobs is None else [[] for _ in range(batch)]
         done = [False] * batch
         t0 = time.perf_counter()
         ttft = 0.0
@@ -361,10 +385,13 @@ class SwarmClient:
                 chain.passes += 1
                 if steps == 1:
                     ttft = time.perf_counter() - t0
+                got = _step_logprobs(chain) if lps is not None else None
                 for row, tok in enumerate(tokens):
                     if not done[row]:
                         out[row].append(tok)
                         done[row] = tok in eos
+                        if got is not None:
+                            lps[row].append(TokenLogprob(tok, *got[row]))  # type: ignore[index]
                 if on_tokens is not None:
                     on_tokens(tokens)
                 if all(done) or (until is not None and until()):  # until: e.g. a stop sequence
@@ -372,7 +399,8 @@ class SwarmClient:
                 if drafter is not None:  # the rest speculates (SPEC 9.7)
                     drafter.extend(prompts[0])
                     steps += await self._speculate(chain, drafter, tokens[0], step_pos[0][-1] + 1,
-                                                   max_new_tokens - steps, out[0], eos, on_tokens, until)
+                                                   max_new_tokens - steps, out[0], eos, on_tokens, until,
+                                                   None if lps is None else lps[0])
                     break
                 step_ids = [[t] for t in tokens]
                 step_pos = [[p[-1] + 1] for p in step_pos]
@@ -382,11 +410,11 @@ class SwarmClient:
         receipts = [r.receipt_id for h in chain.retired + chain.hops for r, _, _ in h.account.receipts]
         return GenerationResult(out, route_used, ttft, decode_s, steps, chain.failovers, receipts,
                                 chain.pushed_steps, chain.passes, chain.drafted, chain.accepted,
-                                drafter.name if drafter is not None else "off")
+                                drafter.name if drafter is not None else "off", lps)
 
     async def _speculate(self, chain: "_Chain", drafter: Drafter, token: int, position: int, room: int,
                          out: list[int], eos: set[int], on_tokens: Callable[[list[int]], None] | None,
-                         until: Callable[[], bool] | None) -> int:
+                         until: Callable[[], bool] | None, lps: list[TokenLogprob] | None = None) -> int:
         """Decode one row by windows (SPEC 9.7) after its first token ``token`` (at ``position``,
         not yet in any cache), at most ``room`` more tokens into ``out``; returns how many.
 
@@ -420,6 +448,7 @@ class SwarmClient:
             while accepted < len(drafts) and answer[accepted] == drafts[accepted]:
                 accepted += 1
             new = answer[:accepted + 1]
+            got = _step_logprobs(chain) if lps is not None else None
             chain.drafted += len(drafts)
             chain.accepted += accepted
             window.update(len(drafts), accepted, time.perf_counter() - started)
@@ -427,8 +456,10 @@ class SwarmClient:
             if accepted < len(drafts):
                 for h in chain.hops:  # a replay rebuilds the kept positions only
                     h.trim_last(accepted + 1)
-            for tok in new[:room - emitted]:
+            for j, tok in enumerate(new[:room - emitted]):
                 out.append(tok)
+                if got is not None:
+                    lps.append(TokenLogprob(tok, *got[j]))  # type: ignore[union-attr]
                 emitted += 1
                 if on_tokens is not None:
                     on_tokens([tok])

@@ -36,7 +36,7 @@ __all__ = [
     "parse_sampling",
 ]
 
-SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed", "grammar", "grammar_start", "grammar_prefix"})
+SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed", "grammar", "grammar_start", "grammar_prefix", "logprobs"})
 
 
 class StepInput(NamedTuple):
@@ -71,6 +71,7 @@ class Sampling:
     grammar: str | None = None
     grammar_start: int = 0
     grammar_prefix: tuple[tuple[int, ...], ...] = ()
+    logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
 
 
 def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling:
@@ -93,9 +94,13 @@ def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling
         raise BadInput(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise BadInput(f"top_p must be in (0, 1], got {top_p}")
+    logprobs = params.get("logprobs")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                 or not 0 <= logprobs <= 20):
+        raise BadInput(f"logprobs must be an int in [0, 20], got {logprobs!r}")
     grammar = params.get("grammar")
     if grammar is None:
-        return Sampling(temperature, top_p, seed)
+        return Sampling(temperature, top_p, seed, logprobs=logprobs)
     start, prefix = params.get("grammar_start", 0), params.get("grammar_prefix") or ()
     if not isinstance(grammar, str) or not grammar:
         raise BadInput("grammar must be a non-empty string")
@@ -105,7 +110,7 @@ def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling
         rows = tuple(tuple(int(t) for t in row) for row in prefix)  # type: ignore[union-attr]
     except (TypeError, ValueError) as e:
         raise BadInput(f"grammar_prefix must be rows of token ids: {e}") from e
-    return Sampling(temperature, top_p, seed, grammar, start, rows)
+    return Sampling(temperature, top_p, seed, grammar, start, rows, logprobs)
 
 
 def check_session_size(batch_size: object, max_length: object) -> None:

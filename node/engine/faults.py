@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 from protocol.codec import Tensor
 
@@ -105,6 +105,10 @@ class FaultyEngine:
 
     def close_session(self, session_id: str) -> None:
         self.inner.close_session(session_id)
+
+    def take_logprobs(self, session_id: str) -> Any:
+        take = getattr(self.inner, "take_logprobs", None)
+        return None if take is None else take(session_id)
 
     def session_layers(self, session_id: str) -> tuple[int, int]:
         return self.inner.session_layers(session_id)

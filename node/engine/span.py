@@ -39,11 +39,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from protocol.codec import Tensor
+
 from node.engine.base import Sampling, check_session_size, parse_sampling
 from node.engine.grammar import Constraint, GrammarTokenizer
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.models import ModelSource
 from node.engine.throughput import measure_throughput
+from node.engine.tensors import from_torch
 from node.engine.torch_engine import TorchEngine, check_room, step_extras, validate_step
 
 __all__ = ["PREFILL_BATCH_TOKENS", "SpanEngine", "measure_throughput"]
@@ -70,6 +73,8 @@ class _Session:
     is_last: bool  # b == num_layers: applies the final norm, the head and sampling
     view: nn.ModuleList | None  # the span's layers with those outside [a, b) skipped; None: all
     constraint: Constraint | None = None  # a grammar on the tokens it chooses (SPEC 9.8)
+    logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
+    last_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # of its last step, until taken
 
     @property
     def length(self) -> int:
@@ -245,7 +250,7 @@ class SpanEngine(TorchEngine[_Session]):
             top_p=top_p, seed=seed, cache=cache,
             mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
             generator=generator, layers=(a, b), is_first=is_first, is_last=is_last,
-            view=view, constraint=constraint,
+            view=view, constraint=constraint, logprobs=params.logprobs if is_last else None,
         ))
 
     def _check_layers(self, layers: Any) -> tuple[int, int]:
@@ -266,6 +271,14 @@ class SpanEngine(TorchEngine[_Session]):
     def session_layers(self, session_id: str) -> tuple[int, int]:
         """The global layers ``[a, b)`` an open session runs (for receipts: tokens x layers)."""
         return self._get(session_id).layers
+
+    def take_logprobs(self, session_id: str) -> tuple[Tensor, Tensor] | None:
+        """The log-probabilities of the session's last step (SPEC 9.9), once: float32 (..., 1 + k),
+        the chosen token's then the top k's, and their ids int64 (..., k); None when the session
+        does not report them."""
+        session = self._get(session_id)
+        got, session.last_logprobs = session.last_logprobs, None
+        return None if got is None else (from_torch(got[0]), from_torch(got[1]))
 
     def close_session(self, session_id: str) -> None:
         """Free the session's cache. Raises ``SessionUnknown`` if it is not open."""
@@ -675,7 +688,28 @@ def _pick(logits: torch.Tensor, session: _Session, last: torch.Tensor) -> torch.
     out = _sample(logits, session.temperature, session.top_p, session.generator)
     for b in wants:
         c.take(b, int(out[b]))  # type: ignore[union-attr]
+    if session.logprobs is not None:
+        session.last_logprobs = _logprobs(_log_softmax(logits, session.temperature), out, session.logprobs)
     return out
+
+
+#: A log-probability of a token the grammar forbids (-inf) is reported as this, as OpenAI does.
+FORBIDDEN_LOGPROB = -9999.0
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distribution a token is drawn from, before top-p: the logits (a grammar's mask
+    applied) at the session's temperature (1 when greedy), log-normalised."""
+    return torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+
+
+def _logprobs(lp: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 (..., 1 + k): the chosen token's log-probability then the k largest; their ids)."""
+    top = lp.topk(k, dim=-1) if k else None
+    picked = lp.gather(-1, chosen.unsqueeze(-1))
+    values = picked if top is None else torch.cat([picked, top.values], dim=-1)
+    ids = chosen.new_zeros((*chosen.shape, 0)) if top is None else top.indices
+    return values.float().clamp_min(FORBIDDEN_LOGPROB).contiguous(), ids.to(torch.int64).contiguous()
 
 
 def _choose_window(logits: torch.Tensor, draft: torch.Tensor, session: _Session,
@@ -697,7 +731,10 @@ def _choose_window(logits: torch.Tensor, draft: torch.Tensor, session: _Session,
     temperature, top_p, generator, c = session.temperature, session.top_p, session.generator, session.constraint
     greedy = logits.argmax(dim=-1)  # (B, T)
     sampled = temperature > 0.0 and generator is not None
+    lp = _log_softmax(logits, temperature) if session.logprobs is not None else None
     if not sampled and c is None:
+        if lp is not None:
+            session.last_logprobs = _logprobs(lp, greedy, session.logprobs)  # type: ignore[arg-type]
         return greedy
     out = greedy.clone()
     batch, length = int(logits.shape[0]), int(logits.shape[1])
@@ -707,6 +744,8 @@ def _choose_window(logits: torch.Tensor, draft: torch.Tensor, session: _Session,
             wants = c is not None and c.wants(b, int(positions[b, i]) + 1)
             if wants:
                 row = c.mask_(b, row.clone())  # type: ignore[union-attr]
+                if lp is not None:
+                    lp[b, i] = _log_softmax(row, temperature)
             d = int(draft[b, i]) if i < length - 1 else None
             if not sampled:
                 tok = int(row.argmax())
@@ -729,6 +768,8 @@ def _choose_window(logits: torch.Tensor, draft: torch.Tensor, session: _Session,
                 c.take(b, tok)  # type: ignore[union-attr]
             if tok != d:
                 break  # rejected (or the last position): nothing after it is used
+    if lp is not None:
+        session.last_logprobs = _logprobs(lp, out, session.logprobs)  # type: ignore[arg-type]
     return out
 
 

@@ -31,6 +31,7 @@ a 503 with Retry-After (the peer's hint when it gave one), never a 502.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -47,7 +48,7 @@ from protocol.errors import InvalidMessage, ShizaError
 from protocol.ids import MAX_GRAMMAR_BYTES, MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
-from node.client.swarm import SwarmClient
+from node.client.swarm import SwarmClient, TokenLogprob
 from node.http.agents import BadField, Tools, answer_calls, output_grammar, parse_tools, render_conversation, tool_calls_json
 from node.http.api import (ApiError, Choice, Outcome, Receive, Send, _from_swarm, _unavailable, _with_disconnect,
                            read_json)
@@ -86,6 +87,7 @@ class Job:
     grammar: str | None = None  # constrained decoding (SPEC 9.8): response_format or tools
     tools: Tools | None = None
     n: int = 1  # choices: batch rows sharing the prompt
+    logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
     abandoned: bool = False  # the client went away: stop after the step in flight
 
 
@@ -178,8 +180,7 @@ _FIELDS = {
                               "parallel_tool_calls", "functions", "function_call"},
     "completion": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
 }
-_NO_OP = {"best_of": (1,), "logprobs": (False, None, 0), "top_logprobs": (0, None),
-          "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+_NO_OP = {"best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
           "logit_bias": ({},), "suffix": ("",), "store": (False,)}
 
 
@@ -197,6 +198,47 @@ def _check_fields(body: dict[str, Any], kind: str) -> None:
         raise ApiError(400, "'user' must be a string", param="user", code="invalid_type")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise ApiError(400, "'metadata' must be an object", param="metadata", code="invalid_type")
+
+
+def _logprobs_field(body: dict[str, Any], kind: str) -> int | None:
+    """How many top tokens to report with each token's log-probability, or None for none: chat
+    takes ``logprobs: true`` and ``top_logprobs`` (0-20), completions ``logprobs`` (0-5)."""
+    if kind == "chat":
+        on = _field(body, "logprobs", (bool,), False)
+        top = _field(body, "top_logprobs", (int,), None)
+        if top is not None and not on:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        if top is not None and not 0 <= top <= 20:
+            raise ApiError(400, "'top_logprobs' must be between 0 and 20", param="top_logprobs", code="invalid_value")
+        return (top or 0) if on else None
+    if body.get("top_logprobs") is not None:
+        raise ApiError(400, "completions take 'logprobs' (an int), not 'top_logprobs'", param="top_logprobs",
+                       code="unsupported_field")
+    value = _field(body, "logprobs", (int,), None)
+    if value is not None and not 0 <= value <= 5:
+        raise ApiError(400, "'logprobs' must be between 0 and 5", param="logprobs", code="invalid_value")
+    return value
+
+
+def _logprobs_json(model: TextModel, got: Sequence[TokenLogprob] | None, kind: str) -> dict[str, Any] | None:
+    """OpenAI's ``logprobs`` of a choice, from the tokens' log-probabilities (end tokens left out)."""
+    if got is None:
+        return None
+    got = [g for g in got if g.token not in model.eos_token_ids]
+
+    def text(t: int) -> str:
+        return model.tokenizer.decode([t])
+
+    if kind == "chat":
+        return {"content": [{"token": text(g.token), "logprob": g.logprob, "bytes": list(text(g.token).encode()),
+                             "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+                                              for t, lp in g.top]} for g in got], "refusal": None}
+    offsets, at = [], 0
+    for g in got:
+        offsets.append(at)
+        at += len(text(g.token))
+    return {"tokens": [text(g.token) for g in got], "token_logprobs": [g.logprob for g in got],
+            "top_logprobs": [{text(t): lp for t, lp in g.top} for g in got], "text_offset": offsets}
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -291,6 +333,11 @@ class _StopText:
         if out:
             self._kept.append(out)
         return out
+
+
+def _row(outcome: Outcome, i: int) -> list[TokenLogprob] | None:
+    got = outcome.result.logprobs
+    return None if got is None else got[i]
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -460,11 +507,14 @@ class Gateway:
         if grammar is not None and len(grammar.encode()) > MAX_GRAMMAR_BYTES:
             raise ApiError(400, f"the schema or tools make a grammar over {MAX_GRAMMAR_BYTES} bytes",
                            param="tools" if tools is not None else "response_format", code="invalid_value")
+        logprobs = _logprobs_field(body, kind)
+        if logprobs is not None:
+            sampling = dataclasses.replace(sampling, logprobs=logprobs)
         n = _field(body, "n", (int,), 1)
         if not 1 <= n <= MAX_N:
             raise ApiError(400, f"'n' must be between 1 and {MAX_N}", param="n", code="invalid_value")
         return Job(kind, model, ids, max_tokens, sampling, _stops(body), bool(_field(body, "stream", (bool,), False)),
-                   bool(options.get("include_usage")), grammar, tools, n)
+                   bool(options.get("include_usage")), grammar, tools, n, logprobs)
 
     async def generate(self, job: Job, on_text: Callable[[int, str], None]) -> Outcome:
         """Wait (bounded) for a generation slot, route, hold the route's peer slots, generate;
@@ -591,9 +641,11 @@ class Gateway:
                 message: dict[str, Any] = {"role": "assistant", "content": c.text}
                 if c.calls:
                     message = {"role": "assistant", "content": None, "tool_calls": tool_calls_json(c.calls)}
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": c.finish_reason})
+                choices.append({"index": i, "message": message, "finish_reason": c.finish_reason,
+                                "logprobs": _logprobs_json(job.model, _row(outcome, i), "chat")})
             else:
-                choices.append({"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason})
+                choices.append({"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                                "logprobs": _logprobs_json(job.model, _row(outcome, i), "completion")})
         body = {**head, "choices": choices, "usage": outcome.usage(len(job.prompt_ids))}
         await send_json(send, 200, body, [(b"x-shiza-receipts", ",".join(outcome.result.receipts).encode())])
 
@@ -674,6 +726,11 @@ class Gateway:
                             "index": i, "function": {"arguments": fn["arguments"]}}]}))
                 elif held[index]:
                     await event(chunk(index, "".join(held[index]), None))
+                lp = _logprobs_json(job.model, _row(outcome, index), job.kind)
+                if lp is not None:  # the tokens' log-probabilities, in one chunk at the end
+                    part = chunk(index, "", None)
+                    part["choices"][0]["logprobs"] = lp
+                    await event(part)
                 await event(chunk(index, "", c.finish_reason))
             if job.include_usage:
                 await event({**head, "choices": [], "usage": outcome.usage(len(job.prompt_ids))})

@@ -100,3 +100,16 @@ def take_positions(t: Tensor, n: int) -> Tensor:
     view = memoryview(t.data)
     rows = [bytes(view[b * length * inner:(b * length + n) * inner]) for b in range(batch)]
     return Tensor(t.dtype, (batch, n, *t.shape[2:]), b"".join(rows))
+
+
+
+def float32_rows(t: Tensor) -> list[list[float]]:
+    """A float32 tensor as rows of Python floats over its last dimension."""
+    if t.dtype != "float32":
+        raise MalformedFrame(f"expected float32 tensor, got {t.dtype}")
+    n = len(t.data) // 4
+    flat = struct.unpack(f"<{n}f", bytes(t.data))
+    width = t.shape[-1] if t.shape else 1
+    if width == 0:
+        return [[] for _ in range(n)]
+    return [list(flat[i:i + width]) for i in range(0, n, width)]

@@ -359,7 +359,7 @@ class SpanServer:
         session_id = secrets.token_hex(16)
         sp = msg.sampling
         sampling = Sampling(sp.temperature, sp.top_p, sp.seed if sp.seed is not None else 0,
-                            sp.grammar, sp.grammar_start or 0, sp.grammar_prefix or ())
+                            sp.grammar, sp.grammar_start or 0, sp.grammar_prefix or (), sp.logprobs)
         layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
         kv_tokens = msg.batch_size * msg.max_length
         self._check_unpaid(client)  # a client over its unpaid work is refused (SPEC 17)
@@ -562,7 +562,12 @@ class SpanServer:
                     receipt_bytes = receipt.to_bytes()
             if pushed is not None:
                 await send_message(stream, Pushed(msg.step, pushed[0], pushed[1]))
-            await send_message(stream, StepResult(msg.step, output, receipt_bytes))
+            logprobs = None
+            take = getattr(engine, "take_logprobs", None) if session.last else None
+            if take is not None:  # the session asked for them (SPEC 9.9)
+                logprobs = take(session.session_id)
+            await send_message(stream, StepResult(msg.step, output, receipt_bytes,
+                                                  *(logprobs if logprobs is not None else (None, None))))
             expected_step += 1
 
     # ---- node-to-node flow (SPEC 9.6) -------------------------------------------------

@@ -116,7 +116,7 @@ async def test_tool_calls_streamed_and_not_and_the_result_round_trip(tiny_swarm,
 
 
 UNSUPPORTED = [
-    ("n", 9), ("logprobs", True), ("top_logprobs", 2), ("presence_penalty", 0.5),
+    ("n", 9), ("top_logprobs", 2), ("top_logprobs", 21), ("presence_penalty", 0.5),
     ("frequency_penalty", 1.0), ("logit_bias", {"5": 10}), ("store", True), ("audio", {"voice": "x"}),
     ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("response_format", {"type": "xml"}),
 ]
@@ -172,3 +172,44 @@ async def test_n_choices_share_the_prompt_streamed_and_not(tiny_swarm, tiny_mode
         done = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt="Once", n=2,
                                                               max_tokens=5, temperature=0))
         assert [c.index for c in done.choices] == [0, 1] and done.choices[0].text == done.choices[1].text
+
+
+async def test_logprobs_match_transformers(tiny_swarm, tiny_model, tmp_path):
+    """Computed on the sampling node (SPEC 9.9), through window steps too (the gateway speculates
+    by default): each token's and the top tokens' log-probabilities equal transformers'
+    log-softmax within 1e-4."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
+        oa = _oa(base)
+        prompt = model.tokenizer.encode("one two three one two three one two")
+        done = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt=prompt, max_tokens=10,
+                                                              temperature=0, logprobs=3))
+        chat = await _in_thread(lambda: oa.chat.completions.create(
+            model=model.model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+            logprobs=True, top_logprobs=2))
+        streamed = await _in_thread(lambda: list(oa.chat.completions.create(
+            model=model.model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+            logprobs=True, top_logprobs=2, stream=True)))
+    ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    ids = list(prompt)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == done.usage.completion_tokens - (done.choices[0].finish_reason == "stop")
+    for j, token in enumerate(lp.tokens):
+        with torch.inference_mode():
+            ref = torch.log_softmax(ref_model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        best = int(ref.argmax())
+        assert token == model.tokenizer.decode([best])
+        assert abs(lp.token_logprobs[j] - float(ref[best])) < 1e-4
+        top = ref.topk(3)
+        expected = {model.tokenizer.decode([int(t)]): float(v) for t, v in zip(top.indices, top.values)}
+        assert lp.top_logprobs[j].keys() == expected.keys()
+        assert all(abs(lp.top_logprobs[j][k] - v) < 1e-4 for k, v in expected.items())
+        ids.append(best)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
+                           for c in content)  # greedy: the chosen token is the most likely
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    got = [c for ch in streamed if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in got] == [(c.token, c.logprob) for c in content]

@@ -38,3 +38,28 @@ def test_grammar_fields_round_trip_in_an_open():
 def test_bad_grammar_fields_are_refused(kwargs, error):
     with pytest.raises(error):
         SamplingParams(**kwargs)
+
+
+def test_logprobs_fields_round_trip_and_must_fit_the_output():
+    from protocol.codec import Tensor
+    from protocol.errors import BadShape
+    from protocol.messages import StepResult
+
+    def t(dtype, shape, n):
+        return Tensor(dtype, shape, bytes(n * (4 if dtype == "float32" else 8)))
+
+    out = t("int64", (2,), 2)
+    plain = StepResult(3, out)
+    assert "logprobs" not in plain.to_wire() and "top_ids" not in plain.to_wire()
+    msg = StepResult(3, out, None, t("float32", (2, 4), 8), t("int64", (2, 3), 6))
+    back = decode_message(unpack(encode_message(msg)[4:]))
+    assert back.logprobs.shape == (2, 4) and back.top_ids.shape == (2, 3)
+    for lp, ids, error in [(t("float32", (2, 4), 8), None, InvalidMessage),
+                           (t("float32", (2, 3), 6), t("int64", (2, 3), 6), BadShape),
+                           (t("float32", (3, 4), 12), t("int64", (3, 3), 9), BadShape),
+                           (t("float32", (2, 22), 44), t("int64", (2, 21), 42), BadShape)]:
+        with pytest.raises(error):
+            StepResult(3, out, None, lp, ids)
+    assert SamplingParams(logprobs=5).to_wire()["logprobs"] == 5
+    with pytest.raises(InvalidMessage):
+        SamplingParams(logprobs=21)

@@ -190,3 +190,46 @@ def test_bad_grammars_are_bad_input(tiny_llama):
             engine.open_session("s", 1, 64, sampling={"grammar": grammar, "grammar_start": 1})
     # A span that does not sample ignores the grammar (only the last span chooses tokens).
     SpanEngine.load(engine.source, 0, 3).open_session("s", 1, 64, sampling={"grammar": "x", "grammar_start": 1})
+
+
+def _reference_logprobs(source, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
+    with torch.inference_mode():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_logprobs_are_transformers_log_softmax(tiny_llama, tok, window):
+    """SPEC 9.9: the chosen token's log-probability and the top k, as transformers computes them
+    (temperature 1, no grammar), in plain and window steps alike."""
+    engines = [SpanEngine.load(tiny_llama, 0, 3), SpanEngine.load(tiny_llama, 3, 6)]
+    prompt = tok.encode("The weather today").ids
+    for e in engines:
+        e.open_session("lp", 1, 64, sampling={"temperature": 1.0, "seed": 3, "logprobs": 5})
+    x = torch.tensor([prompt])
+    for e in engines:
+        x = e.step("lp", x, torch.arange(len(prompt))[None])
+    assert engines[0].take_logprobs("lp") is None  # only the sampling span reports them
+    values, ids = engines[1].take_logprobs("lp")
+    text = prompt + [int(x[0])]
+    if window:  # one more pass: the next token and two drafts
+        drafts = [5, 6]
+        x = torch.tensor([[int(x[0]), *drafts]])
+        for e in engines:
+            x = e.step("lp", x, torch.arange(len(prompt), len(prompt) + 3)[None], draft=torch.tensor([drafts]))
+        values, ids = engines[1].take_logprobs("lp")
+    ref = _reference_logprobs(tiny_llama, text + ([5, 6] if window else []))
+    from node.engine.tensors import to_torch
+
+    values, ids = to_torch(values), to_torch(ids)
+    rows = ref[-3:] if window else ref[len(prompt) - 1:len(prompt)]
+    chosen = x[0] if window else x
+    values, ids = values.reshape(len(rows), -1), ids.reshape(len(rows), -1)
+    for r, (v, i) in enumerate(zip(values, ids)):
+        assert abs(float(v[0]) - float(rows[r][int(chosen.reshape(-1)[r])])) < 1e-4
+        top = rows[r].topk(5)
+        assert i.tolist() == top.indices.tolist()
+        assert torch.allclose(v[1:], top.values, atol=1e-4)
+    assert engines[1].take_logprobs("lp") is None  # taken once
