@@ -88,6 +88,7 @@ class Job:
     tools: Tools | None = None
     n: int = 1  # choices: batch rows sharing the prompt
     logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
+    echo: bool = False  # completions: the prompt's text before each choice's
     abandoned: bool = False  # the client went away: stop after the step in flight
 
 
@@ -180,7 +181,7 @@ _FIELDS = {
                               "parallel_tool_calls", "functions", "function_call"},
     "completion": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
 }
-_NO_OP = {"best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+_NO_OP = {"best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
           "logit_bias": ({},), "suffix": ("",), "store": (False,)}
 
 
@@ -510,11 +511,14 @@ class Gateway:
         logprobs = _logprobs_field(body, kind)
         if logprobs is not None:
             sampling = dataclasses.replace(sampling, logprobs=logprobs)
+        echo = bool(_field(body, "echo", (bool,), False))
+        if echo and logprobs is not None:  # they would need the prompt's log-probabilities too
+            raise ApiError(400, "'echo' with 'logprobs' is not supported", param="echo", code="unsupported_value")
         n = _field(body, "n", (int,), 1)
         if not 1 <= n <= MAX_N:
             raise ApiError(400, f"'n' must be between 1 and {MAX_N}", param="n", code="invalid_value")
         return Job(kind, model, ids, max_tokens, sampling, _stops(body), bool(_field(body, "stream", (bool,), False)),
-                   bool(options.get("include_usage")), grammar, tools, n, logprobs)
+                   bool(options.get("include_usage")), grammar, tools, n, logprobs, echo)
 
     async def generate(self, job: Job, on_text: Callable[[int, str], None]) -> Outcome:
         """Wait (bounded) for a generation slot, route, hold the route's peer slots, generate;
@@ -644,7 +648,8 @@ class Gateway:
                 choices.append({"index": i, "message": message, "finish_reason": c.finish_reason,
                                 "logprobs": _logprobs_json(job.model, _row(outcome, i), "chat")})
             else:
-                choices.append({"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                echoed = job.model.decode(job.prompt_ids) if job.echo else ""
+                choices.append({"index": i, "text": echoed + c.text, "finish_reason": c.finish_reason,
                                 "logprobs": _logprobs_json(job.model, _row(outcome, i), "completion")})
         body = {**head, "choices": choices, "usage": outcome.usage(len(job.prompt_ids))}
         await send_json(send, 200, body, [(b"x-shiza-receipts", ",".join(outcome.result.receipts).encode())])
@@ -696,6 +701,10 @@ class Gateway:
         mode = [first] * job.n
 
         async def work(cancel: trio.CancelScope) -> None:
+            if job.echo:  # completions: the prompt's text first, in each choice
+                echoed = job.model.decode(job.prompt_ids)
+                for i in range(job.n):
+                    await event(chunk(i, echoed, None))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(produce)
                 async with out:

@@ -144,7 +144,18 @@ async def test_every_unsupported_field_is_a_400_naming_it(tiny_swarm, tiny_model
             assert f'shiza_gateway_time_to_first_token_seconds_count{{model="{model.model_id}"}} 1.0' in metrics
             assert f'shiza_gateway_completion_tokens_total{{model="{model.model_id}"}} 2.0' in metrics
         with pytest.raises(openai.BadRequestError, match="echo"):
-            await _in_thread(lambda: _oa(base).completions.create(model=model.model_id, prompt="a", echo=True))
+            await _in_thread(lambda: _oa(base).completions.create(model=model.model_id, prompt="a", echo=True,
+                                                                  logprobs=1))
+        oa = _oa(base)
+        plain = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt="Once upon",
+                                                               max_tokens=4, temperature=0))
+        echoed = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt="Once upon",
+                                                                max_tokens=4, temperature=0, echo=True))
+        assert echoed.choices[0].text == "Once upon" + plain.choices[0].text
+        chunks = await _in_thread(lambda: list(oa.completions.create(model=model.model_id, prompt="Once upon",
+                                                                     max_tokens=4, temperature=0, echo=True,
+                                                                     stream=True)))
+        assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
 
 
 async def test_n_choices_share_the_prompt_streamed_and_not(tiny_swarm, tiny_model, tmp_path):
