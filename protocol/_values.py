@@ -8,7 +8,7 @@ from typing import Any
 from ._fields import check_float, check_int, check_seq, check_str, fields_of, set_field
 from .errors import InvalidMessage
 from .ids import (MAX_BATCH_SIZE, MAX_GRAMMAR_BYTES, MAX_ID_LEN, MAX_LAYERS, MAX_SESSION_LENGTH,
-                  MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOP_LOGPROBS, MAX_UINT64)
+                  MAX_LOGIT_BIAS, MAX_TEMPERATURE, MAX_TOKEN_ID, MAX_TOP_LOGPROBS, MAX_UINT64)
 
 
 def span_bounds(start: int, end: int) -> None:
@@ -57,6 +57,7 @@ class SamplingParams:
     grammar_start: int | None = None
     grammar_prefix: tuple[tuple[int, ...], ...] | None = None
     logprobs: int | None = None  # report log-probabilities, with this many top tokens (SPEC 9.9)
+    logit_bias: tuple[tuple[int, float], ...] | None = None  # (token id, bias added to its logit)
 
     def __post_init__(self) -> None:
         set_field(self, "temperature", check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
@@ -67,6 +68,15 @@ class SamplingParams:
             check_int("seed", self.seed, 0, MAX_UINT64)
         if self.logprobs is not None:
             check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.logit_bias is not None:
+            pairs = []
+            for entry in check_seq("logit_bias", self.logit_bias, MAX_LOGIT_BIAS):
+                pair = check_seq("logit_bias entry", entry, 2)
+                if len(pair) != 2:
+                    raise InvalidMessage("a logit_bias entry is a pair [token id, bias]")
+                pairs.append((check_int("logit_bias token", pair[0], 0, MAX_TOKEN_ID),
+                              check_float("logit_bias value", pair[1], -100.0, 100.0)))
+            set_field(self, "logit_bias", tuple(pairs))
         if self.grammar is None:
             if self.grammar_start is not None or self.grammar_prefix is not None:
                 raise InvalidMessage("grammar_start and grammar_prefix need a grammar")
@@ -86,6 +96,8 @@ class SamplingParams:
         wire: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
         if self.logprobs is not None:
             wire["logprobs"] = self.logprobs
+        if self.logit_bias is not None:
+            wire["logit_bias"] = [[t, b] for t, b in self.logit_bias]
         if self.grammar is not None:
             wire.update(grammar=self.grammar, grammar_start=self.grammar_start)
             if self.grammar_prefix is not None:
@@ -96,4 +108,5 @@ class SamplingParams:
     def from_wire(cls, obj: Any) -> SamplingParams:
         return cls(**fields_of(obj, "sampling", (), {"temperature": 0.0, "top_p": 1.0, "seed": None,
                                                      "grammar": None, "grammar_start": None,
-                                                     "grammar_prefix": None, "logprobs": None}))
+                                                     "grammar_prefix": None, "logprobs": None,
+                                                     "logit_bias": None}))

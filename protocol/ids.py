@@ -104,6 +104,7 @@ MAX_TEMPERATURE: Final = 10.0
 MAX_TOKEN_ID: Final = 2**31 - 1  # a token id in a message's int fields (grammar_prefix)
 # SamplingParams.grammar (7.1): the llguidance grammar of a constrained session, UTF-8 bytes.
 MAX_GRAMMAR_BYTES: Final = 32 * 2**10
+MAX_LOGIT_BIAS: Final = 300  # SamplingParams.logit_bias entries (OpenAI's bound)
 MAX_TOP_LOGPROBS: Final = 20  # SamplingParams.logprobs: the most likely tokens reported per position
 
 # Capacity records.

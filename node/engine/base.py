@@ -36,7 +36,7 @@ __all__ = [
     "parse_sampling",
 ]
 
-SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed", "grammar", "grammar_start", "grammar_prefix", "logprobs"})
+SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed", "grammar", "grammar_start", "grammar_prefix", "logprobs", "logit_bias"})
 
 
 class StepInput(NamedTuple):
@@ -72,6 +72,7 @@ class Sampling:
     grammar_start: int = 0
     grammar_prefix: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # added to those tokens' logits before choosing
 
 
 def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling:
@@ -98,9 +99,13 @@ def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling
     if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
                                  or not 0 <= logprobs <= 20):
         raise BadInput(f"logprobs must be an int in [0, 20], got {logprobs!r}")
+    try:
+        bias = tuple((int(t), float(b)) for t, b in (params.get("logit_bias") or ()))  # type: ignore[union-attr]
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"logit_bias must be (token id, bias) pairs: {e}") from e
     grammar = params.get("grammar")
     if grammar is None:
-        return Sampling(temperature, top_p, seed, logprobs=logprobs)
+        return Sampling(temperature, top_p, seed, logprobs=logprobs, logit_bias=bias)
     start, prefix = params.get("grammar_start", 0), params.get("grammar_prefix") or ()
     if not isinstance(grammar, str) or not grammar:
         raise BadInput("grammar must be a non-empty string")
@@ -110,7 +115,7 @@ def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling
         rows = tuple(tuple(int(t) for t in row) for row in prefix)  # type: ignore[union-attr]
     except (TypeError, ValueError) as e:
         raise BadInput(f"grammar_prefix must be rows of token ids: {e}") from e
-    return Sampling(temperature, top_p, seed, grammar, start, rows, logprobs)
+    return Sampling(temperature, top_p, seed, grammar, start, rows, logprobs, bias)
 
 
 def check_session_size(batch_size: object, max_length: object) -> None:

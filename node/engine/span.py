@@ -74,6 +74,7 @@ class _Session:
     view: nn.ModuleList | None  # the span's layers with those outside [a, b) skipped; None: all
     constraint: Constraint | None = None  # a grammar on the tokens it chooses (SPEC 9.8)
     logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias: (token ids, values) added first
     last_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # of its last step, until taken
 
     @property
@@ -241,6 +242,13 @@ class SpanEngine(TorchEngine[_Session]):
         if is_last and temperature > 0:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(seed)
+        bias = None
+        if is_last and params.logit_bias:
+            ids = [t for t, _ in params.logit_bias]
+            if max(ids) >= self.vocab_size:
+                raise BadInput(f"logit_bias names token {max(ids)}, outside the vocabulary ({self.vocab_size})")
+            bias = (torch.tensor(ids, device=self._device),
+                    torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=self._device))
         constraint = None
         if is_last and params.grammar is not None:
             constraint = Constraint(self._grammar_tokenizer, params.grammar, params.grammar_start,
@@ -250,7 +258,7 @@ class SpanEngine(TorchEngine[_Session]):
             top_p=top_p, seed=seed, cache=cache,
             mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
             generator=generator, layers=(a, b), is_first=is_first, is_last=is_last,
-            view=view, constraint=constraint, logprobs=params.logprobs if is_last else None,
+            view=view, constraint=constraint, logprobs=params.logprobs if is_last else None, bias=bias,
         ))
 
     def _check_layers(self, layers: Any) -> tuple[int, int]:
@@ -681,6 +689,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float,
 def _pick(logits: torch.Tensor, session: _Session, last: torch.Tensor) -> torch.Tensor:
     """A plain step's next token per row, from float32 logits (B, V) at each row's last
     position ``last`` (B,): a grammar's mask first where it applies (``Constraint``)."""
+    _add_bias(logits, session)
     c = session.constraint
     wants = [] if c is None else [b for b in range(int(logits.shape[0])) if c.wants(b, int(last[b]) + 1)]
     for b in wants:
@@ -691,6 +700,14 @@ def _pick(logits: torch.Tensor, session: _Session, last: torch.Tensor) -> torch.
     if session.logprobs is not None:
         session.last_logprobs = _logprobs(_log_softmax(logits, session.temperature), out, session.logprobs)
     return out
+
+
+def _add_bias(logits: torch.Tensor, session: _Session) -> None:
+    """``logits`` (..., V) with the session's logit_bias added, in place (OpenAI's meaning: -100
+    bans a token in practice, +100 all but forces it)."""
+    if session.bias is not None:
+        ids, values = session.bias
+        logits.index_add_(-1, ids, values.expand(*logits.shape[:-1], -1).contiguous())
 
 
 #: A log-probability of a token the grammar forbids (-inf) is reported as this, as OpenAI does.
@@ -729,6 +746,7 @@ def _choose_window(logits: torch.Tensor, draft: torch.Tensor, session: _Session,
     the text up to it, drafts accepted so far included: a draft the grammar forbids is never kept.
     """
     temperature, top_p, generator, c = session.temperature, session.top_p, session.generator, session.constraint
+    _add_bias(logits, session)
     greedy = logits.argmax(dim=-1)  # (B, T)
     sampled = temperature > 0.0 and generator is not None
     lp = _log_softmax(logits, temperature) if session.logprobs is not None else None

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import trio
 
 from protocol.errors import InvalidMessage, ShizaError
-from protocol.ids import MAX_GRAMMAR_BYTES, MAX_SESSION_LENGTH
+from protocol.ids import MAX_GRAMMAR_BYTES, MAX_LOGIT_BIAS, MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
 from node.client.swarm import SwarmClient, TokenLogprob
@@ -181,8 +181,7 @@ _FIELDS = {
                               "parallel_tool_calls", "functions", "function_call"},
     "completion": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
 }
-_NO_OP = {"best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-          "logit_bias": ({},), "suffix": ("",), "store": (False,)}
+_NO_OP = {"best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": ("",), "store": (False,)}
 
 
 def _check_fields(body: dict[str, Any], kind: str) -> None:
@@ -199,6 +198,24 @@ def _check_fields(body: dict[str, Any], kind: str) -> None:
         raise ApiError(400, "'user' must be a string", param="user", code="invalid_type")
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise ApiError(400, "'metadata' must be an object", param="metadata", code="invalid_type")
+
+
+def _logit_bias(body: dict[str, Any], vocab: int) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: {token id (as text): bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries."""
+    bias = _field(body, "logit_bias", (dict,), {})
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} tokens", param="logit_bias",
+                       code="invalid_value")
+    out = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab):
+            raise ApiError(400, f"'logit_bias' key {key!r} is not a token id of this model", param="logit_bias",
+                           code="invalid_value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(400, "'logit_bias' values must be numbers in [-100, 100]", param="logit_bias",
+                           code="invalid_value")
+        out.append((int(key), float(value)))
+    return tuple(out)
 
 
 def _logprobs_field(body: dict[str, Any], kind: str) -> int | None:
@@ -511,6 +528,9 @@ class Gateway:
         logprobs = _logprobs_field(body, kind)
         if logprobs is not None:
             sampling = dataclasses.replace(sampling, logprobs=logprobs)
+        bias = _logit_bias(body, len(model.tokenizer))
+        if bias:
+            sampling = dataclasses.replace(sampling, logit_bias=bias)
         echo = bool(_field(body, "echo", (bool,), False))
         if echo and logprobs is not None:  # they would need the prompt's log-probabilities too
             raise ApiError(400, "'echo' with 'logprobs' is not supported", param="echo", code="unsupported_value")

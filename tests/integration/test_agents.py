@@ -117,7 +117,7 @@ async def test_tool_calls_streamed_and_not_and_the_result_round_trip(tiny_swarm,
 
 UNSUPPORTED = [
     ("n", 9), ("top_logprobs", 2), ("top_logprobs", 21), ("presence_penalty", 0.5),
-    ("frequency_penalty", 1.0), ("logit_bias", {"5": 10}), ("store", True), ("audio", {"voice": "x"}),
+    ("frequency_penalty", 1.0), ("logit_bias", {"x": 10}), ("logit_bias", {"5": 101}), ("store", True), ("audio", {"voice": "x"}),
     ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("response_format", {"type": "xml"}),
 ]
 
@@ -192,9 +192,12 @@ async def test_logprobs_match_transformers(tiny_swarm, tiny_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
     async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
         oa = _oa(base)
         prompt = model.tokenizer.encode("one two three one two three one two")
+        with torch.inference_mode():
+            first_id = int(ref_model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
         done = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt=prompt, max_tokens=10,
                                                               temperature=0, logprobs=3))
         chat = await _in_thread(lambda: oa.chat.completions.create(
@@ -203,7 +206,14 @@ async def test_logprobs_match_transformers(tiny_swarm, tiny_model, tmp_path):
         streamed = await _in_thread(lambda: list(oa.chat.completions.create(
             model=model.model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
             logprobs=True, top_logprobs=2, stream=True)))
-    ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+        # logit_bias, applied on the sampling node: +100 all but forces a token, -100 bans one.
+        forced = model.tokenizer.encode(" Paris", add_special_tokens=False)[-1]
+        biased = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt="x", max_tokens=4,
+                                                                temperature=0, logit_bias={str(forced): 100}))
+        assert biased.choices[0].text == model.tokenizer.decode([forced] * 4)
+        banned = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt=prompt, max_tokens=1,
+                                                                temperature=0, logprobs=1,
+                                                                logit_bias={str(first_id): -100}))
     ids = list(prompt)
     lp = done.choices[0].logprobs
     assert len(lp.tokens) == done.usage.completion_tokens - (done.choices[0].finish_reason == "stop")
@@ -224,3 +234,4 @@ async def test_logprobs_match_transformers(tiny_swarm, tiny_model, tmp_path):
     assert "".join(c.token for c in content) == chat.choices[0].message.content
     got = [c for ch in streamed if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
     assert [(c.token, c.logprob) for c in got] == [(c.token, c.logprob) for c in content]
+    assert banned.choices[0].logprobs.tokens[0] != lp.tokens[0]  # the greedy first token, banned

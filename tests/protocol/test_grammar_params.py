@@ -63,3 +63,12 @@ def test_logprobs_fields_round_trip_and_must_fit_the_output():
     assert SamplingParams(logprobs=5).to_wire()["logprobs"] == 5
     with pytest.raises(InvalidMessage):
         SamplingParams(logprobs=21)
+
+
+def test_logit_bias_round_trips_and_is_bounded():
+    sp = SamplingParams(logit_bias=((5, 100), (7, -3.5)))
+    assert SamplingParams.from_wire(sp.to_wire()) == sp and sp.logit_bias == ((5, 100.0), (7, -3.5))
+    assert "logit_bias" not in SamplingParams().to_wire()
+    for bad in [((5,),), ((5, 101),), (("a", 1),), 5, tuple((i, 1) for i in range(301))]:
+        with pytest.raises((InvalidMessage, LimitExceeded)):
+            SamplingParams(logit_bias=bad)
