@@ -53,9 +53,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="root: 3 nodes and a client in network namespaces at one-way delays per link "
                         "(benchmarks/wan; --model defaults to the tiny model there)")
     p.add_argument("--wan-delays", default="0,10,25,50", help="--wan: one-way delays, ms, comma-separated")
+    p.add_argument("--engines", action="store_true",
+                   help="one span on transformers and on vLLM (.venv-vllm), batch 1 and 16, and the "
+                        "vLLM worker channel's cost (benchmarks/engines.py; --model defaults to smollm2-135m)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "engines", False):
+        from benchmarks.engines import main as run_engines
+
+        return run_engines(["--model", args.model or "smollm2-135m", "--out", str(args.out)])
     if getattr(args, "wan", False):
         from benchmarks.wan.pipeline import main as run_wan
 

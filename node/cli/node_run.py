@@ -82,7 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     run.add_argument("--gateway-port", type=int, default=None, help="serve the OpenAI-compatible API on this port")
     add_api_key_args(run, "gateway-")  # --gateway-api-key KEY, --gateway-api-key-file FILE
     run.add_argument("--engine", default="span", choices=["span", "vllm"],
-                     help="span: transformers, any span of layers; vllm: the whole model through vLLM")
+                     help="span: transformers, any span of layers; vllm: with --layers, that span on "
+                          "vLLM's engine, without, the whole model through a vLLM server")
     run.add_argument("--tensor-parallel", type=int, default=None,
                      help="vllm: GPUs to shard the model over (default: all visible; 1 on cpu)")
     run.add_argument("--vllm-python", default=None,

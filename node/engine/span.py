@@ -43,11 +43,12 @@ from protocol.codec import Tensor
 
 from node.engine.base import Sampling, check_session_size, parse_sampling
 from node.engine.grammar import Constraint, GrammarTokenizer
+from node.engine.sampling import Chooser, choose_window, pick
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.models import ModelSource
 from node.engine.throughput import measure_throughput
 from node.engine.tensors import from_torch
-from node.engine.torch_engine import TorchEngine, check_room, step_extras, validate_step
+from node.engine.torch_engine import SpanFigures, TorchEngine, check_room, step_extras, validate_step
 
 __all__ = ["PREFILL_BATCH_TOKENS", "SpanEngine", "measure_throughput"]
 
@@ -82,7 +83,7 @@ class _Session:
         return int(self.mask.shape[1])
 
 
-class SpanEngine(TorchEngine[_Session]):
+class SpanEngine(SpanFigures, TorchEngine[_Session]):
     """Layers [start, end) of one model; construct with ``SpanEngine.load``."""
 
     #: Every forward runs in the scheduler's one engine thread, decodes too: forwards split
@@ -165,34 +166,6 @@ class SpanEngine(TorchEngine[_Session]):
     # --- properties -------------------------------------------------------------------------
 
     @property
-    def start(self) -> int:
-        return self._start
-
-    @property
-    def end(self) -> int:
-        return self._end
-
-    @property
-    def num_layers(self) -> int:
-        return self._end - self._start
-
-    @property
-    def hidden_size(self) -> int:
-        return self.source.hidden_size
-
-    @property
-    def is_first(self) -> bool:
-        return self._start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self._end == self.source.num_layers
-
-    @property
-    def model_id(self) -> str:
-        return self.source.model_id
-
-    @property
     def device(self) -> str:
         return str(self._device)
 
@@ -238,39 +211,18 @@ class SpanEngine(TorchEngine[_Session]):
             skip = _Skip()
             view = nn.ModuleList([layer if lo <= i < hi else skip
                                   for i, layer in enumerate(self._layers)])
-        generator = None
-        if is_last and temperature > 0:
-            generator = torch.Generator(device=self._device)
-            generator.manual_seed(seed)
-        bias = None
-        if is_last and params.logit_bias:
-            ids = [t for t, _ in params.logit_bias]
-            if max(ids) >= self.vocab_size:
-                raise BadInput(f"logit_bias names token {max(ids)}, outside the vocabulary ({self.vocab_size})")
-            bias = (torch.tensor(ids, device=self._device),
-                    torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32, device=self._device))
-        constraint = None
-        if is_last and params.grammar is not None:
-            constraint = Constraint(self._grammar_tokenizer, params.grammar, params.grammar_start,
-                                    params.grammar_prefix, batch_size)
+        chooser = Chooser.of(params, batch_size, self.vocab_size, self._device,
+                             self._grammar_tokenizer) if is_last else Chooser()
         self._add(session_id, _Session(
             batch_size=batch_size, max_length=max_length, temperature=temperature,
             top_p=top_p, seed=seed, cache=cache,
             mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
-            generator=generator, layers=(a, b), is_first=is_first, is_last=is_last,
-            view=view, constraint=constraint, logprobs=params.logprobs if is_last else None, bias=bias,
+            generator=chooser.generator, layers=(a, b), is_first=is_first, is_last=is_last,
+            view=view, constraint=chooser.constraint, logprobs=chooser.logprobs, bias=chooser.bias,
         ))
 
     def _check_layers(self, layers: Any) -> tuple[int, int]:
-        if layers is None:
-            return self._start, self._end
-        if not isinstance(layers, (tuple, list)) or len(layers) != 2 or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in layers):
-            raise BadInput(f"layers must be a pair of ints (start, end), got {layers!r}")
-        a, b = layers
-        if not self._start <= a < b <= self._end:
-            raise BadInput(f"layers {a}:{b} are not a non-empty part of this span "
-                           f"{self._start}:{self._end}")
+        a, b = self._sub_range(layers)
         if b != self.source.num_layers and self.is_last and self._norm is None:
             raise BadInput(f"{self.source.architecture}: no final norm named 'norm' to skip; "
                            f"this span serves only sessions that end at layer {self._end}")
@@ -313,7 +265,7 @@ class SpanEngine(TorchEngine[_Session]):
         A window step (speculative decoding): ``keep`` first cuts the cache to its first
         ``keep`` positions (drafts the client did not accept; the cut stands even if the step
         then fails); ``draft``, int64 (B, T - 1), the draft tokens in the last T - 1 positions.
-        With a draft the last span answers a token per position, int64 (B, T) (``_choose_window``).
+        With a draft the last span answers a token per position, int64 (B, T) (``choose_window``).
         """
         session = self._get(session_id)
         inputs, positions, mask, draft = self._prepare(session, inputs, positions, mask, keep, draft)
@@ -406,9 +358,9 @@ class SpanEngine(TorchEngine[_Session]):
             return hidden
         head = self._model.get_output_embeddings()
         if draft is not None:
-            return _choose_window(head(hidden).float(), draft, session, positions)
+            return choose_window(head(hidden).float(), draft, session, positions)
         logits = head(hidden[:, -1, :]).float()  # (B, V)
-        return _pick(logits, session, positions[:, -1])
+        return pick(logits, session, positions[:, -1])
 
     # --- batched decode -----------------------------------------------------------------------
 
@@ -587,10 +539,10 @@ class SpanEngine(TorchEngine[_Session]):
                             s.cache.layers[j].update(new.keys[rows, :, -t:, :], new.values[rows, :, -t:, :])
                         s.mask = torch.cat([s.mask, m], dim=1)
                         if s.is_last and draft is not None:
-                            outs.append(_choose_window(head(hidden[rows, -t:, :]).float(), draft,
+                            outs.append(choose_window(head(hidden[rows, -t:, :]).float(), draft,
                                                        s, p[1]))
                         elif s.is_last:
-                            outs.append(_pick(logits[rows], s, p[1][:, -1]))
+                            outs.append(pick(logits[rows], s, p[1][:, -1]))
                         else:
                             outs.append(hidden[rows, -t:, :])
             except Exception as e:
@@ -668,138 +620,6 @@ def _alias_unused_slots(cache: DynamicCache, lo: int, hi: int) -> None:
         kind = getattr(slots[j], "is_sliding", False)
         same = [s for s in used if getattr(s, "is_sliding", False) == kind]
         slots[j] = (same or used)[0]
-
-
-# --- sampling -------------------------------------------------------------------------------
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from float32 logits (B, V): greedy at temperature 0, else top-p."""
-    if temperature == 0.0 or generator is None:
-        return logits.argmax(dim=-1)  # (B,)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
-    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1)
-    return order.gather(-1, choice).squeeze(-1)  # (B,)
-
-
-def _pick(logits: torch.Tensor, session: _Session, last: torch.Tensor) -> torch.Tensor:
-    """A plain step's next token per row, from float32 logits (B, V) at each row's last
-    position ``last`` (B,): a grammar's mask first where it applies (``Constraint``)."""
-    _add_bias(logits, session)
-    c = session.constraint
-    wants = [] if c is None else [b for b in range(int(logits.shape[0])) if c.wants(b, int(last[b]) + 1)]
-    for b in wants:
-        c.mask_(b, logits[b])  # type: ignore[union-attr]
-    out = _sample(logits, session.temperature, session.top_p, session.generator)
-    for b in wants:
-        c.take(b, int(out[b]))  # type: ignore[union-attr]
-    if session.logprobs is not None:
-        session.last_logprobs = _logprobs(_log_softmax(logits, session.temperature), out, session.logprobs)
-    return out
-
-
-def _add_bias(logits: torch.Tensor, session: _Session) -> None:
-    """``logits`` (..., V) with the session's logit_bias added, in place (OpenAI's meaning: -100
-    bans a token in practice, +100 all but forces it)."""
-    if session.bias is not None:
-        ids, values = session.bias
-        logits.index_add_(-1, ids, values.expand(*logits.shape[:-1], -1).contiguous())
-
-
-#: A log-probability of a token the grammar forbids (-inf) is reported as this, as OpenAI does.
-FORBIDDEN_LOGPROB = -9999.0
-
-
-def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The distribution a token is drawn from, before top-p: the logits (a grammar's mask
-    applied) at the session's temperature (1 when greedy), log-normalised."""
-    return torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
-
-
-def _logprobs(lp: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 (..., 1 + k): the chosen token's log-probability then the k largest; their ids)."""
-    top = lp.topk(k, dim=-1) if k else None
-    picked = lp.gather(-1, chosen.unsqueeze(-1))
-    values = picked if top is None else torch.cat([picked, top.values], dim=-1)
-    ids = chosen.new_zeros((*chosen.shape, 0)) if top is None else top.indices
-    return values.float().clamp_min(FORBIDDEN_LOGPROB).contiguous(), ids.to(torch.int64).contiguous()
-
-
-def _choose_window(logits: torch.Tensor, draft: torch.Tensor, session: _Session,
-                   positions: torch.Tensor) -> torch.Tensor:
-    """A window step's answer, int64 (B, T), from float32 logits (B, T, V) and the drafts
-    (B, T - 1) in positions 1..T-1 (``positions`` (B, T) theirs): at position i the model's
-    choice of the token after it.
-
-    Greedy: the argmax everywhere. Sampling (speculative sampling with a deterministic draft,
-    whose proposal is a point mass): at each position i < T - 1 the draft d = draft[i] is kept
-    with probability p_i(d) (p_i the top-p distribution plain decoding samples from), else a
-    token is drawn from p_i without d, renormalised; the last position is drawn from p_{T-1}.
-    The client accepts the drafts up to the first position whose answer differs from its draft
-    and takes that answer as the next token, so each token it emits has exactly the
-    distribution plain decoding gives it. Positions after a rejection answer their argmax
-    (never used). With a grammar (SPEC 9.8) each position's choice is made under the mask of
-    the text up to it, drafts accepted so far included: a draft the grammar forbids is never kept.
-    """
-    temperature, top_p, generator, c = session.temperature, session.top_p, session.generator, session.constraint
-    _add_bias(logits, session)
-    greedy = logits.argmax(dim=-1)  # (B, T)
-    sampled = temperature > 0.0 and generator is not None
-    lp = _log_softmax(logits, temperature) if session.logprobs is not None else None
-    if not sampled and c is None:
-        if lp is not None:
-            session.last_logprobs = _logprobs(lp, greedy, session.logprobs)  # type: ignore[arg-type]
-        return greedy
-    out = greedy.clone()
-    batch, length = int(logits.shape[0]), int(logits.shape[1])
-    for b in range(batch):
-        for i in range(length):
-            row = logits[b, i]
-            wants = c is not None and c.wants(b, int(positions[b, i]) + 1)
-            if wants:
-                row = c.mask_(b, row.clone())  # type: ignore[union-attr]
-                if lp is not None:
-                    lp[b, i] = _log_softmax(row, temperature)
-            d = int(draft[b, i]) if i < length - 1 else None
-            if not sampled:
-                tok = int(row.argmax())
-            else:
-                probs = _top_p_probs(row, temperature, top_p)  # (V,)
-                tok = -1
-                if d is not None:
-                    u = float(torch.rand((), generator=generator, device=probs.device))
-                    if u < float(probs[d]):
-                        tok = d
-                    else:
-                        probs = probs.clone()
-                        probs[d] = 0.0
-                        if float(probs.sum()) <= 0.0:  # p_i(d) == 1 and u fell on the boundary
-                            tok = d
-                if tok < 0:
-                    tok = int(torch.multinomial(probs, 1, generator=generator)[0])
-            out[b, i] = tok
-            if wants:
-                c.take(b, tok)  # type: ignore[union-attr]
-            if tok != d:
-                break  # rejected (or the last position): nothing after it is used
-    if lp is not None:
-        session.last_logprobs = _logprobs(lp, out, session.logprobs)  # type: ignore[arg-type]
-    return out
-
-
-def _top_p_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution ``_sample`` draws from, over the vocabulary (V,), summing to 1."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(descending=True)
-    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-    kept = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return kept / kept.sum()
 
 
 # --- loading helpers ------------------------------------------------------------------------

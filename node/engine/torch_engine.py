@@ -140,3 +140,53 @@ def check_room(length: int, new: int, max_length: int) -> None:
     if length + new > max_length:
         raise CapacityExceeded(f"session holds {length} of {max_length} tokens; "
                                f"{new} more do not fit")
+
+
+class SpanFigures:
+    """The figures of an engine serving layers ``[_start, _end)`` of ``source``."""
+
+    source: Any
+    _start: int
+    _end: int
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    @property
+    def num_layers(self) -> int:  # layers served
+        return self._end - self._start
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.source.hidden_size)
+
+    @property
+    def is_first(self) -> bool:
+        return self._start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self._end == self.source.num_layers
+
+    @property
+    def model_id(self) -> str:
+        return str(self.source.model_id)
+
+    def _sub_range(self, layers: Any) -> tuple[int, int]:
+        """``layers`` checked: None (the whole span) or a non-empty ``(a, b)`` inside it."""
+        if layers is None:
+            return self._start, self._end
+        if not isinstance(layers, (tuple, list)) or len(layers) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise BadInput(f"layers must be a pair of ints (start, end), got {layers!r}")
+        a, b = layers
+        if not self._start <= a < b <= self._end:
+            raise BadInput(f"layers {a}:{b} are not a non-empty part of this span "
+                           f"{self._start}:{self._end}")
+        return a, b
+

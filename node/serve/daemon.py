@@ -84,7 +84,9 @@ class NodeConfig:
     receipt_every: int = DEFAULT_RECEIPT_EVERY
     unit_price: float | None = None
     throttle_s: float = 0.0  # testing and demonstrations: extra delay per engine call (a slow node)
-    # "span" (transformers, any span) or "vllm" (the whole model through a managed vLLM server).
+    # "span" (transformers, any span); "vllm": with layers, those layers on vLLM's engine in a
+    # worker process (node/engine/vllm/span.py), without, the whole model through a managed
+    # vLLM server (node/engine/vllm/engine.py).
     engine: str = "span"
     tensor_parallel: int | None = None  # vllm: GPUs to shard over (None: all visible; CPU: 1)
     vllm_python: str | None = None  # vllm: its venv's python (None: .venv-vllm, else this one)
@@ -155,8 +157,10 @@ class Node:
 
     def __init__(self, cfg: NodeConfig, identity: Identity, source: ModelSource, ledger: Ledger,
                  host: Host, dht: SwarmDHT, hardware: HardwareInfo, *,
-                 swarm_id: str = DEFAULT_SWARM_ID, hooks: NodeHooks | None = None) -> None:
+                 swarm_id: str = DEFAULT_SWARM_ID, hooks: NodeHooks | None = None,
+                 vllm_whole: bool = False) -> None:
         self.cfg, self.identity, self.source, self.ledger = cfg, identity, source, ledger
+        self.vllm_whole = vllm_whole  # engine "vllm" without layers: the whole-model server
         self.host, self.dht, self.hardware = host, dht, hardware
         self.swarm_id = swarm_id
         self.hooks = hooks or NodeHooks()
@@ -202,7 +206,19 @@ class Node:
 
             engine: Engine
             supervised: SupervisedEngine | None = None
-            if cfg.engine == "vllm":
+            key: dict[str, object]
+            if cfg.engine == "vllm" and not self.vllm_whole:
+                from node.engine.vllm.span import VllmSpanEngine
+
+                vspan = VllmSpanEngine.load(
+                    self.source, start, end, vllm_python=cfg.vllm_python, device=cfg.device,
+                    dtype=cfg.dtype, max_model_len=cfg.limits.max_length,
+                    log_path=cfg.data_dir / "vllm-span.log")
+                engine = supervised = vspan
+                key = {"engine": "vllm-span", "model": vspan.model_id, "start": start, "end": end,
+                       "device": cfg.device, "dtype": cfg.dtype}
+                steps = 8
+            elif cfg.engine == "vllm":
                 from node.engine.vllm.engine import VllmEngine
 
                 vllm = VllmEngine.load(
@@ -210,7 +226,7 @@ class Node:
                     tensor_parallel=cfg.tensor_parallel, max_model_len=cfg.limits.max_length,
                     log_path=cfg.data_dir / "vllm.log")
                 engine = supervised = vllm
-                key: dict[str, object] = {"engine": "vllm", "model": vllm.model_id, "device": cfg.device,
+                key = {"engine": "vllm", "model": vllm.model_id, "device": cfg.device,
                                           "dtype": cfg.dtype, "tp": vllm.server.tensor_parallel}
                 steps = 16  # a stream's first tokens come in bursts: measure a little longer
             else:
@@ -416,8 +432,9 @@ async def run_node(
     log.info("peer id %s; preparing %s", identity.peer_id, cfg.model)
     source = await trio.to_thread.run_sync(
         functools.partial(resolve_model, cfg.model, layers=cfg.layers))  # None: chosen later
-    if cfg.engine == "vllm":
-        cfg.layers = (0, source.num_layers)  # vLLM serves the whole model, never a span
+    vllm_whole = cfg.engine == "vllm" and cfg.layers is None
+    if vllm_whole:
+        cfg.layers = (0, source.num_layers)  # no --layers: vLLM serves the whole model
     if cfg.layers is not None and not 0 <= cfg.layers[0] < cfg.layers[1] <= source.num_layers:
         raise ValueError(f"--layers {cfg.layers[0]}:{cfg.layers[1]} is outside the model's 0:{source.num_layers}")
     swarm_key = SwarmKey.load(cfg.swarm_key) if cfg.swarm_key is not None else None  # before any I/O
@@ -431,7 +448,7 @@ async def run_node(
                                 observer=hooks.on_dht if hooks else None) as dht:
                 swarm_id = swarm_key.swarm_id if swarm_key is not None else DEFAULT_SWARM_ID
                 node = Node(cfg, identity, source, ledger, host, dht, detect_hardware(cfg.device),
-                            swarm_id=swarm_id, hooks=hooks)
+                            swarm_id=swarm_id, hooks=hooks, vllm_whole=vllm_whole)
                 try:
                     await node.serve(stop, task_status)
                 finally:

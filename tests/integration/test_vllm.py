@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.polling import eventually
+from tests.vllm_marks import VLLM_MARKS, VLLM_PYTHON
 
 from node.net.records import fetch_records
 from node.client.swarm import SwarmClient, candidates_from
@@ -28,14 +29,7 @@ from node.client.routing import find_chain
 from node.client.textgen import TextModel
 from protocol.receipts import Receipt, latest_per_session, verify_receipt
 
-VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                       reason=f"{VLLM_PYTHON} is missing: run `make .venv-vllm/.installed`"),
-]
+pytestmark = VLLM_MARKS
 
 NEW_TOKENS = 12
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from node.engine.errors import BadInput
-from node.engine.span import SpanEngine, _top_p_probs
+from node.engine.sampling import top_p_probs as _top_p_probs
+from node.engine.span import SpanEngine
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 5140]
 
