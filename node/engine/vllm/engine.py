@@ -60,7 +60,10 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def default_vllm_python() -> str:
-    """``.venv-vllm/bin/python`` of the project when it exists, else this interpreter."""
+    """``$SHIZA_VLLM_PYTHON`` when set (an installed node: deploy/Dockerfile.gpu), else
+    ``.venv-vllm/bin/python`` of the project when it exists, else this interpreter."""
+    if os.environ.get("SHIZA_VLLM_PYTHON"):
+        return os.environ["SHIZA_VLLM_PYTHON"]
     candidate = _PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
     return str(candidate) if candidate.exists() else sys.executable
 

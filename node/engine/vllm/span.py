@@ -163,7 +163,7 @@ class _Worker:
 
 
 def _tensor(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
-    t = t.contiguous()
+    t = t.detach().contiguous().cpu()
     data = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
     return str(t.dtype).removeprefix("torch."), tuple(t.shape), data
 

@@ -283,7 +283,7 @@ class SpanWorker:
 def _bytes(t: Any) -> memoryview:
     import torch
 
-    t = t.contiguous()
+    t = t.detach().contiguous().cpu()  # from the GPU on a CUDA build
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 

@@ -1,0 +1,52 @@
+"""The vLLM span worker's channel (node/engine/vllm/frames.py) on a real socket pair, and how
+the node finds vLLM's python."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import torch
+
+from node.engine.vllm import frames
+from node.engine.vllm.engine import default_vllm_python
+
+
+def test_tensors_cross_as_their_bytes():
+    a, b = socket.socketpair()
+    with a, b:
+        h = torch.randn(3, 5).to(torch.bfloat16)
+        raw = h.view(torch.uint8).reshape(-1).numpy()
+        ids = torch.arange(7)
+        frames.send(a, {"op": "step", "reqs": [{"id": "r"}]},
+                    [("h", "bfloat16", (3, 5), raw), ("ids", "int64", (7,), ids.numpy()), ("none", "float32", (0,), b"")])
+        header, tensors = frames.recv(b)
+    assert header == {"op": "step", "reqs": [{"id": "r"}]}
+    dtype, shape, buf = tensors["h"]
+    assert (dtype, shape) == ("bfloat16", (3, 5))
+    assert torch.equal(torch.frombuffer(buf, dtype=torch.bfloat16).reshape(shape), h)
+    assert torch.equal(torch.frombuffer(tensors["ids"][2], dtype=torch.int64), ids)
+    assert tensors["none"] == ("float32", (0,), b"")
+
+
+@pytest.mark.parametrize("raw, why", [
+    (struct.pack("<II", frames.MAX_FRAME, 1), "exceeds"),
+    (struct.pack("<II", 3, 0) + b"{x}", "does not parse"),
+    (struct.pack("<II", 42, 0) + b'{"tensors":[["t","int64",[2],0,16]],"o":1}', "outside the frame body"),
+    (struct.pack("<II", 10, 0) + b"{}", "closed"),  # a short read: the peer went away
+])
+def test_broken_frames_raise_frame_error(raw, why):
+    a, b = socket.socketpair()
+    with b:
+        a.sendall(raw)
+        a.close()
+        with pytest.raises(frames.FrameError, match=why):
+            frames.recv(b)
+
+
+def test_vllm_python_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SHIZA_VLLM_PYTHON", "/opt/vllm/bin/python")
+    assert default_vllm_python() == "/opt/vllm/bin/python"
+    monkeypatch.delenv("SHIZA_VLLM_PYTHON")
+    assert default_vllm_python() != "/opt/vllm/bin/python"
