@@ -1,9 +1,14 @@
-"""A real vLLM node (the CPU build from .venv-vllm) on SmolLM2, alone and in a mixed swarm.
+"""Real vLLM nodes (the CPU build from .venv-vllm) on SmolLM2, in one mixed swarm.
 
-One vLLM node serves the whole model (0:30); three span nodes serve 0:10, 10:20, 20:30. Each
-route is forced in turn and must give transformers' greedy tokens; receipts from the vLLM node
-count tokens x 30 layers and verify; a SIGKILLed vLLM server makes the node drain, restart
-vLLM and come back online. vLLM takes about 40 s to start, so the tests share one swarm.
+One vLLM node serves the whole model (0:30); three transformers span nodes serve 0:10, 10:20,
+20:30; three vLLM span nodes (``--engine vllm --layers S:E``) serve 0:10, 10:20, 20:30 too. Each
+route is forced in turn (whole vLLM; transformers spans; vLLM spans; vLLM and transformers spans
+mixed) and must give transformers' greedy tokens; receipts from the vLLM nodes count tokens x
+their layers and verify; concurrent sessions on the vLLM spans (batched inside vLLM) each equal
+their solo output; a SIGKILLed vLLM server makes the node drain, restart vLLM and come back
+online; a SIGKILLed vLLM span node fails over mid-generation to the transformers node of its
+span, the text unchanged, and its vLLM worker dies with it. vLLM takes tens of seconds to
+start, so the tests share one swarm.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import trio
 
 import pytest
 
@@ -25,7 +33,6 @@ from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
 from protocol.identity import Identity
 from node.devtools.localswarm import NodeProcess, start_node, stop_all
-from node.client.routing import find_chain
 from node.client.textgen import TextModel
 from protocol.receipts import Receipt, latest_per_session, verify_receipt
 
@@ -65,13 +72,27 @@ def _vllm_pids(node: NodeProcess) -> tuple[int, int]:
     return supervisor, servers[0]
 
 
+@dataclass
+class Mixed:
+    whole: NodeProcess  # --engine vllm: the whole model through a vLLM server
+    spans: list[NodeProcess]  # transformers 0:10, 10:20, 20:30
+    vspans: list[NodeProcess]  # --engine vllm --layers: 0:10, 10:20, 20:30 on vLLM
+
+    @property
+    def nodes(self) -> list[NodeProcess]:
+        return [self.whole, *self.spans, *self.vspans]
+
+
+SPANS = [(0, 10), (10, 20), (20, 30)]
+
+
 @pytest.fixture(scope="module")
 def mixed_swarm(tmp_path_factory):
     resolve_model("smollm2-135m")
     root = tmp_path_factory.mktemp("vllm")
     t0 = time.monotonic()
-    vnode = start_node(root / "vllm", extra_args=["--engine", "vllm", "--vllm-python", str(VLLM_PYTHON),
-                                                   "--receipt-every", "8"])
+    vllm = ["--engine", "vllm", "--vllm-python", str(VLLM_PYTHON)]
+    vnode = start_node(root / "vllm", extra_args=[*vllm, "--receipt-every", "8"])
     try:
         vnode.wait_ready(600)
     except BaseException:
@@ -80,15 +101,19 @@ def mixed_swarm(tmp_path_factory):
     print(f"vLLM node ready after {time.monotonic() - t0:.1f} s")
     nodes = [vnode]
     try:  # the span nodes join the vLLM node's swarm
-        for i, span in enumerate([(0, 10), (10, 20), (20, 30)]):
+        for i, span in enumerate(SPANS):
             nodes.append(start_node(root / f"span{i}", layers=span, bootstrap=[vnode.addr]))
+        for i, span in enumerate(SPANS):
+            nodes.append(start_node(root / f"vspan{i}", layers=span, bootstrap=[vnode.addr],
+                                    extra_args=[*vllm, "--receipt-every", "4"]))
         for n in nodes[1:]:
-            n.wait_ready(300)
+            n.wait_ready(600)
     except BaseException:
         for n in nodes:
             n.kill()
         raise
-    yield nodes
+    print(f"all seven nodes ready after {time.monotonic() - t0:.1f} s")
+    yield Mixed(vnode, nodes[1:4], nodes[4:])
     supervisor, _ = _vllm_pids(vnode)
     codes = stop_all(nodes)
     # The span nodes' codes are not checked here: stop_all's second SIGTERM can land after a
@@ -97,29 +122,34 @@ def mixed_swarm(tmp_path_factory):
     assert not _alive(supervisor), "the vLLM supervisor outlived its node"
 
 
-async def _four(client: SwarmClient, model_id: str) -> list:
+async def _all(client: SwarmClient, model_id: str) -> list:
     records = await client.records(model_id)
-    return records if len(records) == 4 else []
+    return records if len(records) == 7 else []
 
 
-async def _routes(client: SwarmClient, model_id: str, vllm_peer: str, n: int):
-    records = await eventually(lambda: _four(client, model_id), timeout_s=120, interval_s=0.5,
-                               what="the records of all four nodes")
+async def _chain(client: SwarmClient, model_id: str, nodes: list[NodeProcess]):
+    """The hops of ``nodes``, in order (each serves one span), once all seven are announced."""
+    records = await eventually(lambda: _all(client, model_id), timeout_s=120, interval_s=0.5,
+                               what="the records of all seven nodes")
     cands = candidates_from(records, model_id)
-    whole = find_chain(n, [c for c in cands if c.peer_id == vllm_peer])
-    spans = find_chain(n, [c for c in cands if c.peer_id != vllm_peer])
+    return [next(c for c in cands if c.peer_id == n.peer_id) for n in nodes]
+
+
+async def _routes(client: SwarmClient, model_id: str, swarm: Mixed, n: int):
+    whole = await _chain(client, model_id, [swarm.whole])
+    spans = await _chain(client, model_id, swarm.spans)
     assert [(h.start, h.end) for h in whole] == [(0, n)]
-    assert [(h.start, h.end) for h in spans] == [(0, 10), (10, 20), (20, 30)]
+    assert [(h.start, h.end) for h in spans] == SPANS
     return whole, spans
 
 
 async def test_both_routes_give_transformers_greedy_tokens_and_receipts_verify(mixed_swarm, tmp_path):
-    vnode = mixed_swarm[0]
+    vnode = mixed_swarm.whole
     model = TextModel.load("smollm2-135m")
     source = resolve_model("smollm2-135m")
     prompts = [model.encode("What is the capital of France?"), model.encode("Name a colour.")]
     async with SwarmClient.open([vnode.addr], data_dir=tmp_path / "agent") as client:
-        whole, spans = await _routes(client, model.model_id, vnode.peer_id, model.num_layers)
+        whole, spans = await _routes(client, model.model_id, mixed_swarm, model.num_layers)
         via_vllm = await client.generate(model.model_id, [prompts[0]], max_new_tokens=NEW_TOKENS, route=whole)
         via_spans = await client.generate(model.model_id, [prompts[0]], max_new_tokens=NEW_TOKENS, route=spans)
         # A left-padded batch: one vLLM request per row.
@@ -144,13 +174,13 @@ async def test_both_routes_give_transformers_greedy_tokens_and_receipts_verify(m
 
 
 async def test_killed_vllm_server_drains_restarts_and_serves_again(mixed_swarm):
-    vnode = mixed_swarm[0]
+    vnode = mixed_swarm.whole
     model = TextModel.load("smollm2-135m")
     prompt = model.encode("What is the capital of France?")
     supervisor, server = _vllm_pids(vnode)
     os.kill(server, signal.SIGKILL)
     seen: list[str] = []
-    async with SwarmClient.open([mixed_swarm[1].addr]) as client:
+    async with SwarmClient.open([mixed_swarm.spans[0].addr]) as client:
         async def drained_and_back() -> bool:
             records = await fetch_records(client.dht, model.model_id, include_draining=True)
             state = next((r.state for r in records if r.peer_id == vnode.peer_id), None)
@@ -162,7 +192,88 @@ async def test_killed_vllm_server_drains_restarts_and_serves_again(mixed_swarm):
                          what="the vLLM node to publish draining, then online again")
         assert vnode.proc.poll() is None, "the node must survive its vLLM server"
         assert not _alive(supervisor), "the dead server's supervisor (and group) must be gone"
-        whole, _ = await _routes(client, model.model_id, vnode.peer_id, model.num_layers)
+        whole, _ = await _routes(client, model.model_id, mixed_swarm, model.num_layers)
         again = await client.generate(model.model_id, [prompt], max_new_tokens=NEW_TOKENS, route=whole)
     assert "draining" in seen and seen[-1] == "online"
     assert again.token_ids[0] == reference_greedy(resolve_model("smollm2-135m"), prompt, NEW_TOKENS)
+
+
+def _worker_pid(node: NodeProcess) -> int:
+    (pid,) = [p for p in _children(node.proc.pid)
+              if "span_worker.py" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    return pid
+
+
+async def test_vllm_span_route_gives_transformers_greedy_tokens_and_receipts_verify(mixed_swarm, tmp_path):
+    model = TextModel.load("smollm2-135m")
+    source = resolve_model("smollm2-135m")
+    prompts = [model.encode("What is the capital of France?"), model.encode("Name a colour.")]
+    vllm_peers = [n.peer_id for n in mixed_swarm.vspans]
+    async with SwarmClient.open([mixed_swarm.vspans[0].addr], data_dir=tmp_path / "agent") as client:
+        route = await _chain(client, model.model_id, mixed_swarm.vspans)
+        assert [(h.start, h.end) for h in route] == SPANS
+        one = await client.generate(model.model_id, [prompts[0]], max_new_tokens=NEW_TOKENS, route=route)
+        batch = await client.generate(model.model_id, prompts, max_new_tokens=6, route=route)  # padded rows
+        me = client.identity.peer_id
+    assert one.token_ids[0] == reference_greedy(source, prompts[0], NEW_TOKENS)
+    assert batch.token_ids == reference_greedy(source, prompts, 6)
+    with Ledger.open(tmp_path / "agent" / "ledger.sqlite", Identity.load_or_create(tmp_path / "agent")) as ledger:
+        receipts = [Receipt.from_bytes(e.receipt) for e in ledger.entries() if e.status == "countersigned"]
+    middle = [r for r in receipts if r.server == vllm_peers[1]]
+    final = min(latest_per_session(middle), key=lambda r: r.prefill_tokens)
+    verify_receipt(final, require_countersigned=True)
+    assert (final.start, final.end, final.client) == (10, 20, me)
+    assert final.work_units == (len(prompts[0]) + NEW_TOKENS - 1) * 10
+
+
+async def test_route_mixing_vllm_and_transformers_spans(mixed_swarm, tmp_path):
+    model = TextModel.load("smollm2-135m")
+    prompt = model.encode("Write a haiku about the sea.")
+    async with SwarmClient.open([mixed_swarm.vspans[0].addr]) as client:
+        route = await _chain(client, model.model_id,  # vLLM, transformers, vLLM
+                             [mixed_swarm.vspans[0], mixed_swarm.spans[1], mixed_swarm.vspans[2]])
+        result = await client.generate(model.model_id, [prompt], max_new_tokens=NEW_TOKENS, route=route)
+    assert result.token_ids[0] == reference_greedy(resolve_model("smollm2-135m"), prompt, NEW_TOKENS)
+
+
+async def test_concurrent_sessions_on_vllm_spans_equal_their_solo_output(mixed_swarm):
+    model = TextModel.load("smollm2-135m")
+    source = resolve_model("smollm2-135m")
+    prompts = [model.encode(p) for p in ("One, two, three,", "The sky is", "import numpy as np",
+                                          "Paris is the capital of")]
+    got: dict[int, list[int]] = {}
+    async with SwarmClient.open([mixed_swarm.vspans[0].addr]) as client:
+        route = await _chain(client, model.model_id, mixed_swarm.vspans)
+
+        async def one(i: int) -> None:
+            r = await client.generate(model.model_id, [prompts[i]], max_new_tokens=NEW_TOKENS, route=route)
+            got[i] = r.token_ids[0]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(one, i)
+    assert [got[i] for i in range(len(prompts))] == reference_greedy(source, prompts, NEW_TOKENS)
+
+
+async def test_sigkilled_vllm_span_node_fails_over_and_its_worker_dies(mixed_swarm, tmp_path):
+    """Last in the module: it kills the middle vLLM node."""
+    model = TextModel.load("smollm2-135m")
+    prompt = model.encode("What is the capital of France?")
+    victim = mixed_swarm.vspans[1]
+    worker = _worker_pid(victim)
+    count = {"n": 0}
+    async with SwarmClient.open([mixed_swarm.vspans[0].addr], data_dir=tmp_path / "agent", step_timeout_s=5) as client:
+        route = await _chain(client, model.model_id, mixed_swarm.vspans)
+
+        def on_tokens(tokens):
+            count["n"] += 1
+            if count["n"] == 6:
+                os.kill(victim.proc.pid, signal.SIGKILL)
+
+        result = await client.generate(model.model_id, [prompt], max_new_tokens=NEW_TOKENS, route=route,
+                                       on_tokens=on_tokens)
+    assert result.token_ids[0] == reference_greedy(resolve_model("smollm2-135m"), prompt, NEW_TOKENS)
+    assert result.failovers == 1
+    assert [h.peer_id for h in result.route][1] == mixed_swarm.spans[1].peer_id  # the transformers 10:20
+    await eventually(lambda: not _alive(worker), timeout_s=60, interval_s=0.2,
+                     what="the killed node's vLLM worker to end (EOF on its socket)")
