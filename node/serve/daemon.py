@@ -277,7 +277,9 @@ class Node:
             hardware=Hardware(hw.device_kind, hw.device_name, hw.memory_total, hw.memory_free,
                               tuple(Gpu(g.name, g.memory_total, g.memory_free, g.compute_capability, g.bf16)
                                     for g in hw.gpus)),
-            throughput=throughput, cache_tokens_left=cfg.limits.max_sessions * cfg.limits.max_length,
+            throughput=throughput, cache_tokens_left=min(
+                cfg.limits.max_sessions * cfg.limits.max_length,  # the node's own limits, and
+                self.engine.max_cache_tokens or 1 << 62),  # the engine's (vLLM: its real KV cache)
         )
         accounting = Accounting(self.identity, self.ledger, cfg.receipt_every, cfg.unit_price,
                                 swarm_id=self.swarm_id)
