@@ -48,6 +48,10 @@ class SamplingParams:
     (its JSON form: ``{"grammars": [...]}``) for the tokens at positions ``grammar_start`` and
     on; ``grammar_prefix`` holds each row's tokens there that a session opened mid-generation
     (a failover) has already seen chosen. All three are left out of the wire map when unset.
+    ``presence_penalty`` / ``frequency_penalty`` (SPEC 9.10, each in [-2, 2]): subtracted from
+    the logit of every token the row has generated from ``grammar_start`` on (the generated
+    text's start, named for its first use), once / once per time it appeared; ``grammar_prefix``
+    then carries the generated tokens to a session opened mid-generation, as for a grammar.
     """
 
     temperature: float = 0.0
@@ -58,6 +62,12 @@ class SamplingParams:
     grammar_prefix: tuple[tuple[int, ...], ...] | None = None
     logprobs: int | None = None  # report log-probabilities, with this many top tokens (SPEC 9.9)
     logit_bias: tuple[tuple[int, float], ...] | None = None  # (token id, bias added to its logit)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     def __post_init__(self) -> None:
         set_field(self, "temperature", check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE))
@@ -77,13 +87,19 @@ class SamplingParams:
                 pairs.append((check_int("logit_bias token", pair[0], 0, MAX_TOKEN_ID),
                               check_float("logit_bias value", pair[1], -100.0, 100.0)))
             set_field(self, "logit_bias", tuple(pairs))
-        if self.grammar is None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                set_field(self, name, check_float(name, getattr(self, name), -2.0, 2.0))
+        if self.grammar is None and not self.penalized:
             if self.grammar_start is not None or self.grammar_prefix is not None:
-                raise InvalidMessage("grammar_start and grammar_prefix need a grammar")
+                raise InvalidMessage("grammar_start and grammar_prefix need a grammar or a penalty")
             return
-        check_str("grammar", self.grammar, MAX_GRAMMAR_BYTES, nonempty=True)
-        if self.grammar_start is None:
-            raise InvalidMessage("a grammar needs grammar_start")
+        if self.grammar is not None:
+            check_str("grammar", self.grammar, MAX_GRAMMAR_BYTES, nonempty=True)
+            if self.grammar_start is None:
+                raise InvalidMessage("a grammar needs grammar_start (where the generated text starts)")
+        if self.grammar_start is None:  # penalties only: the client sets it (SwarmClient.generate)
+            return
         check_int("grammar_start", self.grammar_start, 1, MAX_SESSION_LENGTH)
         if self.grammar_prefix is not None:
             rows = check_seq("grammar_prefix", self.grammar_prefix, MAX_BATCH_SIZE)
@@ -98,8 +114,13 @@ class SamplingParams:
             wire["logprobs"] = self.logprobs
         if self.logit_bias is not None:
             wire["logit_bias"] = [[t, b] for t, b in self.logit_bias]
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                wire[name] = getattr(self, name)
         if self.grammar is not None:
-            wire.update(grammar=self.grammar, grammar_start=self.grammar_start)
+            wire["grammar"] = self.grammar
+        if self.grammar_start is not None:
+            wire["grammar_start"] = self.grammar_start
             if self.grammar_prefix is not None:
                 wire["grammar_prefix"] = [list(row) for row in self.grammar_prefix]
         return wire
@@ -109,4 +130,5 @@ class SamplingParams:
         return cls(**fields_of(obj, "sampling", (), {"temperature": 0.0, "top_p": 1.0, "seed": None,
                                                      "grammar": None, "grammar_start": None,
                                                      "grammar_prefix": None, "logprobs": None,
-                                                     "logit_bias": None}))
+                                                     "logit_bias": None, "presence_penalty": None,
+                                                     "frequency_penalty": None}))

@@ -353,7 +353,7 @@ class SwarmClient:
         batch = len(prompts)
         width = max(len(p) for p in prompts)
         max_length = width + max_new_tokens
-        if grammar is not None:
+        if grammar is not None or sampling.penalized:
             sampling = _constrained(sampling, grammar, prompts, max_new_tokens, vocab_size)
         route = route or await self.route(model_id, need_tokens=batch * max_length)
         ids = [[0] * (width - len(p)) + list(p) for p in prompts]
@@ -627,7 +627,8 @@ class SwarmClient:
                 i, payload = failed, inputs[failed]
                 continue  # retry this step on the replacement
             self.health.succeeded(h.hop.peer_id)
-            constrained = chain.spec.sampling.grammar is not None and i == len(chain.hops) - 1
+            tracked = chain.spec.sampling.grammar is not None or chain.spec.sampling.penalized
+            constrained = tracked and i == len(chain.hops) - 1
             if self.spot_checker is not None and draft is None and not constrained:
                 # Window steps go unchecked, and so do a constrained session's choices (SPEC 9.8).
                 spec = chain.spec
@@ -815,16 +816,19 @@ class SwarmClient:
                 if c.peer_id not in excluded]
 
 
-def _constrained(sampling: SamplingParams, grammar: str, prompts: Sequence[Sequence[int]],
+def _constrained(sampling: SamplingParams, grammar: str | None, prompts: Sequence[Sequence[int]],
                  max_new_tokens: int, vocab_size: int | None) -> SamplingParams:
-    """``sampling`` with ``grammar`` from the prompts' end (SPEC 9.8), if every session open it
-    may take (a failover's, with the text so far) fits a control frame; else InvalidRequest."""
+    """``sampling`` with ``grammar`` (if any) and the generated text's start at the prompts' end
+    (SPEC 9.8, 9.10: a grammar or penalties), if every session open it may take (a failover's,
+    with the text so far) fits a control frame; else InvalidRequest."""
+    what = "a grammar" if grammar is not None else "a penalty"
     if len({len(p) for p in prompts}) != 1:
-        raise InvalidRequest("a grammar needs prompts of one length (it starts at one position)")
+        raise InvalidRequest(f"{what} needs prompts of one length (it starts at one position)")
     per_token = 3 if vocab_size is not None and vocab_size <= 2**16 else 5  # msgpack uint16 / uint32
-    need = len(grammar.encode()) + per_token * len(prompts) * max_new_tokens + 4096
+    size = len(grammar.encode()) if grammar is not None else 0
+    need = size + per_token * len(prompts) * max_new_tokens + 4096
     if need > MAX_CONTROL_FRAME_BYTES:
-        raise InvalidRequest(f"a grammar of {len(grammar.encode())} bytes with {len(prompts)} x "
+        raise InvalidRequest(f"{what} ({size} bytes) with {len(prompts)} x "
                              f"{max_new_tokens} new tokens does not fit a session's open "
                              f"({MAX_CONTROL_FRAME_BYTES} bytes): shorten either")
     try:
@@ -866,10 +870,10 @@ class _Chain:
     out: list[list[int]] = field(default_factory=list)  # each row's tokens so far (the generation's)
 
     def open_spec(self) -> SessionSpec:
-        """What a session opened now gets: under a grammar, each row's tokens so far, so a
-        replacement's grammar resumes where the text stands (SPEC 9.8)."""
+        """What a session opened now gets: under a grammar or penalties, each row's tokens so
+        far, so a replacement's grammar and counts resume where the text stands (SPEC 9.8, 9.10)."""
         sampling = self.spec.sampling
-        if sampling.grammar is None or not any(self.out):
+        if (sampling.grammar is None and not sampling.penalized) or not any(self.out):
             return self.spec
         prefix = tuple(tuple(row) for row in self.out)
         return replace(self.spec, sampling=replace(sampling, grammar_prefix=prefix))

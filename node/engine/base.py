@@ -36,7 +36,8 @@ __all__ = [
     "parse_sampling",
 ]
 
-SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed", "grammar", "grammar_start", "grammar_prefix", "logprobs", "logit_bias"})
+SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed", "grammar", "grammar_start", "grammar_prefix", "logprobs",
+                           "logit_bias", "presence_penalty", "frequency_penalty"})
 
 
 class StepInput(NamedTuple):
@@ -73,6 +74,14 @@ class Sampling:
     grammar_prefix: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
     logit_bias: tuple[tuple[int, float], ...] = ()  # added to those tokens' logits before choosing
+    # SPEC 9.10: subtracted from the logit of each token generated from grammar_start on, once
+    # (presence) and once per time it appeared (frequency); grammar_prefix: the tokens so far.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling:
@@ -103,19 +112,27 @@ def parse_sampling(sampling: Mapping[str, object] | Sampling | None) -> Sampling
         bias = tuple((int(t), float(b)) for t, b in (params.get("logit_bias") or ()))  # type: ignore[union-attr]
     except (TypeError, ValueError) as e:
         raise BadInput(f"logit_bias must be (token id, bias) pairs: {e}") from e
+    try:
+        presence = float(params.get("presence_penalty") or 0.0)  # type: ignore[arg-type]
+        frequency = float(params.get("frequency_penalty") or 0.0)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"penalties must be numbers: {e}") from e
+    if not (-2.0 <= presence <= 2.0 and -2.0 <= frequency <= 2.0):
+        raise BadInput(f"penalties must lie in [-2, 2], got {presence}, {frequency}")
     grammar = params.get("grammar")
-    if grammar is None:
+    if grammar is None and not (presence or frequency):
         return Sampling(temperature, top_p, seed, logprobs=logprobs, logit_bias=bias)
     start, prefix = params.get("grammar_start", 0), params.get("grammar_prefix") or ()
-    if not isinstance(grammar, str) or not grammar:
+    if grammar is not None and (not isinstance(grammar, str) or not grammar):
         raise BadInput("grammar must be a non-empty string")
     if not isinstance(start, int) or isinstance(start, bool) or start < 1:
-        raise BadInput(f"grammar_start must be a positive int, got {start!r}")
+        raise BadInput(f"grammar_start must be a positive int (where the generated text starts: a "
+                       f"grammar or penalties need it), got {start!r}")
     try:
         rows = tuple(tuple(int(t) for t in row) for row in prefix)  # type: ignore[union-attr]
     except (TypeError, ValueError) as e:
         raise BadInput(f"grammar_prefix must be rows of token ids: {e}") from e
-    return Sampling(temperature, top_p, seed, grammar, start, rows, logprobs, bias)
+    return Sampling(temperature, top_p, seed, grammar, start, rows, logprobs, bias, presence, frequency)  # type: ignore[arg-type]
 
 
 def check_session_size(batch_size: object, max_length: object) -> None:

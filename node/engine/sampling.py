@@ -32,6 +32,7 @@ class Chooser:
     logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias: (token ids, values)
     last_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # of its last step, until taken
+    penalties: Penalties | None = None  # presence / frequency penalties (SPEC 9.10)
 
     @classmethod
     def of(cls, params: Sampling, batch_size: int, vocab_size: int, device: Any,
@@ -53,7 +54,80 @@ class Chooser:
         if params.grammar is not None:
             constraint = Constraint(grammar_tokenizer, params.grammar, params.grammar_start,
                                     params.grammar_prefix, batch_size)
-        return cls(params.temperature, params.top_p, generator, constraint, params.logprobs, bias)
+        penalties = None
+        if params.penalized:
+            penalties = Penalties(params.presence_penalty, params.frequency_penalty, params.grammar_start,
+                                  params.grammar_prefix, batch_size, vocab_size, device)
+        return cls(params.temperature, params.top_p, generator, constraint, params.logprobs, bias,
+                   penalties=penalties)
+
+
+class Penalties:
+    """Each row's count of every token it generated from ``start`` on, tracked by position (as
+    ``Constraint`` tracks its matchers), and the penalties they earn: ``presence`` once for a
+    token that appeared, ``frequency`` once per time, subtracted from its logit (OpenAI's
+    meaning; positive values discourage repetition)."""
+
+    def __init__(self, presence: float, frequency: float, start: int, prefix: Any, batch: int,
+                 vocab_size: int, device: Any) -> None:
+        if prefix and len(prefix) != batch:
+            raise BadInput(f"grammar_prefix has {len(prefix)} rows; the session has {batch}")
+        self.presence, self.frequency, self.start = float(presence), float(frequency), int(start)
+        self.counts = torch.zeros((batch, vocab_size), dtype=torch.float32, device=device)
+        self.next_pos = [self.start] * batch
+        self.history: list[list[int]] = [[] for _ in range(batch)]
+        for row, tokens in enumerate(prefix or ()):
+            for t in tokens:
+                if not 0 <= int(t) < vocab_size:
+                    raise BadInput(f"grammar_prefix token {t} is outside the vocabulary ({vocab_size})")
+                self.take(row, int(t))
+
+    def wants(self, row: int, position: int) -> bool:
+        """Whether the token of ``position`` is this row's next generated one (BadInput when
+        positions between were never chosen here)."""
+        if position < self.next_pos[row]:
+            return False
+        if position > self.next_pos[row]:
+            raise BadInput(f"row {row}: penalties count from position {self.start}; the token of "
+                           f"position {self.next_pos[row]} comes first, not {position}")
+        return True
+
+    def apply_(self, row: int, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (V,) less the row's penalties, in place."""
+        counts = self.counts[row].to(logits.device)
+        width = min(int(logits.shape[-1]), int(counts.shape[0]))
+        logits[:width] -= self.frequency * counts[:width] + self.presence * (counts[:width] > 0).float()
+        return logits
+
+    def take(self, row: int, token: int) -> None:
+        self.counts[row, token] += 1
+        self.history[row].append(token)
+        self.next_pos[row] += 1
+
+    def rollback_to(self, keep: int) -> None:
+        """As ``Constraint.rollback_to``: the token of position ``keep`` stays, later ones go."""
+        for row in range(len(self.history)):
+            drop = self.next_pos[row] - max(self.start, keep + 1)
+            for _ in range(max(0, drop)):
+                self.counts[row, self.history[row].pop()] -= 1
+                self.next_pos[row] -= 1
+
+
+def check_next(session: Any, first: torch.Tensor) -> None:
+    """Before a forward: BadInput when a row's first new position leaves a gap in what the
+    session's grammar or penalties have seen (``first`` (B,): each row's position whose
+    output token is the first one chosen)."""
+    for tracker in (session.constraint, getattr(session, "penalties", None)):
+        if tracker is not None:
+            for b in range(int(first.shape[0])):
+                tracker.wants(b, int(first[b]) + 1)
+
+
+def rollback(session: Any, keep: int) -> None:
+    """The session's cache was cut to ``keep`` positions: so are its grammar and penalties."""
+    for tracker in (session.constraint, getattr(session, "penalties", None)):
+        if tracker is not None:
+            tracker.rollback_to(keep)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -74,6 +148,10 @@ def pick(logits: torch.Tensor, session: Any, last: torch.Tensor) -> torch.Tensor
     """A plain step's next token per row, from float32 logits (B, V) at each row's last
     position ``last`` (B,): a grammar's mask first where it applies (``Constraint``)."""
     add_bias(logits, session)
+    pen = getattr(session, "penalties", None)
+    counted = [] if pen is None else [b for b in range(int(logits.shape[0])) if pen.wants(b, int(last[b]) + 1)]
+    for b in counted:
+        pen.apply_(b, logits[b])  # type: ignore[union-attr]
     c = session.constraint
     wants = [] if c is None else [b for b in range(int(logits.shape[0])) if c.wants(b, int(last[b]) + 1)]
     for b in wants:
@@ -81,6 +159,8 @@ def pick(logits: torch.Tensor, session: Any, last: torch.Tensor) -> torch.Tensor
     out = sample(logits, session.temperature, session.top_p, session.generator)
     for b in wants:
         c.take(b, int(out[b]))  # type: ignore[union-attr]
+    for b in counted:
+        pen.take(b, int(out[b]))  # type: ignore[union-attr]
     if session.logprobs is not None:
         session.last_logprobs = logprobs_of(log_softmax(logits, session.temperature), out, session.logprobs)
     return out
@@ -134,7 +214,8 @@ def choose_window(logits: torch.Tensor, draft: torch.Tensor, session: Any,
     greedy = logits.argmax(dim=-1)  # (B, T)
     sampled = temperature > 0.0 and generator is not None
     lp = log_softmax(logits, temperature) if session.logprobs is not None else None
-    if not sampled and c is None:
+    pen = getattr(session, "penalties", None)
+    if not sampled and c is None and pen is None:
         if lp is not None:
             session.last_logprobs = logprobs_of(lp, greedy, session.logprobs)  # type: ignore[arg-type]
         return greedy
@@ -143,9 +224,14 @@ def choose_window(logits: torch.Tensor, draft: torch.Tensor, session: Any,
     for b in range(batch):
         for i in range(length):
             row = logits[b, i]
+            counted = pen is not None and pen.wants(b, int(positions[b, i]) + 1)
             wants = c is not None and c.wants(b, int(positions[b, i]) + 1)
-            if wants:
-                row = c.mask_(b, row.clone())  # type: ignore[union-attr]
+            if counted or wants:
+                row = row.clone()
+                if counted:
+                    pen.apply_(b, row)  # type: ignore[union-attr]
+                if wants:
+                    c.mask_(b, row)  # type: ignore[union-attr]
                 if lp is not None:
                     lp[b, i] = log_softmax(row, temperature)
             d = int(draft[b, i]) if i < length - 1 else None
@@ -168,6 +254,8 @@ def choose_window(logits: torch.Tensor, draft: torch.Tensor, session: Any,
             out[b, i] = tok
             if wants:
                 c.take(b, tok)  # type: ignore[union-attr]
+            if counted:
+                pen.take(b, tok)  # type: ignore[union-attr]
             if tok != d:
                 break  # rejected (or the last position): nothing after it is used
     if lp is not None:

@@ -43,7 +43,7 @@ from protocol.codec import Tensor
 
 from node.engine.base import Sampling, check_session_size, parse_sampling
 from node.engine.grammar import Constraint, GrammarTokenizer
-from node.engine.sampling import Chooser, choose_window, pick
+from node.engine.sampling import Chooser, Penalties, check_next, choose_window, pick, rollback
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.models import ModelSource
 from node.engine.throughput import measure_throughput
@@ -77,6 +77,7 @@ class _Session:
     logprobs: int | None = None  # report log-probabilities with this many top tokens (SPEC 9.9)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias: (token ids, values) added first
     last_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # of its last step, until taken
+    penalties: Penalties | None = None  # presence / frequency penalties (SPEC 9.10)
 
     @property
     def length(self) -> int:
@@ -219,6 +220,7 @@ class SpanEngine(SpanFigures, TorchEngine[_Session]):
             mask=torch.zeros((batch_size, 0), dtype=torch.int64, device=self._device),
             generator=chooser.generator, layers=(a, b), is_first=is_first, is_last=is_last,
             view=view, constraint=chooser.constraint, logprobs=chooser.logprobs, bias=chooser.bias,
+            penalties=chooser.penalties,
         ))
 
     def _check_layers(self, layers: Any) -> tuple[int, int]:
@@ -292,10 +294,8 @@ class SpanEngine(SpanFigures, TorchEngine[_Session]):
         inputs, positions, mask = self._validate(session, inputs, positions, mask)
         if draft is not None:
             draft = self._check_draft(session, draft, inputs)
-        if session.constraint is not None:  # before the forward, which other sessions may share
-            first = positions[:, 0 if draft is not None else -1]
-            for b in range(int(first.shape[0])):
-                session.constraint.wants(b, int(first[b]) + 1)  # BadInput on a gap
+        # Before the forward, which other sessions may share: BadInput on a gap.
+        check_next(session, positions[:, 0 if draft is not None else -1])
         return inputs, positions, mask, draft
 
     def _rollback(self, session: _Session, keep: int) -> None:
@@ -314,8 +314,7 @@ class SpanEngine(SpanFigures, TorchEngine[_Session]):
             except Exception as e:  # noqa: BLE001 - e.g. a sliding window that wrapped
                 raise BadInput(f"this session's cache cannot be cut to {keep} positions: {e}") from e
             session.mask = session.mask[:, :keep]
-        if session.constraint is not None:
-            session.constraint.rollback_to(keep)
+        rollback(session, keep)
 
     def _check_draft(self, session: _Session, draft: Any, inputs: torch.Tensor) -> torch.Tensor:
         batch, length = int(inputs.shape[0]), int(inputs.shape[1])

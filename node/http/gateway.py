@@ -181,7 +181,7 @@ _FIELDS = {
                               "parallel_tool_calls", "functions", "function_call"},
     "completion": _COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
 }
-_NO_OP = {"best_of": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "suffix": ("",), "store": (False,)}
+_NO_OP = {"best_of": (1,), "suffix": ("",), "store": (False,)}
 
 
 def _check_fields(body: dict[str, Any], kind: str) -> None:
@@ -531,6 +531,10 @@ class Gateway:
         bias = _logit_bias(body, len(model.tokenizer))
         if bias:
             sampling = dataclasses.replace(sampling, logit_bias=bias)
+        presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+        frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+        if presence or frequency:  # SPEC 9.10, on the generated tokens
+            sampling = dataclasses.replace(sampling, presence_penalty=presence, frequency_penalty=frequency)
         echo = bool(_field(body, "echo", (bool,), False))
         if echo and logprobs is not None:  # they would need the prompt's log-probabilities too
             raise ApiError(400, "'echo' with 'logprobs' is not supported", param="echo", code="unsupported_value")

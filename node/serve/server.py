@@ -360,7 +360,7 @@ class SpanServer:
         sp = msg.sampling
         sampling = Sampling(sp.temperature, sp.top_p, sp.seed if sp.seed is not None else 0,
                             sp.grammar, sp.grammar_start or 0, sp.grammar_prefix or (), sp.logprobs,
-                            sp.logit_bias or ())
+                            sp.logit_bias or (), sp.presence_penalty or 0.0, sp.frequency_penalty or 0.0)
         layers = None if (msg.start, msg.end) == (eng.start, eng.end) else (msg.start, msg.end)
         kv_tokens = msg.batch_size * msg.max_length
         self._check_unpaid(client)  # a client over its unpaid work is refused (SPEC 17)

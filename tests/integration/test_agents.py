@@ -116,8 +116,8 @@ async def test_tool_calls_streamed_and_not_and_the_result_round_trip(tiny_swarm,
 
 
 UNSUPPORTED = [
-    ("n", 9), ("top_logprobs", 2), ("top_logprobs", 21), ("presence_penalty", 0.5),
-    ("frequency_penalty", 1.0), ("logit_bias", {"x": 10}), ("logit_bias", {"5": 101}), ("store", True), ("audio", {"voice": "x"}),
+    ("n", 9), ("top_logprobs", 2), ("top_logprobs", 21), ("presence_penalty", 2.5),
+    ("frequency_penalty", "high"), ("logit_bias", {"x": 10}), ("logit_bias", {"5": 101}), ("store", True), ("audio", {"voice": "x"}),
     ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("response_format", {"type": "xml"}),
 ]
 
@@ -235,3 +235,34 @@ async def test_logprobs_match_transformers(tiny_swarm, tiny_model, tmp_path):
     got = [c for ch in streamed if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
     assert [(c.token, c.logprob) for c in got] == [(c.token, c.logprob) for c in content]
     assert banned.choices[0].logprobs.tokens[0] != lp.tokens[0]  # the greedy first token, banned
+
+
+async def test_penalties_on_the_sampling_node_match_a_reference(tiny_swarm, tiny_model, tmp_path):
+    """presence_penalty / frequency_penalty (SPEC 9.10) through the gateway, greedy, speculating
+    by default: the tokens are transformers' greedy tokens under OpenAI's penalty rule, computed
+    here from the raw logits, and differ from the unpenalized ones (negative penalties: the tiny
+    random model does not repeat itself unasked)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    async with open_gateway(tiny_swarm, tiny_model, tmp_path / "gw") as (_, base, model):
+        oa = _oa(base)
+        prompt = model.tokenizer.encode("one two three one two three one two")
+        plain = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt=prompt, max_tokens=12,
+                                                               temperature=0))
+        done = await _in_thread(lambda: oa.completions.create(model=model.model_id, prompt=prompt, max_tokens=12,
+                                                              temperature=0, presence_penalty=-1.7,
+                                                              frequency_penalty=-0.3))
+    ids, counts = list(prompt), torch.zeros(ref_model.config.vocab_size)
+    want = []
+    for _ in range(done.usage.completion_tokens):
+        with torch.inference_mode():
+            logits = ref_model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        best = int((logits + 0.3 * counts + 1.7 * (counts > 0).float()).argmax())
+        counts[best] += 1
+        want.append(best)
+        ids.append(best)
+    assert done.choices[0].text == model.tokenizer.decode(want)
+    assert done.choices[0].text != plain.choices[0].text
+

@@ -72,3 +72,24 @@ def test_logit_bias_round_trips_and_is_bounded():
     for bad in [((5,),), ((5, 101),), (("a", 1),), 5, tuple((i, 1) for i in range(301))]:
         with pytest.raises((InvalidMessage, LimitExceeded)):
             SamplingParams(logit_bias=bad)
+
+
+def test_penalties_round_trip_and_carry_the_generated_texts_start():
+    sp = SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0, grammar_start=9, grammar_prefix=((4, 4),))
+    wire = sp.to_wire()
+    assert wire["presence_penalty"] == 0.5 and wire["grammar_start"] == 9 and "grammar" not in wire
+    back = decode_message(unpack(encode_message(OpenSession("m", 0, 6, 64, 1, sp))[4:]))
+    assert back.sampling == sp and back.sampling.penalized
+    assert "presence_penalty" not in SamplingParams().to_wire()
+    # The client sets the start (SwarmClient.generate); an engine refuses penalties without one.
+    assert "grammar_start" not in SamplingParams(presence_penalty=1.0).to_wire()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"frequency_penalty": 2.5, "grammar_start": 3},
+    {"presence_penalty": float("nan"), "grammar_start": 3},
+    {"presence_penalty": "1", "grammar_start": 3},
+])
+def test_bad_penalties_are_refused(kwargs):
+    with pytest.raises(InvalidMessage):
+        SamplingParams(**kwargs)

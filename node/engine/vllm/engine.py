@@ -424,9 +424,9 @@ class VllmEngine(TorchEngine[_Session]):
         if params.grammar is not None:
             raise BadInput("the vLLM engine does not constrain output (SPEC 9.8); open the session "
                            "on a transformers span")
-        if params.logprobs is not None or params.logit_bias:
-            raise BadInput("the vLLM engine does not report log-probabilities or take logit_bias here; open the "
-                           "session on a transformers span")
+        if params.logprobs is not None or params.logit_bias or params.penalized:
+            raise BadInput("the whole-model vLLM engine does not report log-probabilities or take logit_bias "
+                           "or penalties; open the session on a span (transformers or vLLM)")
         self._add(session_id, _Session(batch_size, max_length, params,
                                        [_Row() for _ in range(batch_size)]))
 

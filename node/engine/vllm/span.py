@@ -41,7 +41,7 @@ import torch
 from node.engine.base import EngineHealth, Sampling, check_session_size, parse_sampling
 from node.engine.errors import BadInput, CapacityExceeded, EngineError
 from node.engine.grammar import GrammarTokenizer
-from node.engine.sampling import Chooser, choose_window, pick
+from node.engine.sampling import Chooser, check_next, choose_window, pick, rollback
 from node.engine.tensors import from_torch
 from node.engine.torch_engine import SpanFigures, TorchEngine, TorchStep, check_room, step_extras, validate_step
 from node.engine.vllm import frames
@@ -393,8 +393,7 @@ class VllmSpanEngine(SpanFigures, TorchEngine[_Session]):
                 raise BadInput(f"keep must be an int in [0, {session.length}] (the tokens the session "
                                f"holds), got {keep!r}")
             session.mask = session.mask[:, :keep]
-            if session.chooser.constraint is not None:
-                session.chooser.constraint.rollback_to(keep)
+            rollback(session.chooser, keep)
         a, b = session.layers
         inputs, positions, mask = validate_step(
             inputs, positions, mask, batch_size=session.batch_size, max_length=session.max_length,
@@ -411,10 +410,7 @@ class VllmSpanEngine(SpanFigures, TorchEngine[_Session]):
                 raise BadInput(f"draft token ids must lie in [0, {self.vocab_size})")
             if session.is_last and not bool(mask.all()):
                 raise BadInput("a window step on a vLLM span has no padding")
-        if session.chooser.constraint is not None:
-            first = positions[:, 0 if draft is not None else -1]
-            for r in range(int(first.shape[0])):
-                session.chooser.constraint.wants(r, int(first[r]) + 1)  # BadInput on a gap
+        check_next(session.chooser, positions[:, 0 if draft is not None else -1])  # BadInput on a gap
         if not session.is_first:
             inputs = inputs.to(_DTYPES[self._dtype_name])
         return inputs, positions, mask, draft
