@@ -66,8 +66,10 @@ demo: $(STAMP)
 test: $(STAMP) $(CHROMIUM_STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest
 
+# The unit tests, on both cores (pytest-xdist): under 2 minutes. `make test` runs everything
+# in one process, since its node processes and vLLM workers want the cores to themselves.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not vllm and not integration and not proc"
+	$(BIN)/python -m pytest -n 2 -m "not slow and not vllm and not integration and not proc"
 
 bench: $(STAMP)
 	$(BIN)/shiza bench --quick --out bench-out
