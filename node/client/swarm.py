@@ -30,30 +30,30 @@ import multiaddr
 import trio
 
 from protocol.codec import Tensor
-from protocol.disputes import sign_dispute
 from protocol.errors import ShizaError
 from protocol.identity import Identity
 from protocol.ids import DEFAULT_SWARM_ID, MAX_CONTROL_FRAME_BYTES
 from protocol.messages import SamplingParams
 from protocol.records import CapacityRecord
 
-from node.client.disputes import DisputeWatch, publish_dispute
+from node.client.disputes import DisputeWatch
 from node.client.drafts import DRAFTERS, DraftSpec, Drafter, Window, make_drafter
+from node.client.failover import MAX_FAILOVERS, Chain, Failover, Witnessing
 from node.client.errors import HopFailed, InvalidRequest, LayersLost, NoRoute, PeerError, peer_error
 from node.client.health import PeerHealth, RttTracker
 from node.client.hops import (
-    CLOSE_TIMEOUT_S, STEP_TIMEOUT_S, HopSession, HopSessions, PushUnsupported, SessionSpec, StepInput,
+    CLOSE_TIMEOUT_S, STEP_TIMEOUT_S, HopSession, HopSessions, PushUnsupported, SessionSpec,
 )
 from node.client.pacing import Pacer
-from node.client.routing import Candidate, Hop, candidates_from, find_chain, find_chain_between, num_layers_of
-from node.client.spotcheck import CheckedStep, SpotChecker, Verdict
+from node.client.routing import Candidate, Hop, candidates_from, find_chain, num_layers_of
+from node.client.spotcheck import CheckedStep, SpotChecker
 from node.ledger.store import LEDGER_FILE, Ledger, LedgerError
 from node.net.admission import SwarmKey, SwarmKeyError, check_admitted, open_admission
 from node.net.dht import open_dht
 from node.net.host import Host, Libp2pConnector, open_host
 from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, RecordDHT, fetch_records
 from node.net.streams import Connector
-from node.net.wire import concat_steps, float32_rows, int64_tensor, int64_values
+from node.net.wire import float32_rows, int64_tensor, int64_values
 from node.util.groups import unwrap_single_groups
 
 __all__ = ["CLOSE_TIMEOUT_S", "PREFILL_CHUNK", "STEP_TIMEOUT_S", "GenerationResult", "HopFailed",
@@ -61,10 +61,7 @@ __all__ = ["CLOSE_TIMEOUT_S", "PREFILL_CHUNK", "STEP_TIMEOUT_S", "GenerationResu
 
 log = logging.getLogger(__name__)
 
-MAX_FAILOVERS = 8  # per generation
-FAILOVER_LOOKUP_S = 15.0  # bound on a fresh DHT lookup during failover
 PREFILL_CHUNK = 256  # prompt tokens per prefill step; longer prompts go in several steps
-DISTRUST_S = 3600.0  # how long the client avoids a node its spot check caught
 
 
 @dataclass
@@ -98,7 +95,7 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # the most likely tokens and their log-probabilities, best first
 
 
-def _step_logprobs(chain: "_Chain") -> list[tuple[float, list[tuple[int, float]]]] | None:
+def _step_logprobs(chain: Chain) -> list[tuple[float, list[tuple[int, float]]]] | None:
     """The last hop's log-probabilities of the step just run, one entry per row (per position
     of a window step), or None when it sent none."""
     got = chain.hops[-1].logprobs
@@ -124,7 +121,7 @@ def with_fresh_seed(sampling: SamplingParams) -> SamplingParams:
     return dataclasses.replace(sampling, seed=secrets.randbits(SEED_BITS))
 
 
-class SwarmClient:
+class SwarmClient(Failover):
     """A peer of the swarm that finds spans through the DHT and drives generation across them.
 
     ``host`` is the libp2p host it runs on (None in one process: then ``connector`` reaches the
@@ -366,7 +363,7 @@ class SwarmClient:
         t0 = time.perf_counter()
         ttft = 0.0
         steps = 0
-        chain = _Chain(SessionSpec(model_id, batch, max_length, sampling, num_layers=route[-1].end,
+        chain = Chain(SessionSpec(model_id, batch, max_length, sampling, num_layers=route[-1].end,
                                    vocab_size=vocab_size), push=self.push, out=out)
         drafter = (None if batch != 1 else
                    speculate if hasattr(speculate, "propose") else make_drafter(speculate))  # type: ignore[arg-type]
@@ -412,7 +409,7 @@ class SwarmClient:
                                 chain.pushed_steps, chain.passes, chain.drafted, chain.accepted,
                                 drafter.name if drafter is not None else "off", lps)
 
-    async def _speculate(self, chain: "_Chain", drafter: Drafter, token: int, position: int, room: int,
+    async def _speculate(self, chain: Chain, drafter: Drafter, token: int, position: int, room: int,
                          out: list[int], eos: set[int], on_tokens: Callable[[list[int]], None] | None,
                          until: Callable[[], bool] | None, lps: list[TokenLogprob] | None = None) -> int:
         """Decode one row by windows (SPEC 9.7) after its first token ``token`` (at ``position``,
@@ -492,7 +489,7 @@ class SwarmClient:
                         yield tok
 
     @asynccontextmanager
-    async def _open_chain(self, chain: "_Chain", route: list[Hop]) -> AsyncIterator[None]:
+    async def _open_chain(self, chain: Chain, route: list[Hop]) -> AsyncIterator[None]:
         try:
             await self._open_hops(chain, route)
             if chain.push:
@@ -504,7 +501,7 @@ class SwarmClient:
                     for h in chain.hops:
                         nursery.start_soon(self.sessions.close, h)
 
-    async def _open_hops(self, chain: "_Chain", route: list[Hop]) -> None:
+    async def _open_hops(self, chain: Chain, route: list[Hop]) -> None:
         """Open a session on every hop of ``route``. A hop that cannot be opened (gone, busy,
         refusing) is backed off and replaced by another chain for its layers, as a failed step
         is; when nobody else serves them its PeerError is raised."""
@@ -565,27 +562,9 @@ class SwarmClient:
         answers (node/client/pacing.py): failovers, replays and witnesses as first opens."""
         return await self.pacing.open(lambda: self.sessions.open(spec, hop), hop.peer_id)
 
-    async def _replacement(self, spec: SessionSpec, start: int, end: int,
-                           failed_now: frozenset[str] = frozenset()) -> list[Hop]:
-        """The fastest chain for layers ``start:end`` among peers not backed off: from the
-        records already known first (asking the DHT can wait on the very peer that failed),
-        then from a fresh lookup (bounded). NoRoute when neither has one."""
-        for fresh in (False, True):
-            if fresh:
-                with trio.move_on_after(FAILOVER_LOOKUP_S):
-                    await self.records(spec.model_id)
-            candidates = self._candidates(self.known_records(spec.model_id), spec.model_id)
-            try:
-                return self._with_fallback(lambda avoid: find_chain_between(
-                    start, end, candidates, avoid=avoid, need_tokens=spec.batch * spec.max_length), failed_now)
-            except NoRoute:
-                if fresh:
-                    raise
-        raise AssertionError("unreachable")
-
     async def _step(
         self,
-        chain: "_Chain",
+        chain: Chain,
         ids: list[list[int]],
         positions: list[list[int]],
         mask: list[list[int]],
@@ -632,7 +611,7 @@ class SwarmClient:
             if self.spot_checker is not None and draft is None and not constrained:
                 # Window steps go unchecked, and so do a constrained session's choices (SPEC 9.8).
                 spec = chain.spec
-                witnessing = _Witnessing(self, chain)
+                witnessing = Witnessing(self, chain)
                 verdict = await self.spot_checker.check(witnessing, CheckedStep(
                     spec.model_id, h.hop, h.session_id, h.steps - 1, h.history, payload,
                     need_tokens=spec.batch * spec.max_length))
@@ -651,7 +630,7 @@ class SwarmClient:
             last = chain.hops[-1].hop
             raise peer_error(exc, peer_id=last.peer_id, layers=(last.start, last.end)) from None
 
-    async def _link_chain(self, chain: "_Chain") -> None:
+    async def _link_chain(self, chain: Chain) -> None:
         """Link every hop to its neighbours (SPEC 9.6), all at once: each hop is told whose
         pushes it takes and where it pushes (a node's link to the next waits there until that
         session names it). A hop that does not know Link is opened again and driven by us; one that fails is
@@ -701,115 +680,6 @@ class SwarmClient:
             hops[i].pushing = ok
             hops[i + 1].pushed_in = ok
 
-    async def _reopen_unsupported(self, chain: "_Chain") -> None:
-        """Open again, on the same peers, the hops whose session ended on a Link they did not
-        know, replaying what they had done."""
-        for i, h in enumerate(chain.hops):
-            if h.hop.peer_id in self.no_push and not h.pushed_in and h.stream_ended_on_link:
-                await h.reset()
-                new = await self._open_paced(chain.open_spec(), h.hop)
-                for payload, pos, mask in h.history:
-                    await self.sessions.step(new, payload, pos, mask)
-                chain.retired.append(h)
-                chain.hops[i] = new
-
-    async def _restart_after(self, chain: "_Chain", start: int) -> None:
-        """Under push, open again the sessions of hops ``start`` onwards on the same peers and
-        replay their history: a hop that took a push of the failed step holds one step more
-        than we know of. They are linked again after the step (``chain.relink``)."""
-        if not any(h.pushed_in for h in chain.hops[start:]):
-            return
-        chain.relink = True
-        k = start
-        while k < len(chain.hops):
-            old = chain.hops[k]
-            old.pushed_in = old.pushing = False
-            if start > 0:
-                chain.hops[start - 1].pushing = False
-            await self.sessions.close(old)  # bounded, never raises: its receipts stay
-            try:
-                new = await self._open_paced(chain.open_spec(), old.hop)
-                for payload, pos, mask in old.history:
-                    await self.sessions.step(new, payload, pos, mask)
-            except PeerError as exc:
-                chain.hops[k] = old  # replace it as any failed hop: its history is replayed
-                k += await self._fail_over(chain, k, exc)
-                continue
-            chain.retired.append(old)
-            chain.hops[k] = new
-            k += 1
-
-    async def _caught(self, chain: "_Chain", index: int, verdict: Verdict,
-                      witness_receipts: dict[str, bytes]) -> int:
-        """A spot check caught hop ``index``: refuse its receipts, close its session (for its
-        final receipt, the dispute's evidence), replace it (its history is replayed, the checked
-        step included), avoid it and publish the dispute with the receipts of the accused and
-        the witnesses (SPEC 19). Returns how many hops replaced it (the step goes on after them
-        with the witnesses' output)."""
-        record = verdict.dispute
-        assert record is not None
-        h = chain.hops[index]
-        h.account.disputed_reason = f"spot check failed at step {record.step}: max diff {verdict.diff:.3g}"
-        await self.sessions.close(h)  # bounded, never raises: its final receipt is disputed
-        receipts = h.account.receipts  # its last one (the final, disputed) is the evidence
-        evidence = [receipts[-1][0].to_bytes()] if receipts else []
-        evidence += [witness_receipts[w] for w in record.witnesses if w in witness_receipts]
-        replaced_by = await self._fail_over(chain, index, PeerError(
-            "spot check: output disagrees with witnesses", peer_id=h.hop.peer_id,
-            layers=(h.hop.start, h.hop.end)))
-        self.health.distrust(record.accused, time.monotonic(), DISTRUST_S)  # after failover's back-off
-        if len(evidence) == 1 + len(record.witnesses):
-            signed = sign_dispute(self.identity, replace(record, evidence=tuple(evidence), signature=b""))
-            await publish_dispute(self.dht, signed)  # bounded, best effort, never raises
-        else:  # readers would not count it (SPEC 19): the accused or a witness sent no receipt
-            log.warning("not publishing the dispute against %s: %d of %d receipts to show for it",
-                        record.accused, len(evidence), 1 + len(record.witnesses))
-        return replaced_by
-
-    async def _fail_over(self, chain: "_Chain", index: int, failure: PeerError) -> int:
-        """Replace hop ``index`` by a chain for its layers and replay its history there.
-        Returns the number of hops that replaced it."""
-        failed = chain.hops[index]
-        log.warning("hop %s (layers %d:%d) failed: %s; failing over",
-                    failed.hop.peer_id, failed.hop.start, failed.hop.end, failure.reason)
-        self.health.failed(failed.hop.peer_id, time.monotonic())
-        chain.failed.add(failed.hop.peer_id)
-        chain.failovers += 1
-        self.failovers_total += 1
-        if chain.failovers > MAX_FAILOVERS:
-            raise LayersLost(failed.hop.start, failed.hop.end, f"gave up after {MAX_FAILOVERS} failovers")
-        with trio.CancelScope(shield=True):
-            await failed.reset()
-        spec = chain.open_spec()
-        for attempt in range(MAX_FAILOVERS):
-            try:
-                hops = await self._replacement(spec, failed.hop.start, failed.hop.end, frozenset(chain.failed))
-            except NoRoute as exc:
-                raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
-            history = failed.history
-            sampled = failed.hop.end == hops[-1].end and spec.sampling.temperature > 0
-            if self.replay == "merged" and len(history) > 1 and not sampled:
-                # One prefill of the whole history: much faster, equal up to float rounding
-                # (greedy text may differ in rare near-ties, hence not the default).
-                history = [tuple(concat_steps([h[k] for h in history]) for k in range(3))]  # type: ignore[misc]
-            try:
-                replacement = [await self._open_paced(spec, hop) for hop in hops]
-                for payload, pos, mask in history:  # rebuild the KV caches
-                    for h in replacement:
-                        payload = await self.sessions.step(h, payload, pos, mask)
-            except PeerError as exc:
-                self.health.failed(exc.peer_id, time.monotonic())
-                chain.failed.add(exc.peer_id)
-                log.warning("replacement %s failed too: %s", exc.peer_id, exc.reason)
-                continue
-            chain.retired.append(failed)
-            chain.hops[index:index + 1] = replacement
-            log.warning("failover to %s after replaying %d steps",
-                        ", ".join(f"{h.hop.peer_id} {h.hop.start}:{h.hop.end}" for h in replacement),
-                        len(failed.history))
-            return len(replacement)
-        raise LayersLost(failed.hop.start, failed.hop.end, "every replacement failed")
-
     def _candidates(self, records: Sequence[CapacityRecord], model_id: str) -> list[Candidate]:
         excluded = self.disputes.excluded()
         return [replace(c, rtt_s=self.rtt.get(c.peer_id)) for c in candidates_from(records, model_id)
@@ -852,78 +722,3 @@ async def _closing(drafter: Drafter | None) -> AsyncIterator[None]:
         close = getattr(drafter, "close", None)
         if close is not None:
             close()
-
-
-@dataclass
-class _Chain:
-    spec: SessionSpec
-    hops: list[HopSession] = field(default_factory=list)
-    retired: list[HopSession] = field(default_factory=list)  # replaced by failover
-    failovers: int = 0
-    failed: set[str] = field(default_factory=set)  # peers that failed this generation: never its fallback
-    push: bool = False  # link the hops (SPEC 9.6)
-    relink: bool = False  # sessions were replaced under push: link the chain again
-    pushed_steps: int = 0
-    passes: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    out: list[list[int]] = field(default_factory=list)  # each row's tokens so far (the generation's)
-
-    def open_spec(self) -> SessionSpec:
-        """What a session opened now gets: under a grammar or penalties, each row's tokens so
-        far, so a replacement's grammar and counts resume where the text stands (SPEC 9.8, 9.10)."""
-        sampling = self.spec.sampling
-        if (sampling.grammar is None and not sampling.penalized) or not any(self.out):
-            return self.spec
-        prefix = tuple(tuple(row) for row in self.out)
-        return replace(self.spec, sampling=replace(sampling, grammar_prefix=prefix))
-
-
-class _Witnessing:
-    """What a spot check of one chain may use of its client (a ``spotcheck.CheckContext``)."""
-
-    def __init__(self, client: SwarmClient, chain: _Chain) -> None:
-        self._client = client
-        self._chain = chain
-        self.receipts: dict[str, bytes] = {}  # witness -> its last receipt countersigned in a replay
-
-    @property
-    def identity(self) -> Identity:
-        return self._client.identity
-
-    @property
-    def swarm_id(self) -> str:
-        return self._client.swarm_id
-
-    def known_records(self, model_id: str) -> Sequence[CapacityRecord]:
-        return self._client.known_records(model_id)
-
-    def avoided(self) -> frozenset[str]:
-        return self._client.health.avoided(time.monotonic()) | self._client.disputes.excluded()
-
-    def history(self, peer_id: str) -> int:
-        return self._client.sessions.countersigned.get(peer_id, 0)
-
-    async def replay(self, witness: Hop, history: Sequence[StepInput]) -> Tensor | None:
-        sessions = self._client.sessions
-        health = self._client.health  # a witness that fails is backed off like a hop that does
-        try:
-            wh = await self._client._open_paced(self._chain.spec, witness)
-        except PeerError as exc:
-            log.info("witness %s unavailable: %s", witness.peer_id, exc.reason)
-            health.failed(witness.peer_id, time.monotonic())
-            return None
-        try:
-            out = None
-            for payload, pos, mask in history:
-                out = await sessions.step(wh, payload, pos, mask)
-            return out
-        except PeerError as exc:
-            log.info("witness %s failed: %s", witness.peer_id, exc.reason)
-            health.failed(witness.peer_id, time.monotonic())
-            return None
-        finally:
-            await sessions.close(wh)
-            signed = [r for r, status, _ in wh.account.receipts if status == "countersigned"]
-            if signed:
-                self.receipts[witness.peer_id] = signed[-1].to_bytes()
