@@ -80,7 +80,7 @@ class Detokenizer:
         self.emitted = ""
         tok = model.tokenizer
         self._stream = None
-        if not getattr(tok, "_clean_up_spaces", True) and hasattr(tok, "backend"):
+        if not getattr(tok, "cleans_up_spaces", True) and hasattr(tok, "backend"):
             from tokenizers.decoders import DecodeStream
 
             self._stream = DecodeStream(skip_special_tokens=True)

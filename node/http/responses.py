@@ -214,8 +214,11 @@ class _Answer:
         return [self.message(outcome.text, "completed")]
 
     def message(self, text: str, status: str) -> dict[str, Any]:
-        return {"type": "message", "id": self.message_id, "role": "assistant", "status": status,
-                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" or text else []}
+        """The assistant's message item; its one output_text part once there is text or it ended."""
+        parts = []
+        if status == "completed" or text:
+            parts.append({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+        return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": parts}
 
     def obj(self, outcome: Outcome | None, calls: list[dict[str, Any]] | None) -> dict[str, Any]:
         b, job = self.body, self.job

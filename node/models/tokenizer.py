@@ -65,6 +65,12 @@ class Tokenizer:
         self.chat_templates: dict[str, str] = dict(chat_templates)
         self._clean_up_spaces = clean_up_spaces
 
+    @property
+    def cleans_up_spaces(self) -> bool:
+        """Whether ``decode`` removes spaces before punctuation (``clean_up_tokenization_spaces``):
+        text decoded piece by piece then differs from the whole decoded at once."""
+        return self._clean_up_spaces
+
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer":
         """The tokenizer saved in a checkpoint directory (``tokenizer.json`` required)."""
