@@ -113,6 +113,15 @@ async def test_tool_calls_streamed_and_not_and_the_result_round_trip(tiny_swarm,
                                 SCHEMAS["get_weather"])
         else:
             assert not auto.choices[0].message.content.startswith("<")
+        # Streamed under "auto", the same answer: its text deltas or its tool-call deltas.
+        streamed = await _in_thread(lambda: list(chat(messages=messages, tools=[WEATHER], max_tokens=60, stream=True)))
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        deltas = [d for c in streamed if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+        assert streamed[-1].choices[0].finish_reason == auto.choices[0].finish_reason
+        if auto.choices[0].message.tool_calls:
+            assert "".join(d.function.arguments or "" for d in deltas) == auto.choices[0].message.tool_calls[0].function.arguments
+        else:
+            assert not deltas and text == auto.choices[0].message.content
 
 
 UNSUPPORTED = [
