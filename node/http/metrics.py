@@ -115,6 +115,11 @@ class NodeCollector(Collector):
             if links is not None:
                 yield GaugeMetricFamily(f"{PREFIX}_links_open", "Node-to-node links this node pushes on now.",
                                         value=len(links.links()))
+                opened = CounterMetricFamily(f"{PREFIX}_links_opened", "Node-to-node links opened since start, by "
+                                             "the channel they ended on.", labels=["channel"])
+                opened.add_metric(["direct"], links.direct_opened)
+                opened.add_metric(["libp2p"], links.opened - links.direct_opened)
+                yield opened
             receipts = CounterMetricFamily(f"{PREFIX}_receipts", "Receipts issued, by how the client answered.",
                                            labels=["status"])
             for status in ("countersigned", "disputed", "server_only"):

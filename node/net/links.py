@@ -51,7 +51,6 @@ class OutLink:
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
     broken: str | None = None
-    pushes: int = 0
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -73,7 +72,6 @@ class OutLink:
                 self.broken = f"a push took over {timeout_s:g} s to send"
                 await self.reset()
                 raise StreamBroken(self.broken)
-        self.pushes += 1
         self.last_used = time.monotonic()
 
     async def close(self) -> None:
@@ -173,6 +171,9 @@ class LinkPool:
                 for peer_id, link in list(self._links.items()):
                     if link.broken is not None or (link.users == 0 and now - link.last_used > self.idle_s):
                         del self._links[peer_id]
+                        lock = self._opening.get(peer_id)
+                        if lock is not None and not lock.locked():  # one lock per peer linked now
+                            del self._opening[peer_id]
                         await link.close()
         finally:
             with trio.CancelScope(shield=True):

@@ -80,6 +80,8 @@ async def test_activations_flow_node_to_node_with_the_same_text_and_receipts(cha
     assert value(samples, "shiza_pushes_total", direction="in") == result.steps
     assert value(samples, "shiza_pushes_total", direction="out") == result.steps
     assert value(samples, "shiza_links_open") == 1
+    assert value(samples, "shiza_links_opened_total", channel="direct") + \
+        value(samples, "shiza_links_opened_total", channel="libp2p") == 1
 
 
 async def test_a_node_without_push_is_driven_by_the_client(tiny_model, tmp_path):
