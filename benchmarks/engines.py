@@ -115,6 +115,7 @@ def _agreement(source: Any, engines: dict[str, Any], a: int, device: str, dtype:
         front = SpanEngine.load(source, 0, a, device=device, dtype=dtype)
         front.open_session("agree", 1, 64)
         x = front.step("agree", ids, pos)
+        front.close()
     outs = {}
     for name, e in engines.items():
         e.open_session("agree", 1, 64)

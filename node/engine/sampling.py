@@ -117,7 +117,7 @@ def check_next(session: Any, first: torch.Tensor) -> None:
     """Before a forward: BadInput when a row's first new position leaves a gap in what the
     session's grammar or penalties have seen (``first`` (B,): each row's position whose
     output token is the first one chosen)."""
-    for tracker in (session.constraint, getattr(session, "penalties", None)):
+    for tracker in (session.constraint, session.penalties):
         if tracker is not None:
             for b in range(int(first.shape[0])):
                 tracker.wants(b, int(first[b]) + 1)
@@ -125,7 +125,7 @@ def check_next(session: Any, first: torch.Tensor) -> None:
 
 def rollback(session: Any, keep: int) -> None:
     """The session's cache was cut to ``keep`` positions: so are its grammar and penalties."""
-    for tracker in (session.constraint, getattr(session, "penalties", None)):
+    for tracker in (session.constraint, session.penalties):
         if tracker is not None:
             tracker.rollback_to(keep)
 
@@ -148,7 +148,7 @@ def pick(logits: torch.Tensor, session: Any, last: torch.Tensor) -> torch.Tensor
     """A plain step's next token per row, from float32 logits (B, V) at each row's last
     position ``last`` (B,): a grammar's mask first where it applies (``Constraint``)."""
     add_bias(logits, session)
-    pen = getattr(session, "penalties", None)
+    pen = session.penalties
     counted = [] if pen is None else [b for b in range(int(logits.shape[0])) if pen.wants(b, int(last[b]) + 1)]
     for b in counted:
         pen.apply_(b, logits[b])  # type: ignore[union-attr]
@@ -214,7 +214,7 @@ def choose_window(logits: torch.Tensor, draft: torch.Tensor, session: Any,
     greedy = logits.argmax(dim=-1)  # (B, T)
     sampled = temperature > 0.0 and generator is not None
     lp = log_softmax(logits, temperature) if session.logprobs is not None else None
-    pen = getattr(session, "penalties", None)
+    pen = session.penalties
     if not sampled and c is None and pen is None:
         if lp is not None:
             session.last_logprobs = logprobs_of(lp, greedy, session.logprobs)  # type: ignore[arg-type]

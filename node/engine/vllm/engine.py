@@ -74,7 +74,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cpu_env(vllm_python: str) -> dict[str, str]:
+def cpu_env(vllm_python: str) -> dict[str, str]:
     """What the CPU build needs (FACTS.md): its bundled OpenMP preloaded, a KV-cache size."""
     env: dict[str, str] = {}
     prefix = Path(vllm_python).parent.parent
@@ -118,7 +118,7 @@ class VllmServer:
             args += ["--tensor-parallel-size", str(self.tensor_parallel)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.device == "cpu":
-            env.update(_cpu_env(self.vllm_python))
+            env.update(cpu_env(self.vllm_python))
             env["CUDA_VISIBLE_DEVICES"] = ""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         t0 = time.monotonic()

@@ -45,7 +45,7 @@ from node.engine.sampling import Chooser, check_next, choose_window, pick, rollb
 from node.engine.tensors import from_torch
 from node.engine.torch_engine import SpanFigures, TorchEngine, TorchStep, check_room, step_extras, validate_step
 from node.engine.vllm import frames
-from node.engine.vllm.engine import _cpu_env, default_vllm_python
+from node.engine.vllm.engine import cpu_env, default_vllm_python
 from node.models import ModelSource
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class _Worker:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if device == "cpu":
-            env.update(_cpu_env(vllm_python))
+            env.update(cpu_env(vllm_python))
             env["CUDA_VISIBLE_DEVICES"] = ""
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         try:

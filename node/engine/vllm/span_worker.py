@@ -96,7 +96,7 @@ class SpanWorker:
         if not self.is_first and self.runner.intermediate_tensors is None:  # as its _dummy_run does
             self.runner.intermediate_tensors = self.model.make_empty_intermediate_tensors(
                 batch_size=self.runner.max_num_tokens, dtype=config.model_config.dtype, device=self.runner.device)
-        self.dtype = self.model_dtype = next(self.model.parameters()).dtype
+        self.dtype = next(self.model.parameters()).dtype
         self.hidden_size = int(config.model_config.get_hidden_size())
         self.vocab_size = int(config.model_config.get_vocab_size())
         self.block_size = int(config.cache_config.block_size)
@@ -150,9 +150,9 @@ class SpanWorker:
             it["residual"][:n].zero_()
         return None
 
-    def _capture(self, module: Any, args: tuple, kwargs_or_out: Any, out: Any = None) -> None:
+    def _capture(self, module: Any, args: tuple, out: Any) -> None:
         if self.pending is not None:
-            self.captured = kwargs_or_out if out is None else out
+            self.captured = out
 
     # --- a step ---------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class SpanWorker:
             torch.empty(0, dtype=getattr(torch, dtype))
         x = flat.reshape(shape)
         if not self.is_first:
-            x = x.to(self.model_dtype)
+            x = x.to(self.dtype)
         rows, at = [], 0
         for r in reqs:
             n = int(r["n"])
@@ -249,8 +249,8 @@ class SpanWorker:
 
             n = so.total_num_scheduled_tokens
             dummy = IntermediateTensors({
-                "hidden_states": torch.zeros((n, self.hidden_size), dtype=self.model_dtype),
-                "residual": torch.zeros((n, self.hidden_size), dtype=self.model_dtype)})
+                "hidden_states": torch.zeros((n, self.hidden_size), dtype=self.dtype),
+                "residual": torch.zeros((n, self.hidden_size), dtype=self.dtype)})
         a, b = reqs[call[0][0]].get("layers") or (self.start, self.end)
         inner = getattr(self.model, "model", None)
         if (a, b) != (self.start, self.end) and not hasattr(inner, "start_layer"):
