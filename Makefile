@@ -64,7 +64,7 @@ demo: $(STAMP)
 	$(BIN)/shiza demo
 
 test: $(STAMP) $(CHROMIUM_STAMP) $(VLLM_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # The unit tests, on both cores (pytest-xdist): under 2 minutes. `make test` runs everything
 # in one process, since its node processes and vLLM workers want the cores to themselves.

@@ -9,10 +9,12 @@ node/devtools/netns.py builds them). One thread reads every frame that arrives o
 ``AF_PACKET`` raw socket (frames this process wrote come back as PACKET_OUTGOING and are
 skipped), learns which port each source MAC sits behind, and queues the frame for the destination
 port (every other port for broadcasts and unknown destinations) on a heap keyed by its due time:
-now + the link's one-way delay, after the link's serialisation time at the given rate, unless the
-link's loss drops it. It runs at real-time priority where allowed (``--priority``): on a machine
-whose cores are busy, a frame would otherwise wait for the forwarder to be scheduled. Due frames are written out; the wait in between is a ``select`` timeout to
-the next due frame (microsecond resolution). Frames keep their order on each link.
+its arrival (the kernel's receive timestamp, SO_TIMESTAMPNS, so time spent waiting to be read is
+not added) + the link's one-way delay, after the link's serialisation time at the given rate,
+unless the link's loss drops it. It runs at real-time priority where allowed (``--priority``): on
+a machine whose cores are busy, a frame would otherwise wait for the forwarder to be scheduled.
+Due frames are written out; the wait in between is a ``select`` timeout to the next due frame
+(microsecond resolution). Frames keep their order on each link.
 
 Bounded: the queue holds at most ``--max-queue`` frames (more are dropped, like a full router
 buffer), it exits after ``--max-seconds``, when its ``--parent`` pid is gone, or on SIGTERM /
@@ -32,6 +34,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +43,9 @@ from dataclasses import dataclass, field
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 MAX_FRAME = 65536
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python does not name it
+TIMESPEC = struct.Struct("@qq")
+ANC_SIZE = socket.CMSG_SPACE(TIMESPEC.size)
 MTU_FRAME = 1514 + 4  # 1500 bytes of payload, the Ethernet header, a VLAN tag
 READ_BURST = 64  # frames read from one port before looking at the others
 CHECK_EVERY_S = 0.2  # how often the loop looks at the clock, the parent and the signals
@@ -96,6 +102,7 @@ class Switch:
                 s.setblocking(False)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 socks[name] = s
             if on_ready is not None:
                 on_ready()
@@ -127,15 +134,17 @@ class Switch:
             wait = CHECK_EVERY_S if not heap else max(0.0, heap[0][0] - now)
             ready, _, _ = select.select(readers, [], [], min(wait, CHECK_EVERY_S))
             now = clock()
+            wall_offset = time.time() - now  # the kernel stamps arrivals on the wall clock
             for s in ready:
                 src = by_fd[s.fileno()]
                 for _ in range(READ_BURST):
                     try:
-                        data, addr = s.recvfrom(MAX_FRAME)
+                        data, anc, _flags, addr = s.recvmsg(MAX_FRAME, ANC_SIZE)
                     except (BlockingIOError, InterruptedError):
                         break
                     if addr[2] == PACKET_OUTGOING:
                         continue
+                    arrived = _arrival(anc, wall_offset, now)
                     c.received += 1
                     if len(data) > MTU_FRAME:
                         c.dropped_oversize += 1
@@ -158,9 +167,9 @@ class Switch:
                         if len(heap) >= self.max_queue:
                             c.dropped_queue += 1
                             continue
-                        due = now
+                        due = arrived
                         if spec.rate_bps:
-                            spec.free_at = max(now, spec.free_at) + len(data) * 8 / spec.rate_bps
+                            spec.free_at = max(arrived, spec.free_at) + len(data) * 8 / spec.rate_bps
                             due = spec.free_at
                         heapq.heappush(heap, (due + spec.delay_s, next(seq), dst, data))
             now = clock()
@@ -174,6 +183,16 @@ class Switch:
                     c.forwarded += 1
                 except OSError:  # ENOBUFS and kin: the wire is full, the frame is lost
                     c.dropped_send += 1
+
+
+def _arrival(anc: list, wall_offset: float, now: float) -> float:
+    """When the kernel received the frame, on the monotonic clock: a frame's delay counts from
+    there, so time the forwarder spent waiting for a CPU before reading it is not added to it."""
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= TIMESPEC.size:
+            sec, nsec = TIMESPEC.unpack_from(data)
+            return min(now, sec + nsec * 1e-9 - wall_offset)
+    return now
 
 
 def raise_priority(kind: str) -> str:

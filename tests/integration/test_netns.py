@@ -24,24 +24,30 @@ REASON = why_unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"netns harness unavailable: {REASON}")
 
 
-def median_ms(net: Network, a: str, b: str, n: int = 20) -> float:
-    return statistics.median(tcp_round_trips(net, a, b, n=n)) * 1000
+def rtt_ms(net: Network, a: str, b: str, n: int = 20) -> float:
+    """The shortest of n round trips, as ping's min or BBR's min_rtt: what the path itself costs.
+    Waiting for a busy CPU at either end only ever adds to a round trip (the suite's other
+    processes share this machine's two cores), while a wrong delay in the injector moves every
+    one of them, the shortest included."""
+    return min(tcp_round_trips(net, a, b, n=n)) * 1000
 
 
 @pytest.mark.parametrize("delay_ms", [10.0, 25.0, 50.0])
 def test_tcp_round_trip_is_twice_the_one_way_delay(delay_ms: float) -> None:
     # The issue's acceptance check of the injector: a plain TCP round trip measures 2D within 10%.
     with Network(["h1", "h2"], delay_ms=delay_ms) as net:
-        rtt = median_ms(net, "h1", "h2")
-    assert abs(rtt - 2 * delay_ms) <= 0.1 * 2 * delay_ms, f"median round trip {rtt:.2f} ms at {delay_ms} ms one way"
+        trips = [t * 1000 for t in tcp_round_trips(net, "h1", "h2", n=20)]
+    rtt = min(trips)
+    assert abs(rtt - 2 * delay_ms) <= 0.1 * 2 * delay_ms, (
+        f"round trip {rtt:.2f} ms at best, {statistics.median(trips):.2f} ms median, at {delay_ms} ms one way")
 
 
 def test_per_link_delays_lay_out_peers_and_a_distant_client() -> None:
     # "three peers 25 ms apart, client 40 ms away"
     links = [Link("c", p, 40.0) for p in ("p1", "p2", "p3")]
     with Network(["p1", "p2", "p3", "c"], delay_ms=25.0, links=links) as net:
-        between_peers = median_ms(net, "p1", "p3", n=10)
-        to_client = median_ms(net, "c", "p2", n=10)
+        between_peers = rtt_ms(net, "p1", "p3", n=10)
+        to_client = rtt_ms(net, "c", "p2", n=10)
     assert abs(between_peers - 50.0) <= 5.0, between_peers
     assert abs(to_client - 80.0) <= 8.0, to_client
 
@@ -66,12 +72,12 @@ def test_two_networks_of_one_process_are_separate() -> None:
         with Network(["a", "b"]) as two:
             assert one.ns("a") != two.ns("a")
         assert leftovers(two.pid, two.tag) == []
-        assert 15.0 <= median_ms(one, "a", "b", n=5) <= 60.0  # the first one still runs, with its delay
+        assert 15.0 <= rtt_ms(one, "a", "b", n=5) <= 60.0  # the first one still runs, with its delay
 
 
 def test_nat_lets_connections_out_and_none_in() -> None:
     with Network(["pub", "home"], delay_ms=5.0, nat="home") as net:
-        out = median_ms(net, "home", "pub", n=5)
+        out = rtt_ms(net, "home", "pub", n=5)
         assert 9.0 <= out <= 12.0, out  # 5 ms each way, through the router
         with pytest.raises(Exception):  # noqa: B017, PT011 - nothing answers: refused or unreachable
             tcp_round_trips(net, "pub", "home", n=1, timeout_s=3)
