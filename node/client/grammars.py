@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 __all__ = [
-    "TOOL_CLOSE", "TOOL_OPEN", "ToolCall", "json_object_grammar", "json_schema_grammar",
+    "TOOL_CLOSE", "TOOL_OPEN", "ToolCall", "ToolCallReader", "json_object_grammar", "json_schema_grammar",
     "parse_tool_calls", "tool_call_grammar",
 ]
 
@@ -85,21 +85,91 @@ class ToolCall:
     arguments: str  # JSON text, as OpenAI gives it
 
 
-_CALL = re.compile(re.escape(TOOL_OPEN) + r"(.*?)" + re.escape(TOOL_CLOSE), re.S)
-
-
 def parse_tool_calls(text: str) -> list[ToolCall] | None:
     """The calls in ``text`` if it consists of tool calls (as ``tool_call_grammar`` writes
-    them), else None (a text answer)."""
+    them), else None (a text answer). Each call's arguments are its JSON text as generated, so a
+    stream that carried them as they came (``ToolCallReader``) carried the same text; a call
+    cut short (no close tag: the token budget ran out) is left out."""
     if not text.startswith(TOOL_OPEN):
         return None
-    calls = []
-    for m in _CALL.finditer(text):
+    reader = ToolCallReader()
+    reader.feed(text)
+    calls = reader.calls[:reader.closed]
+    for c in calls:
         try:
-            obj = json.loads(m.group(1))
+            json.loads(c.arguments)
         except ValueError:
             return None
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return None
-        calls.append(ToolCall(obj["name"], json.dumps(obj.get("arguments", {}))))
     return calls or None
+
+
+_HEAD = re.compile(r'\{"name": ("[^"\\]*"), "arguments": ')
+_END = "}" + TOOL_CLOSE  # the call object's brace, then the close tag
+
+
+class ToolCallReader:
+    """Reads tool calls as their text arrives, so that a stream can carry each call's name as
+    soon as it is known and its arguments as they are generated (OpenAI's tool-call deltas).
+
+    ``feed(piece)`` returns what the piece completed: ``("call", index, name)`` once a call's
+    name is known, ``("arguments", index, text)`` for each further part of its arguments' JSON
+    text. It relies on the form ``tool_call_grammar`` forces: compact JSON, ``name`` before
+    ``arguments``, and no newline inside the JSON (JSON escapes it inside strings), so the
+    first ``}\n</tool_call>`` after the arguments ends the call. Text that is not in that form
+    stops the reader (``broken``); ``calls`` holds what it read, equal to ``parse_tool_calls``
+    of the whole text once every call is closed.
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._phase = "open"  # open -> head -> arguments -> (between -> open ...)
+        self._args: list[str] = []
+        self.names: list[str] = []
+        self.closed = 0
+        self.broken = False
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        return [ToolCall(n, "".join(self._args[i:i + 1])) for i, n in enumerate(self.names)]
+
+    def feed(self, piece: str) -> list[tuple[str, int, str]]:
+        events: list[tuple[str, int, str]] = []
+        self._buf += piece
+        while not self.broken:
+            if self._phase in ("open", "between"):
+                want = TOOL_OPEN if self._phase == "open" else "\n" + TOOL_OPEN
+                if len(self._buf) < len(want):
+                    self.broken = not want.startswith(self._buf)
+                    break
+                if not self._buf.startswith(want):
+                    self.broken = True
+                    break
+                self._buf = self._buf[len(want):]
+                self._phase = "head"
+            elif self._phase == "head":
+                m = _HEAD.match(self._buf)
+                if m is None:
+                    head = '{"name": "'
+                    self.broken = not (head.startswith(self._buf) or self._buf.startswith(head)) or "\n" in self._buf
+                    break
+                self.names.append(json.loads(m.group(1)))
+                self._args.append("")
+                events.append(("call", len(self.names) - 1, self.names[-1]))
+                self._buf = self._buf[m.end():]
+                self._phase = "arguments"
+            else:
+                end = self._buf.find(_END)
+                if end >= 0:
+                    text, self._buf = self._buf[:end], self._buf[end + len(_END):]
+                else:  # keep back what may be the start of the end
+                    keep = next((k for k in range(min(len(_END) - 1, len(self._buf)), 0, -1)
+                                 if _END.startswith(self._buf[-k:])), 0)
+                    text, self._buf = self._buf[:len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+                if text:
+                    self._args[-1] += text
+                    events.append(("arguments", len(self.names) - 1, text))
+                if end < 0:
+                    break
+                self.closed += 1
+                self._phase = "between"
+        return events

@@ -17,6 +17,7 @@ from and publish disputes to, an identity and a ledger for receipts, the swarm i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import secrets
@@ -320,8 +321,11 @@ class SwarmClient(Failover):
         vocab_size: int | None = None,
         speculate: "DraftSpec | Drafter | None" = None,
         grammar: str | None = None,
+        on_logprob: Callable[[int, "TokenLogprob"], None] | None = None,
     ) -> GenerationResult:
-        """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``.
+        """Generate for a batch of prompts (left-padded), streaming each step to ``on_tokens``
+        (and, with ``sampling.logprobs``, each row's token log-probability to ``on_logprob`` just
+        before its token goes to ``on_tokens``).
 
         A hop that fails or stalls past ``step_timeout_s`` is replaced mid-generation: another
         chain for its layers gets the history replayed, and generation goes on (failover); one
@@ -359,6 +363,11 @@ class SwarmClient(Failover):
         eos = set(eos_token_ids)
         out: list[list[int]] = [[] for _ in range(batch)]
         lps: list[list[TokenLogprob]] | None = None if sampling.logprobs is None else [[] for _ in range(batch)]
+
+        def note(row: int, lp: TokenLogprob) -> None:
+            lps[row].append(lp)  # type: ignore[index]
+            if on_logprob is not None:
+                on_logprob(row, lp)
         done = [False] * batch
         t0 = time.perf_counter()
         ttft = 0.0
@@ -388,7 +397,7 @@ class SwarmClient(Failover):
                         out[row].append(tok)
                         done[row] = tok in eos
                         if got is not None:
-                            lps[row].append(TokenLogprob(tok, *got[row]))  # type: ignore[index]
+                            note(row, TokenLogprob(tok, *got[row]))
                 if on_tokens is not None:
                     on_tokens(tokens)
                 if all(done) or (until is not None and until()):  # until: e.g. a stop sequence
@@ -397,7 +406,7 @@ class SwarmClient(Failover):
                     drafter.extend(prompts[0])
                     steps += await self._speculate(chain, drafter, tokens[0], step_pos[0][-1] + 1,
                                                    max_new_tokens - steps, out[0], eos, on_tokens, until,
-                                                   None if lps is None else lps[0])
+                                                   None if lps is None else functools.partial(note, 0))
                     break
                 step_ids = [[t] for t in tokens]
                 step_pos = [[p[-1] + 1] for p in step_pos]
@@ -411,7 +420,8 @@ class SwarmClient(Failover):
 
     async def _speculate(self, chain: Chain, drafter: Drafter, token: int, position: int, room: int,
                          out: list[int], eos: set[int], on_tokens: Callable[[list[int]], None] | None,
-                         until: Callable[[], bool] | None, lps: list[TokenLogprob] | None = None) -> int:
+                         until: Callable[[], bool] | None,
+                         record: Callable[[TokenLogprob], None] | None = None) -> int:
         """Decode one row by windows (SPEC 9.7) after its first token ``token`` (at ``position``,
         not yet in any cache), at most ``room`` more tokens into ``out``; returns how many.
 
@@ -445,7 +455,7 @@ class SwarmClient(Failover):
             while accepted < len(drafts) and answer[accepted] == drafts[accepted]:
                 accepted += 1
             new = answer[:accepted + 1]
-            got = _step_logprobs(chain) if lps is not None else None
+            got = _step_logprobs(chain) if record is not None else None
             chain.drafted += len(drafts)
             chain.accepted += accepted
             window.update(len(drafts), accepted, time.perf_counter() - started)
@@ -456,7 +466,7 @@ class SwarmClient(Failover):
             for j, tok in enumerate(new[:room - emitted]):
                 out.append(tok)
                 if got is not None:
-                    lps.append(TokenLogprob(tok, *got[j]))  # type: ignore[union-attr]
+                    record(TokenLogprob(tok, *got[j]))  # type: ignore[misc]
                 emitted += 1
                 if on_tokens is not None:
                     on_tokens([tok])

@@ -26,7 +26,7 @@ from node.client.grammars import (
     tool_call_grammar,
 )
 
-__all__ = ["BadField", "Tools", "output_grammar", "parse_tools", "render_conversation", "tool_calls_json"]
+__all__ = ["BadField", "Tools", "output_grammar", "parse_tools", "render_conversation", "tool_call_id", "tool_calls_json"]
 
 MAX_TOOLS = 64
 MAX_NAME = 64
@@ -178,9 +178,13 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], contents: Sequenc
     return conv, None
 
 
+def tool_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
 def tool_calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
     """OpenAI's ``tool_calls`` of an assistant message, each with a fresh id."""
-    return [{"id": "call_" + secrets.token_hex(12), "type": "function",
+    return [{"id": tool_call_id(), "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 

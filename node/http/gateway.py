@@ -49,11 +49,14 @@ from protocol.ids import MAX_GRAMMAR_BYTES, MAX_LOGIT_BIAS, MAX_SESSION_LENGTH
 from protocol.messages import SamplingParams
 
 from node.client.swarm import SwarmClient, TokenLogprob
-from node.http.agents import BadField, Tools, answer_calls, output_grammar, parse_tools, render_conversation, tool_calls_json
+from node.http.agents import (
+    BadField, Tools, answer_calls, output_grammar, parse_tools, render_conversation, tool_call_id, tool_calls_json,
+)
 from node.http.api import (ApiError, Choice, Outcome, Receive, Send, _from_swarm, _unavailable, _with_disconnect,
                            read_json)
 from node.http.asgi import http_only, send_bytes, send_json, serve_asgi
 from node.http.gateway_metrics import GatewayMetrics, health
+from node.client.grammars import ToolCallReader
 from node.client.routing import Hop, NoRoute
 from node.client.textgen import TextModel, Detokenizer, with_fresh_seed
 
@@ -238,8 +241,10 @@ def _logprobs_field(body: dict[str, Any], kind: str) -> int | None:
     return value
 
 
-def _logprobs_json(model: TextModel, got: Sequence[TokenLogprob] | None, kind: str) -> dict[str, Any] | None:
-    """OpenAI's ``logprobs`` of a choice, from the tokens' log-probabilities (end tokens left out)."""
+def _logprobs_json(model: TextModel, got: Sequence[TokenLogprob] | None, kind: str,
+                   offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's ``logprobs`` of a choice, or of a streamed chunk of it, from the tokens'
+    log-probabilities (end tokens left out); ``offset``: where the first one's text starts."""
     if got is None:
         return None
     got = [g for g in got if g.token not in model.eos_token_ids]
@@ -251,7 +256,7 @@ def _logprobs_json(model: TextModel, got: Sequence[TokenLogprob] | None, kind: s
         return {"content": [{"token": text(g.token), "logprob": g.logprob, "bytes": list(text(g.token).encode()),
                              "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
                                               for t, lp in g.top]} for g in got], "refusal": None}
-    offsets, at = [], 0
+    offsets, at = [], offset
     for g in got:
         offsets.append(at)
         at += len(text(g.token))
@@ -544,9 +549,11 @@ class Gateway:
         return Job(kind, model, ids, max_tokens, sampling, _stops(body), bool(_field(body, "stream", (bool,), False)),
                    bool(options.get("include_usage")), grammar, tools, n, logprobs, echo)
 
-    async def generate(self, job: Job, on_text: Callable[[int, str], None]) -> Outcome:
+    async def generate(self, job: Job, on_text: Callable[[int, str], None],
+                       on_logprob: Callable[[int, TokenLogprob], None] | None = None) -> Outcome:
         """Wait (bounded) for a generation slot, route, hold the route's peer slots, generate;
-        ``on_text(i, piece)`` gets choice i's text as it becomes safe to show."""
+        ``on_text(i, piece)`` gets choice i's text as it becomes safe to show, ``on_logprob(i,
+        entry)`` each of its tokens' log-probabilities (with ``logprobs``) before its text."""
         deadline = trio.current_time() + QUEUE_WAIT_S
         if self._slots.value == 0 and self._queued >= MAX_QUEUED:
             self.answered_busy += 1
@@ -585,6 +592,7 @@ class Gateway:
                         sampling=job.sampling, eos_token_ids=eos, route=route,
                         vocab_size=job.model.vocab_size, on_tokens=on_tokens, grammar=job.grammar,
                         until=lambda: all(t.stopped or e for t, e in zip(texts, ended)) or job.abandoned,
+                        on_logprob=on_logprob,
                     )
                 except (ShizaError, NoRoute) as exc:
                     error = _from_swarm(exc)
@@ -706,23 +714,52 @@ class Gateway:
             return {**head, "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": finish}],
                     **extra}
 
-        pieces, out = trio.open_memory_channel[tuple[int, str]](math.inf)
+        pieces, out = trio.open_memory_channel[tuple[int, str, list[TokenLogprob]]](math.inf)
         outcome: Outcome | None = None
         failure: ApiError | None = None
+        # With logprobs, each chunk carries those of the tokens whose text it completes (a
+        # token's text may wait for a stop sequence to be ruled out); the rest come at the end.
+        pending: list[list[TokenLogprob]] = [[] for _ in range(job.n)]
+        offsets = [0] * job.n  # completions' text_offset: where the next token's text starts
+
+        def taken(i: int) -> list[TokenLogprob]:
+            got, pending[i] = pending[i], []
+            return got
 
         async def produce() -> None:
             nonlocal outcome, failure
             async with pieces:
                 try:
-                    outcome = await self.generate(job, lambda i, s: s and pieces.send_nowait((i, s)))  # type: ignore[func-returns-value]
+                    outcome = await self.generate(
+                        job, lambda i, s: s and pieces.send_nowait((i, s, taken(i))),  # type: ignore[func-returns-value]
+                        on_logprob=lambda i, lp: pending[i].append(lp))
                 except ApiError as exc:
                     failure = exc
 
-        # With tools, an answer of tool calls is held back and sent as OpenAI's tool-call
-        # deltas once complete; the first character tells it from text (node/client/grammars.py).
+        def with_logprobs(part: dict[str, Any], i: int, got: list[TokenLogprob]) -> dict[str, Any]:
+            lp = _logprobs_json(job.model, got, job.kind, offsets[i]) if got else None
+            if lp is not None and (lp.get("content") or lp.get("tokens")):
+                part["choices"][0]["logprobs"] = lp
+                offsets[i] += sum(len(t) for t in lp.get("tokens", ()))
+            return part
+
+        # With tools, an answer of tool calls goes out as OpenAI's tool-call deltas: each call's
+        # name once known, then its arguments as they are generated; the first character tells
+        # calls from text (node/client/grammars.py). A call's own text is held back until the
+        # reader has placed it (what it never placed goes out as text at the end).
         held: list[list[str]] = [[] for _ in range(job.n)]
+        readers = [ToolCallReader() for _ in range(job.n)]
         first = "text" if job.tools is None or not job.tools.active else ("calls" if job.tools.required else "?")
         mode = [first] * job.n
+
+        async def call_deltas(i: int, piece: str) -> None:
+            for kind, k, value in readers[i].feed(piece):
+                if kind == "call":
+                    delta = {"index": k, "id": tool_call_id(), "type": "function",
+                             "function": {"name": value, "arguments": ""}}
+                else:
+                    delta = {"index": k, "function": {"arguments": value}}
+                await event(chunk(i, "", None, {"tool_calls": [delta]}))
 
         async def work(cancel: trio.CancelScope) -> None:
             if job.echo:  # completions: the prompt's text first, in each choice
@@ -732,13 +769,14 @@ class Gateway:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(produce)
                 async with out:
-                    async for i, piece in out:
+                    async for i, piece, got in out:
                         if mode[i] == "?":
                             mode[i] = "calls" if piece.startswith("<") else "text"
                         if mode[i] == "calls":
                             held[i].append(piece)
+                            await call_deltas(i, piece)
                         else:
-                            await event(chunk(i, piece, None))
+                            await event(with_logprobs(chunk(i, piece, None), i, got))
             cancel.cancel()
 
         await _with_disconnect(receive, work, job)
@@ -749,21 +787,14 @@ class Gateway:
             await event(failure.body())
         elif outcome is not None:
             for index, c in enumerate(outcome.choices):
-                if c.calls:
-                    for i, call in enumerate(tool_calls_json(c.calls)):
-                        fn = call["function"]
-                        await event(chunk(index, "", None, {"tool_calls": [{
-                            "index": i, "id": call["id"], "type": "function",
-                            "function": {"name": fn["name"], "arguments": ""}}]}))
-                        await event(chunk(index, "", None, {"tool_calls": [{
-                            "index": i, "function": {"arguments": fn["arguments"]}}]}))
+                if readers[index].names:
+                    pass  # its calls went out as they came (one cut short by the budget ends unclosed)
                 elif held[index]:
-                    await event(chunk(index, "".join(held[index]), None))
-                lp = _logprobs_json(job.model, _row(outcome, index), job.kind)
-                if lp is not None:  # the tokens' log-probabilities, in one chunk at the end
-                    part = chunk(index, "", None)
-                    part["choices"][0]["logprobs"] = lp
-                    await event(part)
+                    await event(with_logprobs(chunk(index, "".join(held[index]), None), index, taken(index)))
+                if pending[index] and mode[index] == "text":  # tokens whose text did not show: an end token, text a stop cut
+                    part = with_logprobs(chunk(index, "", None), index, taken(index))
+                    if part["choices"][0]["logprobs"] is not None:
+                        await event(part)
                 await event(chunk(index, "", c.finish_reason))
             if job.include_usage:
                 await event({**head, "choices": [], "usage": outcome.usage(len(job.prompt_ids))})

@@ -22,7 +22,8 @@ from typing import Any
 
 import trio
 
-from node.http.agents import tool_calls_json
+from node.client.grammars import ToolCallReader
+from node.http.agents import tool_call_id, tool_calls_json
 from node.http.api import ApiError, Outcome, Receive, Send, _with_disconnect, read_json
 from node.http.asgi import send_json
 
@@ -208,10 +209,14 @@ class _Answer:
         if outcome is None:
             return []
         if calls:
-            return [{"type": "function_call", "id": "fc_" + c["id"][5:], "call_id": c["id"],
-                     "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": "completed"}
+            return [self.call_item(c["id"], c["function"]["name"], c["function"]["arguments"], "completed")
                     for c in calls]
         return [self.message(outcome.text, "completed")]
+
+    @staticmethod
+    def call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+        return {"type": "function_call", "id": "fc_" + call_id[5:], "call_id": call_id, "name": name,
+                "arguments": arguments, "status": status}
 
     def message(self, text: str, status: str) -> dict[str, Any]:
         """The assistant's message item; its one output_text part once there is text or it ended."""
@@ -269,25 +274,44 @@ async def serve_responses(gw: Gateway, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "more_body": True,
                     "body": f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()})
 
-    text_streamed = stream and (job.tools is None or not job.tools.active)  # calls come whole, at the end
     where = {"item_id": answer.message_id, "output_index": 0, "content_index": 0}
+    # As in chat completions (gateway.py): text streams as it comes; so do tool calls, each
+    # call's item once its name is known, then its arguments, which the first character tells
+    # apart from text.
+    tools = job.tools is not None and job.tools.active
+    mode = "calls" if tools and job.tools.required else ("?" if tools else "text")  # type: ignore[union-attr]
+    reader = ToolCallReader()
+    call_ids: list[str] = []
+    text_streamed = False
 
     async def produce() -> None:
         nonlocal outcome, failure
         async with pieces:
             try:
-                outcome = await gw.generate(job, lambda i, s: s and text_streamed and pieces.send_nowait(s))  # type: ignore[func-returns-value]
+                outcome = await gw.generate(job, lambda i, s: s and stream and pieces.send_nowait(s))  # type: ignore[func-returns-value]
             except ApiError as exc:
                 failure = exc
 
     async def work(cancel: trio.CancelScope) -> None:
+        nonlocal mode, text_streamed
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
             async with out:
-                first = True
                 async for piece in out:
-                    if first:
-                        first = False
+                    if mode == "?":
+                        mode = "calls" if piece.startswith("<") else "text"
+                    if mode == "calls":
+                        for kind, k, value in reader.feed(piece):
+                            if kind == "call":
+                                call_ids.append(tool_call_id())
+                                item = answer.call_item(call_ids[-1], value, "", "in_progress")
+                                await event("response.output_item.added", output_index=k, item=item)
+                            else:
+                                await event("response.function_call_arguments.delta", item_id="fc_" + call_ids[k][5:],
+                                            output_index=k, delta=value)
+                        continue
+                    if not text_streamed:
+                        text_streamed = True
                         await event("response.output_item.added", output_index=0,
                                     item=answer.message("", "in_progress"))
                         await event("response.content_part.added", **where,
@@ -308,6 +332,9 @@ async def serve_responses(gw: Gateway, receive: Receive, send: Send) -> None:
     if outcome is None:
         return  # the client went away
     calls = tool_calls_json(outcome.calls) if outcome.calls else None
+    if calls and call_ids:  # the ids the stream already gave them
+        for c, call_id in zip(calls, call_ids):
+            c["id"] = call_id
     final = answer.obj(outcome, calls)
     gw.stored.put(answer.id, conversation + [
         {"role": "assistant", "content": None, "tool_calls": calls} if calls else
@@ -326,10 +353,11 @@ async def serve_responses(gw: Gateway, receive: Receive, send: Send) -> None:
             await event("response.output_text.done", **where, text=outcome.text, logprobs=[])
             await event("response.content_part.done", **where, part=item["content"][0])
         else:
-            await event("response.output_item.added", output_index=index, item={**item, "arguments": "",
-                                                                                  "status": "in_progress"})
-            await event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                        delta=item["arguments"])
+            if index >= len(call_ids):  # not streamed as it came
+                await event("response.output_item.added", output_index=index,
+                            item={**item, "arguments": "", "status": "in_progress"})
+                await event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                            delta=item["arguments"])
             await event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                         arguments=item["arguments"], name=item["name"])
         await event("response.output_item.done", output_index=index, item=item)

@@ -89,13 +89,17 @@ async def test_tool_calls_streamed_and_not_and_the_result_round_trip(tiny_swarm,
             chunks = await _in_thread(lambda: list(chat(messages=messages, tools=[WEATHER, ADD], tool_choice=choice,
                                                         parallel_tool_calls=parallel, stream=True)))
             calls: dict[int, dict] = {}
+            pieces: dict[int, int] = {}
             for c in chunks:
                 for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
                     got = calls.setdefault(d.index, {"name": "", "arguments": ""})
                     got["name"] += (d.function.name or "") if d.function else ""
                     got["arguments"] += (d.function.arguments or "") if d.function else ""
+                    pieces[d.index] = pieces.get(d.index, 0) + bool(d.function and d.function.arguments)
+                    assert (d.id is not None) == (pieces[d.index] == 0)  # the id and name come first, once
             assert [calls[i] for i in sorted(calls)] == [
                 {"name": t.function.name, "arguments": t.function.arguments} for t in msg.tool_calls]
+            assert all(n > 1 for n in pieces.values()), pieces  # the arguments come as they are generated
             assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
         # The round trip: the call and its result go back, and the model answers in text.
@@ -243,6 +247,10 @@ async def test_logprobs_match_transformers(tiny_swarm, tiny_model, tmp_path):
     assert "".join(c.token for c in content) == chat.choices[0].message.content
     got = [c for ch in streamed if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
     assert [(c.token, c.logprob) for c in got] == [(c.token, c.logprob) for c in content]
+    # streamed, each chunk carries its own tokens' log-probabilities, not all of them at the end
+    carrying = [ch.choices[0] for ch in streamed if ch.choices and ch.choices[0].logprobs]
+    assert len(carrying) > 1
+    assert all("".join(c.token for c in ch.logprobs.content) == ch.delta.content for ch in carrying if ch.delta.content)
     assert banned.choices[0].logprobs.tokens[0] != lp.tokens[0]  # the greedy first token, banned
 
 

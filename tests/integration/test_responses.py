@@ -69,6 +69,13 @@ async def test_text_json_tools_and_previous_response_id(tiny_swarm, tiny_model, 
                                                         temperature=0, stream=True)))
         done = [e.item for e in streamed if e.type == "response.output_item.done"]
         assert [(i.name, i.arguments) for i in done] == [(call.name, call.arguments)]
+        # the call's item opens once its name is known, then its arguments come as generated
+        kinds = [e.type for e in streamed]
+        pieces = [e.delta for e in streamed if e.type == "response.function_call_arguments.delta"]
+        assert len(pieces) > 1 and "".join(pieces) == call.arguments
+        assert kinds.index("response.output_item.added") < kinds.index("response.function_call_arguments.delta")
+        added = next(e.item for e in streamed if e.type == "response.output_item.added")
+        assert (added.call_id, added.name) == (done[0].call_id, call.name)
         for bad in ({"include": ["reasoning.encrypted_content"]}, {"background": True},
                     {"tools": [{"type": "web_search"}]}):
             try:
