@@ -82,6 +82,18 @@ async def test_activations_flow_node_to_node_with_the_same_text_and_receipts(cha
     assert value(samples, "shiza_links_open") == 1
     assert value(samples, "shiza_links_opened_total", channel="direct") + \
         value(samples, "shiza_links_opened_total", channel="libp2p") == 1
+    # Four long prompts next, on the link the short session left waiting for its next frame: their
+    # first push (a prefill chunk of 4 x 256 positions, 4x the short session's frame limit) is
+    # taken, not refused as too large (the link read with the limit of the sessions open when
+    # that read began).
+    long_prompt = (PROMPT * 50)[:300]
+    async with SwarmClient.open([chain3[0].addr], data_dir=tmp_path / "agent-long", push=True) as client:
+        result = await client.generate(source.model_id, [long_prompt] * 4, max_new_tokens=4, route=route)
+    assert result.token_ids == [reference_greedy(source, long_prompt, 4)] * 4
+    # every step pushed, the prefill's chunks too, and nothing failed over
+    assert result.pushed_steps > 2 * result.steps and result.pushed_steps % 2 == 0 and result.failovers == 0
+    assert value(scrape(chain3[1].metrics_port), "shiza_links_opened_total", channel="direct") + \
+        value(scrape(chain3[1].metrics_port), "shiza_links_opened_total", channel="libp2p") == 1
 
 
 async def test_a_node_without_push_is_driven_by_the_client(tiny_model, tmp_path):
