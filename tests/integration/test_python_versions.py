@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -132,33 +134,57 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def venv(tmp_path: Path) -> Iterator[Path]:
-    """Where the test makes its venv (about 190 MB), removed after it, pass or fail."""
-    yield tmp_path / "venv"
-    shutil.rmtree(tmp_path / "venv", ignore_errors=True)
+@dataclass
+class Install:
+    """One version's light venv, or why there is none: ``skip`` (no interpreter, no index with
+    its wheels) or ``failure`` (the install itself failed)."""
+    venv: Path
+    skip: str | None = None
+    failure: str | None = None
+
+
+def _install(version: str, wheel: Path, where: Path) -> Install:
+    venv = where / "venv"
+    python = _interpreter(version)
+    if python is None:
+        return Install(venv, skip=f"no Python {version} interpreter here (none of python{version} on PATH, "
+                                  f"pyenv's versions/{version}.*, this one runs as {version})")
+    made = _run([python, "-m", "venv", venv], 300)
+    if made.returncode != 0:
+        return Install(venv, failure=made.stderr)
+    bin_dir = venv / "bin"
+    probe = _run([bin_dir / "python", "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                  "-d", where / "probe", PROBE], 300)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return Install(venv, skip=f"no package index reachable here offers a Python {version} wheel of "
+                                  f"{PROBE}, so the light install cannot be built for it: {last}")
+    installed = _run([bin_dir / "python", "-m", "pip", "install", "-q", wheel], 900)
+    if installed.returncode != 0:
+        return Install(venv, failure=f"light install on Python {version} failed:\n{installed.stderr[-6000:]}")
+    return Install(venv)
+
+
+@pytest.fixture(scope="module")
+def installs(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Install]]:
+    """Every supported version's light venv (about 190 MB each), made at the same time (pip waits
+    on the index and the disk as much as on a core), removed after the module, pass or fail."""
+    roots = {v: tmp_path_factory.mktemp(f"py{v}") for v in SUPPORTED}
+    with ThreadPoolExecutor(len(SUPPORTED)) as pool:
+        made = dict(zip(SUPPORTED, pool.map(lambda v: _install(v, wheel, roots[v]), SUPPORTED)))
+    yield made
+    for install in made.values():
+        shutil.rmtree(install.venv, ignore_errors=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", SUPPORTED)
-def test_light_install_works_on(version: str, wheel: Path, venv: Path, tmp_path: Path) -> None:
-    python = _interpreter(version)
-    if python is None:
-        pytest.skip(f"no Python {version} interpreter here (none of python{version} on PATH, "
-                    f"pyenv's versions/{version}.*, this one runs as {version})")
-    made = _run([python, "-m", "venv", venv], 300)
-    assert made.returncode == 0, made.stderr
-    bin_dir = venv / "bin"
-
-    probe = _run([bin_dir / "python", "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                  "-d", tmp_path / "probe", PROBE], 300)
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        pytest.skip(f"no package index reachable here offers a Python {version} wheel of {PROBE}, "
-                    f"so the light install cannot be built for it: {last}")
-
-    installed = _run([bin_dir / "python", "-m", "pip", "install", "-q", wheel], 900)
-    assert installed.returncode == 0, f"light install on Python {version} failed:\n{installed.stderr[-6000:]}"
+def test_light_install_works_on(version: str, wheel: Path, installs: dict[str, Install], tmp_path: Path) -> None:
+    install = installs[version]
+    if install.skip is not None:
+        pytest.skip(install.skip)
+    assert install.failure is None, install.failure
+    venv, bin_dir = install.venv, install.venv / "bin"
 
     shiza = _run([bin_dir / "shiza", "--version"], 120, cwd=tmp_path)
     expected_version = wheel.name.split("-")[1]

@@ -92,26 +92,30 @@ def mixed_swarm(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     t0 = time.monotonic()
     vllm = ["--engine", "vllm", "--vllm-python", str(VLLM_PYTHON)]
-    vnode = start_node(root / "vllm", extra_args=[*vllm, "--receipt-every", "8"])
+    # A transformers span node first (ready in seconds), then the six others at once, bootstrapped
+    # on it: the vLLM nodes' tens of seconds of start overlap.
+    first = start_node(root / "span0", layers=SPANS[0])
     try:
-        vnode.wait_ready(600)
+        first.wait_ready(600)
     except BaseException:
-        vnode.kill()
+        first.kill()
         raise
-    print(f"vLLM node ready after {time.monotonic() - t0:.1f} s")
-    nodes = [vnode]
-    try:  # the span nodes join the vLLM node's swarm
+    started = [first]
+    try:
+        vnode = start_node(root / "vllm", bootstrap=[first.addr], extra_args=[*vllm, "--receipt-every", "8"])
+        started.append(vnode)
+        for i, span in enumerate(SPANS[1:], start=1):
+            started.append(start_node(root / f"span{i}", layers=span, bootstrap=[first.addr]))
         for i, span in enumerate(SPANS):
-            nodes.append(start_node(root / f"span{i}", layers=span, bootstrap=[vnode.addr]))
-        for i, span in enumerate(SPANS):
-            nodes.append(start_node(root / f"vspan{i}", layers=span, bootstrap=[vnode.addr],
-                                    extra_args=[*vllm, "--receipt-every", "4"]))
-        for n in nodes[1:]:
+            started.append(start_node(root / f"vspan{i}", layers=span, bootstrap=[first.addr],
+                                      extra_args=[*vllm, "--receipt-every", "4"]))
+        for n in started[1:]:
             n.wait_ready(600)
     except BaseException:
-        for n in nodes:
+        for n in started:
             n.kill()
         raise
+    nodes = [vnode, first, *started[2:]]  # the whole-model node, the transformers spans, the vLLM spans
     print(f"all seven nodes ready after {time.monotonic() - t0:.1f} s")
     yield Mixed(vnode, nodes[1:4], nodes[4:])
     supervisor, _ = _vllm_pids(vnode)
