@@ -32,6 +32,7 @@ from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
 from protocol.identity import Identity
+from protocol.messages import SamplingParams
 from node.devtools.localswarm import NodeProcess, start_node, stop_all
 from node.client.textgen import TextModel
 from protocol.receipts import Receipt, latest_per_session, verify_receipt
@@ -196,10 +197,23 @@ async def test_killed_vllm_server_drains_restarts_and_serves_again(mixed_swarm):
                          what="the vLLM node to publish draining, then online again")
         assert vnode.proc.poll() is None, "the node must survive its vLLM server"
         assert not _alive(supervisor), "the dead server's supervisor (and group) must be gone"
-        whole, _ = await _routes(client, model.model_id, mixed_swarm, model.num_layers)
+        whole, spans = await _routes(client, model.model_id, mixed_swarm, model.num_layers)
         again = await client.generate(model.model_id, [prompt], max_new_tokens=NEW_TOKENS, route=whole)
+        # logit_bias through vLLM's own: +100 all but forces a token, -100 bans the greedy first
+        # one; the transformers spans, given the same bias, choose the same tokens.
+        expected = reference_greedy(resolve_model("smollm2-135m"), prompt, NEW_TOKENS)
+        forced = model.tokenizer.encode(" Paris", add_special_tokens=False)[-1]
+        biased = {}
+        for name, route in (("whole", whole), ("spans", spans)):
+            for bias in (((forced, 100.0),), ((expected[0], -100.0),)):
+                got = await client.generate(model.model_id, [prompt], max_new_tokens=4, route=route,
+                                            sampling=SamplingParams(logit_bias=bias))
+                biased[name, bias] = got.token_ids[0]
     assert "draining" in seen and seen[-1] == "online"
-    assert again.token_ids[0] == reference_greedy(resolve_model("smollm2-135m"), prompt, NEW_TOKENS)
+    assert again.token_ids[0] == expected
+    assert biased["whole", ((forced, 100.0),)] == [forced] * 4
+    assert biased["whole", ((expected[0], -100.0),)][0] != expected[0]
+    assert {k[1]: v for k, v in biased.items() if k[0] == "whole"} == {k[1]: v for k, v in biased.items() if k[0] == "spans"}
 
 
 def _worker_pid(node: NodeProcess) -> int:

@@ -424,9 +424,12 @@ class VllmEngine(TorchEngine[_Session]):
         if params.grammar is not None:
             raise BadInput("the vLLM engine does not constrain output (SPEC 9.8); open the session "
                            "on a transformers span")
-        if params.logprobs is not None or params.logit_bias or params.penalized:
-            raise BadInput("the whole-model vLLM engine does not report log-probabilities or take logit_bias "
-                           "or penalties; open the session on a span (transformers or vLLM)")
+        if params.logprobs is not None or params.penalized:
+            # vLLM's penalties count the tokens of one request, which a restarted stream (a
+            # replay, a token the client chose) would forget; its log-probabilities are not
+            # those of the distribution drawn from (SPEC 9.9) by default.
+            raise BadInput("the whole-model vLLM engine does not report log-probabilities or take "
+                           "penalties; open the session on a span (transformers or vLLM)")
         self._add(session_id, _Session(batch_size, max_length, params,
                                        [_Row() for _ in range(batch_size)]))
 
@@ -486,6 +489,8 @@ class VllmEngine(TorchEngine[_Session]):
             "temperature": p.temperature, "top_p": p.top_p, "stream": True,
             "ignore_eos": True, "return_token_ids": True, "skip_special_tokens": False,
         }
+        if p.logit_bias:  # vLLM adds it to the logits before anything else, as a span does (SPEC 7.1)
+            body["logit_bias"] = {str(t): b for t, b in p.logit_bias}
         if p.temperature > 0:
             # A fresh seed per restart point, so a restarted stream does not repeat its draws.
             body["seed"] = (p.seed + len(prompt)) % (2**31)
