@@ -130,7 +130,7 @@ class ToolCallReader:
 
     @property
     def calls(self) -> list[ToolCall]:
-        return [ToolCall(n, "".join(self._args[i:i + 1])) for i, n in enumerate(self.names)]
+        return [ToolCall(n, a) for n, a in zip(self.names, self._args)]
 
     def feed(self, piece: str) -> list[tuple[str, int, str]]:
         events: list[tuple[str, int, str]] = []

@@ -26,7 +26,7 @@ from node.client.grammars import (
     tool_call_grammar,
 )
 
-__all__ = ["BadField", "Tools", "output_grammar", "parse_tools", "render_conversation", "tool_call_id", "tool_calls_json"]
+__all__ = ["BadField", "Tools", "output_grammar", "parse_tools", "render_conversation", "answer_kind", "tool_call_id", "tool_calls_json"]
 
 MAX_TOOLS = 64
 MAX_NAME = 64
@@ -180,6 +180,14 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], contents: Sequenc
 
 def tool_call_id() -> str:
     return "call_" + secrets.token_hex(12)
+
+
+def answer_kind(tools: Tools | None) -> str:
+    """What a streamed answer is before its first piece: "text", "calls", or "?" when the
+    first character will tell (``auto``: a text answer may not begin with ``<``)."""
+    if tools is None or not tools.active:
+        return "text"
+    return "calls" if tools.required else "?"
 
 
 def tool_calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:

@@ -50,7 +50,8 @@ from protocol.messages import SamplingParams
 
 from node.client.swarm import SwarmClient, TokenLogprob
 from node.http.agents import (
-    BadField, Tools, answer_calls, output_grammar, parse_tools, render_conversation, tool_call_id, tool_calls_json,
+    BadField, Tools, answer_calls, answer_kind, output_grammar, parse_tools, render_conversation, tool_call_id,
+    tool_calls_json,
 )
 from node.http.api import (ApiError, Choice, Outcome, Receive, Send, _from_swarm, _unavailable, _with_disconnect,
                            read_json)
@@ -749,8 +750,7 @@ class Gateway:
         # reader has placed it (what it never placed goes out as text at the end).
         held: list[list[str]] = [[] for _ in range(job.n)]
         readers = [ToolCallReader() for _ in range(job.n)]
-        first = "text" if job.tools is None or not job.tools.active else ("calls" if job.tools.required else "?")
-        mode = [first] * job.n
+        mode = [answer_kind(job.tools)] * job.n
 
         async def call_deltas(i: int, piece: str) -> None:
             for kind, k, value in readers[i].feed(piece):
@@ -787,9 +787,8 @@ class Gateway:
             await event(failure.body())
         elif outcome is not None:
             for index, c in enumerate(outcome.choices):
-                if readers[index].names:
-                    pass  # its calls went out as they came (one cut short by the budget ends unclosed)
-                elif held[index]:
+                # calls went out as they came (one cut short by the budget ends unclosed)
+                if held[index] and not readers[index].names:
                     await event(with_logprobs(chunk(index, "".join(held[index]), None), index, taken(index)))
                 if pending[index] and mode[index] == "text":  # tokens whose text did not show: an end token, text a stop cut
                     part = with_logprobs(chunk(index, "", None), index, taken(index))

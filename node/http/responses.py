@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from node.client.grammars import ToolCallReader
-from node.http.agents import tool_call_id, tool_calls_json
+from node.http.agents import answer_kind, tool_call_id, tool_calls_json
 from node.http.api import ApiError, Outcome, Receive, Send, _with_disconnect, read_json
 from node.http.asgi import send_json
 
@@ -196,6 +196,11 @@ def chat_request(body: dict[str, Any], previous: list[dict[str, Any]]) -> tuple[
     return chat, conversation
 
 
+def _item_id(call_id: str) -> str:
+    """A function_call item's id, from its call's (``call_...`` -> ``fc_...``)."""
+    return "fc_" + call_id[5:]
+
+
 class _Answer:
     """The response object of one request, as it is built."""
 
@@ -215,7 +220,7 @@ class _Answer:
 
     @staticmethod
     def call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-        return {"type": "function_call", "id": "fc_" + call_id[5:], "call_id": call_id, "name": name,
+        return {"type": "function_call", "id": _item_id(call_id), "call_id": call_id, "name": name,
                 "arguments": arguments, "status": status}
 
     def message(self, text: str, status: str) -> dict[str, Any]:
@@ -278,8 +283,7 @@ async def serve_responses(gw: Gateway, receive: Receive, send: Send) -> None:
     # As in chat completions (gateway.py): text streams as it comes; so do tool calls, each
     # call's item once its name is known, then its arguments, which the first character tells
     # apart from text.
-    tools = job.tools is not None and job.tools.active
-    mode = "calls" if tools and job.tools.required else ("?" if tools else "text")  # type: ignore[union-attr]
+    mode = answer_kind(job.tools)
     reader = ToolCallReader()
     call_ids: list[str] = []
     text_streamed = False
@@ -307,7 +311,7 @@ async def serve_responses(gw: Gateway, receive: Receive, send: Send) -> None:
                                 item = answer.call_item(call_ids[-1], value, "", "in_progress")
                                 await event("response.output_item.added", output_index=k, item=item)
                             else:
-                                await event("response.function_call_arguments.delta", item_id="fc_" + call_ids[k][5:],
+                                await event("response.function_call_arguments.delta", item_id=_item_id(call_ids[k]),
                                             output_index=k, delta=value)
                         continue
                     if not text_streamed:
