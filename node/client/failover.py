@@ -23,7 +23,7 @@ from protocol.records import CapacityRecord
 from node.client.disputes import publish_dispute
 from node.client.errors import LayersLost, NoRoute, PeerError
 from node.client.hops import HopSession, SessionSpec, StepInput
-from node.client.routing import Hop, find_chain_between
+from node.client.routing import Hop, candidates_from, find_chain_between
 from node.client.spotcheck import Verdict
 from node.net.wire import concat_steps
 
@@ -32,6 +32,19 @@ log = logging.getLogger("node.client.swarm")
 MAX_FAILOVERS = 8  # per generation
 FAILOVER_LOOKUP_S = 15.0  # bound on a fresh DHT lookup during failover
 DISTRUST_S = 3600.0  # how long the client avoids a node its spot check caught
+REVIVAL_WAIT_S = 10.0  # a failover with no replacement waits this long for a failed peer to return
+REVIVAL_POLL_S = 1.0  # how often it looks up the records meanwhile
+
+
+def still_failed(failed: dict[str, int], records: Sequence[CapacityRecord]) -> frozenset[str]:
+    """The peers of ``failed`` (peer id -> the sequence number of its record when it failed, -1
+    if none was known) that have shown no life since: no record of theirs with a higher
+    sequence. A node that restarts publishes a fresh record at once, and every live node
+    republishes within a third of its record's lifetime; a peer that did is tried again (at
+    most MAX_FAILOVERS failovers in all). Sequence numbers, not clocks: the node's clock and
+    ours need not agree."""
+    newest = {r.peer_id: r.seq for r in records}
+    return frozenset(p for p, seq in failed.items() if newest.get(p, -1) <= seq)
 
 
 @dataclass
@@ -40,7 +53,9 @@ class Chain:
     hops: list[HopSession] = field(default_factory=list)
     retired: list[HopSession] = field(default_factory=list)  # replaced by failover
     failovers: int = 0
-    failed: set[str] = field(default_factory=set)  # peers that failed this generation: never its fallback
+    # Peers that failed this generation -> their record's sequence number then: never its
+    # fallback until they publish a newer record (``still_failed``).
+    failed: dict[str, int] = field(default_factory=dict)
     push: bool = False  # link the hops (SPEC 9.6)
     relink: bool = False  # sessions were replaced under push: link the chain again
     pushed_steps: int = 0
@@ -70,23 +85,55 @@ class Failover:
     no_push: set[str]
     failovers_total: int
 
+    def _mark_failed(self, chain: Chain, peer_id: str) -> None:
+        """``peer_id`` failed in ``chain``'s generation: back off from it, and remember which of
+        its records it failed under (``still_failed``)."""
+        self.health.failed(peer_id, time.monotonic())
+        seqs = [r.seq for r in self.known_records(chain.spec.model_id) if r.peer_id == peer_id]
+        chain.failed[peer_id] = max(seqs, default=-1)
+
     async def _replacement(self, spec: SessionSpec, start: int, end: int,
-                           failed_now: frozenset[str] = frozenset()) -> list[Hop]:
-        """The fastest chain for layers ``start:end`` among peers not backed off: from the
-        records already known first (asking the DHT can wait on the very peer that failed),
-        then from a fresh lookup (bounded). NoRoute when neither has one."""
-        for fresh in (False, True):
-            if fresh:
-                with trio.move_on_after(FAILOVER_LOOKUP_S):
-                    await self.records(spec.model_id)
-            candidates = self._candidates(self.known_records(spec.model_id), spec.model_id)
-            try:
-                return self._with_fallback(lambda avoid: find_chain_between(
-                    start, end, candidates, avoid=avoid, need_tokens=spec.batch * spec.max_length), failed_now)
-            except NoRoute:
-                if fresh:
-                    raise
-        raise AssertionError("unreachable")
+                           failed: dict[str, int] | None = None) -> list[Hop]:
+        """The fastest chain for layers ``start:end`` among peers not backed off and not
+        ``failed`` this generation (``still_failed``): from the records already known first
+        (asking the DHT can wait on the very peer that failed), then from a fresh lookup
+        (bounded). When neither has one but a peer that failed served these layers, the records
+        are looked up again for up to REVIVAL_WAIT_S (a node killed and started again is back
+        within seconds, under a newer record). NoRoute when none comes."""
+        failed = failed or {}
+
+        def find() -> list[Hop]:
+            known = self.known_records(spec.model_id)
+            candidates = self._candidates(known, spec.model_id)
+            return self._with_fallback(lambda avoid: find_chain_between(
+                start, end, candidates, avoid=avoid, need_tokens=spec.batch * spec.max_length),
+                still_failed(failed, known))
+
+        async def look_up() -> None:
+            with trio.move_on_after(FAILOVER_LOOKUP_S):
+                await self.records(spec.model_id)
+
+        try:
+            return find()
+        except NoRoute:
+            pass
+        await look_up()
+        try:
+            return find()
+        except NoRoute as exc:
+            missing = exc
+        if not any(c.peer_id in failed and c.start < end and start < c.end
+                   for c in candidates_from(self.known_records(spec.model_id), spec.model_id)):
+            raise missing  # nobody who might come back served these layers
+        with trio.move_on_after(REVIVAL_WAIT_S):
+            while True:
+                await trio.sleep(REVIVAL_POLL_S)  # polling the DHT for a record, bounded above
+                await look_up()
+                try:
+                    return find()
+                except NoRoute as exc:
+                    missing = exc
+        raise missing
 
     async def _reopen_unsupported(self, chain: Chain) -> None:
         """Open again, on the same peers, the hops whose session ended on a Link they did not
@@ -159,8 +206,7 @@ class Failover:
         failed = chain.hops[index]
         log.warning("hop %s (layers %d:%d) failed: %s; failing over",
                     failed.hop.peer_id, failed.hop.start, failed.hop.end, failure.reason)
-        self.health.failed(failed.hop.peer_id, time.monotonic())
-        chain.failed.add(failed.hop.peer_id)
+        self._mark_failed(chain, failed.hop.peer_id)
         chain.failovers += 1
         self.failovers_total += 1
         if chain.failovers > MAX_FAILOVERS:
@@ -170,7 +216,7 @@ class Failover:
         spec = chain.open_spec()
         for attempt in range(MAX_FAILOVERS):
             try:
-                hops = await self._replacement(spec, failed.hop.start, failed.hop.end, frozenset(chain.failed))
+                hops = await self._replacement(spec, failed.hop.start, failed.hop.end, chain.failed)
             except NoRoute as exc:
                 raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
             history = failed.history
@@ -185,8 +231,7 @@ class Failover:
                     for h in replacement:
                         payload = await self.sessions.step(h, payload, pos, mask)
             except PeerError as exc:
-                self.health.failed(exc.peer_id, time.monotonic())
-                chain.failed.add(exc.peer_id)
+                self._mark_failed(chain, exc.peer_id)
                 log.warning("replacement %s failed too: %s", exc.peer_id, exc.reason)
                 continue
             chain.retired.append(failed)

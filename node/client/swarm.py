@@ -63,6 +63,7 @@ __all__ = ["CLOSE_TIMEOUT_S", "PREFILL_CHUNK", "STEP_TIMEOUT_S", "GenerationResu
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill step; longer prompts go in several steps
+REJOIN_TIMEOUT_S = 10.0  # dialing the known peers again when a lookup found no record
 
 
 @dataclass
@@ -259,7 +260,11 @@ class SwarmClient(Failover):
         """The fastest chain covering the model, from the records in the DHT now.
 
         Raises NoRoute, or PeerNotAllowed when a bootstrap peer says the swarm is private."""
+        seen = self._known.get(model_id, [])
         records = await self.records(model_id)
+        if not records and self.host is not None:
+            await self._rejoin(seen)
+            records = await self.records(model_id)
         if not records and not self._admission_checked and self.host is not None:
             self._admission_checked = True  # a private swarm's node says so
             try:
@@ -273,6 +278,15 @@ class SwarmClient(Failover):
         candidates = self._candidates(records, model_id)
         return self._with_fallback(lambda avoid: find_chain(
             num_layers, candidates, avoid=avoid, need_tokens=need_tokens, allow_partial=True))
+
+    async def _rejoin(self, seen: Sequence[CapacityRecord]) -> None:
+        """Dial the bootstrap peers and the peers of ``seen`` again and refresh the DHT's routing
+        table, bounded by REJOIN_TIMEOUT_S: a lookup that found nobody may only mean that every
+        peer this client knew went away (killed, restarted on another address) meanwhile."""
+        addrs = [*self.bootstrap_addrs, *(r.addrs[0] for r in seen if r.addrs)]
+        with trio.move_on_after(REJOIN_TIMEOUT_S):
+            reached = await self.dht.bootstrap(list(dict.fromkeys(addrs)))
+            log.info("no record found: dialed %d of %d known peers again", reached, len(set(addrs)))
 
     def _with_fallback(self, find: Callable[[frozenset[str]], list[Hop]],
                        failed_now: frozenset[str] = frozenset()) -> list[Hop]:
@@ -553,14 +567,13 @@ class SwarmClient(Failover):
                 continue
             except PeerError as exc:
                 failure = exc
-            self.health.failed(hop.peer_id, time.monotonic())
-            chain.failed.add(hop.peer_id)
+            self._mark_failed(chain, hop.peer_id)
             chain.failovers += 1
             self.failovers_total += 1
             if chain.failovers > MAX_FAILOVERS:
                 raise failure
             try:
-                replacement = await self._replacement(chain.spec, hop.start, hop.end, frozenset(chain.failed))
+                replacement = await self._replacement(chain.spec, hop.start, hop.end, chain.failed)
             except NoRoute:
                 raise failure from None
             log.warning("cannot open %s (layers %d:%d): %s; opening %s instead", hop.peer_id, hop.start,

@@ -108,6 +108,16 @@ def disable_auto_connector(host: IHost) -> None:
     connector.start = _start_disabled  # type: ignore[method-assign]
 
 
+def forget_failed_dial(host: IHost, peer_id: str | ID) -> None:
+    """Let ``peer_id`` be dialed again now. py-libp2p's swarm refuses, for 60 s, every dial to a
+    peer whose addresses all failed once ("recently failed all addresses (negative cache)"), even
+    to the new address of a node that restarted a second later. The caller has an address it was
+    just given (a bootstrap address, a peer's freshly signed record) and its own back-off."""
+    unblock = getattr(host.get_network(), "unblock_peer", None)
+    if unblock is not None:
+        unblock(to_id(peer_id))
+
+
 def peer_info_from_maddr(maddr: str) -> PeerInfo:
     """Parse a full multiaddr ending in /p2p/<peer id>."""
     return info_from_p2p_addr(multiaddr.Multiaddr(maddr))

@@ -122,6 +122,22 @@ class DirectChannel(FramedReader):
                 pass
         await self.close()
 
+    def peer_gone(self) -> bool:
+        """Whether the peer has closed or reset the connection, as far as the kernel knows now
+        (a non-blocking peek, nothing consumed). A sender that never reads (a link's pushing
+        end) learns this way that the node it pushes to died, before it writes into a socket
+        whose first write would vanish and second would fail."""
+        if self._closed or self._broken is not None:
+            return True
+        sock = self._sock.socket  # trio's; its recv is async: peek on a duplicate of its fd
+        try:
+            with socket.fromfd(sock.fileno(), sock.family, sock.type) as raw:
+                return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # open, nothing to read
+        except OSError:
+            return True  # reset
+
     def _check_usable(self) -> None:
         super()._check_usable()
         if self._closed:

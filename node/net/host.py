@@ -33,7 +33,7 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.protocol_muxer.exceptions import MultiselectClientError
 
-from node.net._libp2p import build_libp2p_host, is_relayed, peer_info_from_maddr, to_id, was_reset
+from node.net._libp2p import build_libp2p_host, forget_failed_dial, is_relayed, peer_info_from_maddr, to_id, was_reset
 from node.net.relay import Relay, RelayOptions, is_circuit, open_relay
 from node.net.streams import HEADER, FramedReader, FramedStream, FrameTooLong, StreamBroken, frame, serve_stream
 
@@ -226,7 +226,8 @@ class Host:
         """Connect to the peer at a full multiaddr (ending in /p2p/<id>).
 
         Returns its peer id. Raises whatever py-libp2p raises when the dial or
-        the Noise/yamux upgrade fails (SwarmException and subclasses).
+        the Noise/yamux upgrade fails (SwarmException and subclasses). A peer
+        whose addresses all failed before is dialed anyway (``forget_failed_dial``).
         Cancellation abandons the dial; nothing is left half-registered.
         """
         if is_circuit(maddr):  # <relay>/p2p-circuit/p2p/<peer>: through the relay
@@ -239,6 +240,9 @@ class Host:
         info = peer_info_from_maddr(maddr)
         if info.peer_id == self.libp2p.get_id():
             raise ValueError("refusing to connect to ourselves")
+        # An address given now is tried now, even if this peer failed all its addresses a
+        # moment ago (it may have restarted there); callers back off on their own.
+        forget_failed_dial(self.libp2p, info.peer_id)
         await self.libp2p.connect(info)
         # host.connect stores the address for 120 s only; keep it longer so
         # open_stream can redial after a dropped connection.

@@ -28,7 +28,7 @@ from protocol.ids import LINK_PROTOCOL, MAX_CONTROL_FRAME_BYTES
 from protocol.messages import Error
 from protocol.push import LinkOpen, LinkOpened, Push
 
-from node.net.direct import DirectListener, connect as connect_direct
+from node.net.direct import DirectChannel, DirectListener, connect as connect_direct
 from node.net.streams import Connector, FramedStream, StreamBroken
 from node.net.wire import recv_message, send_message
 
@@ -56,6 +56,13 @@ class OutLink:
     @property
     def direct(self) -> bool:
         return self.anchor is not None
+
+    def usable(self) -> bool:
+        """Not broken, and (a direct channel) not closed by the peer: a node that restarted
+        closed its end of the old link (``DirectChannel.peer_gone``)."""
+        if self.broken is None and isinstance(self.io, DirectChannel) and self.io.peer_gone():
+            self.broken = "the peer closed the link"
+        return self.broken is None
 
     async def send(self, push: Push, timeout_s: float = PUSH_SEND_TIMEOUT_S) -> None:
         """Send one push; StreamBroken when the link is (or becomes) unusable."""
@@ -112,7 +119,7 @@ class LinkPool:
         lock = self._opening.setdefault(peer_id, trio.Lock())
         async with lock:
             link = self._links.get(peer_id)
-            if link is None or link.broken is not None:
+            if link is None or not link.usable():
                 if link is not None:
                     await link.reset()
                 with trio.move_on_after(self.open_timeout_s) as scope:

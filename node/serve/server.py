@@ -174,6 +174,7 @@ class _Session:
     prev_peer: str | None = None  # whose pushes this session takes (None: the client's Steps only)
     next: OutLink | None = None  # where each output is pushed, to session next_session
     next_session: str = ""
+    next_addrs: tuple[str, ...] = ()  # the next peer's addresses, as the Link gave them
     source: "_Source | None" = None  # where its messages come from (the stream, then also pushes)
 
 
@@ -596,29 +597,43 @@ class SpanServer:
                 try:
                     session.next = await self.links.acquire(msg.next_peer, msg.next_addrs)
                     session.next_session, pushing = msg.next_session, True
+                    session.next_addrs = tuple(msg.next_addrs)
                 except StreamBroken as exc:
                     reason = f"no link to {msg.next_peer}: {exc}"[:1000]
                     log.info("session %s: %s", session.session_id, reason)
         await send_message(stream, Linked(pushing, reason))
 
     async def _push(self, session: "_Session", step: Step, output: Tensor) -> None:
-        """Push ``output`` to the next hop's session, signed. A link that fails is dropped:
-        the session goes on, and its client (whose next hop reports nothing) re-links."""
+        """Push ``output`` to the next hop's session, signed. A link that fails is opened again
+        once and the push sent there (the node it pushes to may have restarted since the link
+        was made: the old link is dead, the new session is there); a push that fails on that
+        too drops the link: the session goes on, and its client (whose next hop reports
+        nothing) re-links."""
         link = session.next
         assert link is not None and self.identity is not None
         nxt = dataclasses.replace(step, input=output)  # keep and draft go on with it (9.7)
         if self.push_fault is not None:
             nxt = dataclasses.replace(nxt, input=self.push_fault(output))
         sig = sign_push(self.identity, push_digest(session.next_session, nxt))
-        try:
-            await link.send(Push(session.next_session, session.client, nxt.step, nxt.input, nxt.positions, sig,
-                                 nxt.mask, nxt.keep, nxt.draft))
-            self.pushes_out += 1
-        except StreamBroken as exc:
-            log.info("push of session %s to %s failed: %s", session.session_id, link.peer_id, exc)
-            if self.links is not None:
-                self.links.release(link)
-            session.next = None
+        push = Push(session.next_session, session.client, nxt.step, nxt.input, nxt.positions, sig,
+                    nxt.mask, nxt.keep, nxt.draft)
+        for attempt in range(2):
+            try:
+                await link.send(push)
+                self.pushes_out += 1
+                return
+            except StreamBroken as exc:
+                log.info("push of session %s to %s failed: %s", session.session_id, link.peer_id, exc)
+                if self.links is not None:
+                    self.links.release(link)
+                session.next = None
+            if attempt or self.links is None:
+                return
+            try:
+                link = session.next = await self.links.acquire(link.peer_id, session.next_addrs)
+            except StreamBroken as exc:
+                log.info("session %s: no new link to %s: %s", session.session_id, link.peer_id, exc)
+                return
 
     async def handle_link(self, stream: FramedStream) -> None:
         """A node linking to us to push steps: allowed when an open session names it."""

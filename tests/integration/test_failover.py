@@ -13,7 +13,7 @@ from node.engine.reference import reference_greedy
 from node.engine.registry import resolve_model
 from node.ledger.store import Ledger
 from protocol.identity import Identity
-from node.devtools.localswarm import start_chain, stop_all
+from node.devtools.localswarm import start_chain, start_node, stop_all
 from protocol.receipts import Receipt
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 5140]
@@ -107,3 +107,43 @@ async def test_no_replacement_names_the_lost_layers(tiny_model, tmp_path):
     with Ledger.open(tmp_path / "agent" / "ledger.sqlite", Identity.load_or_create(tmp_path / "agent")) as ledger:
         statuses = {(Receipt.from_bytes(e.receipt).server, e.status) for e in ledger.entries()}
     assert (nodes[0].peer_id, "countersigned") in statuses
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_the_only_node_of_some_layers_restarted_takes_its_layers_back(tiny_model, tmp_path):
+    """SIGKILL the only node serving 3:6 mid-generation and start it again (same data directory,
+    same address, as a supervisor would). The failover has nobody else; it waits (bounded) for
+    the failed peer's newer record and reopens there. Before, the generation ended in
+    LayersLost at once, and for 60 s py-libp2p refused to dial the restarted node at all."""
+    listen = ["--listen", f"/ip4/127.0.0.1/tcp/{_free_port()}"]
+    nodes = start_chain(tmp_path, [(0, 3), (3, 6)], model=str(tiny_model), timeout_s=120,
+                        node_args=[[], listen])
+    restarted = []
+    try:
+        source = resolve_model(str(tiny_model))
+        expected = reference_greedy(source, PROMPT, NEW)
+        lost = nodes[1]
+        async with SwarmClient.open([nodes[0].addr], data_dir=tmp_path / "agent", step_timeout_s=3) as client:
+            await client.wait_for_route(source.model_id, 60)
+            calls = []
+
+            def on_tokens(tokens):
+                calls.append(tokens)
+                if len(calls) == 3:
+                    lost.kill()
+                    restarted.append(start_node(lost.data_dir, model=str(tiny_model), layers=(3, 6),
+                                                bootstrap=[nodes[0].addr], extra_args=listen))
+
+            result = await client.generate(source.model_id, [PROMPT], max_new_tokens=NEW, on_tokens=on_tokens)
+        assert result.token_ids[0] == expected
+        assert result.failovers >= 1
+        assert [h.peer_id for h in result.route] == [nodes[0].peer_id, lost.peer_id]
+    finally:
+        stop_all([*nodes, *restarted])

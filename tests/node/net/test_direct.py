@@ -153,3 +153,17 @@ async def test_one_address_holds_only_its_share_of_the_handshake_slots():
         node = await _hello_from("127.0.0.2", listener)  # another address still gets a slot
         assert node is not None and node.remote_peer_id == PEER
         assert listener.channels == 1 and listener.handshakes_in_progress == 2
+
+
+@pytest.mark.parametrize("end", ["close", "reset"])
+async def test_a_sender_sees_that_the_peer_is_gone_without_reading(end):
+    """A link's pushing end never reads. When the node it pushes to dies (its end closed or
+    reset), ``peer_gone`` says so before the next push is written into a dead socket."""
+    async with _listener() as listener:
+        client, node = await _pair(listener)
+        await client.send_frame(b"push")
+        assert await node.read_frame(1 << 20) == b"push"
+        assert not client.peer_gone()
+        await (node.close() if end == "close" else node.reset())
+        await eventually(client.peer_gone, what="the sender sees the closed link", timeout_s=10)
+        await client.close()

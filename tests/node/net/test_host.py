@@ -241,3 +241,33 @@ async def test_leaving_the_block_closes_listener_and_connections_even_after_a_dh
                              what="the peer to see the connection end")
             with pytest.raises(Exception):
                 await a.open_stream(b.peer_id, ECHO)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_peer_that_restarts_on_its_address_is_reachable_at_once() -> None:
+    """py-libp2p refuses, for 60 s, to dial a peer whose addresses all failed once. A node that
+    was killed and came back a second later on the same address was unreachable for that minute
+    (the chaos run's "recently failed all addresses (negative cache)"): an address given to
+    ``connect`` is now tried at once."""
+    listen = f"/ip4/127.0.0.1/tcp/{_free_port()}"
+    with trio.fail_after(TIMEOUT):
+        async with open_host(seed("dialer")) as a:
+            async with open_host(seed("restarts"), listen) as b:
+                addr = b.addrs[0]
+                b.set_handler(ECHO, echo)
+            with pytest.raises(Exception):  # noqa: B017 - py-libp2p raises several kinds
+                await a.connect(addr)  # gone: every address fails, the peer is negative-cached
+            async with open_host(seed("restarts"), listen) as b:
+                b.set_handler(ECHO, echo)
+                assert await a.connect(addr) == b.peer_id
+                stream = await a.open_stream(b.peer_id, ECHO)
+                await stream.send_frame(b"back")
+                assert await stream.read_frame(MAX) == b"back"
+                await stream.close()
