@@ -85,7 +85,22 @@ def build_libp2p_host(seed: bytes, listen: Sequence[multiaddr.Multiaddr], announ
         addrs_factory=addrs_factory(announce),
     )
     disable_auto_connector(host)
+    shorten_failed_dial_memory(host)
     return host
+
+
+NEGATIVE_DIAL_TTL_S = 5.0  # how long the swarm refuses to dial a peer whose addresses all failed
+
+
+def shorten_failed_dial_memory(host: IHost, ttl_s: float = NEGATIVE_DIAL_TTL_S) -> None:
+    """Make py-libp2p forget a failed dial after ``ttl_s`` instead of 60 s. Its swarm refuses
+    every dial, the DHT's included, to a peer whose addresses all failed once; a node killed and
+    started again a few seconds later (a new address, in a record the DHT holds) stayed out of
+    reach, and out of every lookup that asks it for its own record, for that minute. Our own
+    back-off (node/client/health.py) decides when a failed node is used again."""
+    cache = getattr(host.get_network(), "_negative_peer_cache", None)
+    if cache is not None and hasattr(cache, "_ttl"):
+        cache._ttl = ttl_s
 
 
 def disable_auto_connector(host: IHost) -> None:

@@ -271,3 +271,25 @@ async def test_a_peer_that_restarts_on_its_address_is_reachable_at_once() -> Non
                 await stream.send_frame(b"back")
                 assert await stream.read_frame(MAX) == b"back"
                 await stream.close()
+
+
+async def test_the_swarm_forgets_a_failed_dial_as_told() -> None:
+    """The DHT dials through the swarm, not ``connect``: its memory of failed dials is shortened
+    (5 s by default, from py-libp2p's 60 s). With 0 s, a peer back on its address is dialed from
+    the peerstore at once; this fails if py-libp2p moves the cache the setting reaches into."""
+    from node.net._libp2p import shorten_failed_dial_memory
+
+    listen = f"/ip4/127.0.0.1/tcp/{_free_port()}"
+    with trio.fail_after(TIMEOUT):
+        async with open_host(seed("dialer2")) as a:
+            shorten_failed_dial_memory(a.libp2p, 0.0)
+            async with open_host(seed("restarts2"), listen) as b:
+                addr, peer = b.addrs[0], b.peer_id
+            with pytest.raises(Exception):  # noqa: B017 - py-libp2p raises several kinds
+                await a.connect(addr)
+            async with open_host(seed("restarts2"), listen) as b:
+                b.set_handler(ECHO, echo)
+                stream = await a.open_stream(peer, ECHO)  # the peerstore's address, no connect
+                await stream.send_frame(b"back")
+                assert await stream.read_frame(MAX) == b"back"
+                await stream.close()
