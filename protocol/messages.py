@@ -4,14 +4,15 @@ Wire form: a msgpack map {"v": 0, "t": TYPE, ...fields}. Every field is checked 
 is built, locally or from the wire, so a message object that exists is a valid one. Receivers
 reject unknown fields (InvalidMessage): a new field needs a new protocol version, unless it is
 optional and left out of the wire map when unset (Error.retry_after_s, Step.keep, Step.draft,
-StepResult.logprobs and top_ids), so every message without it keeps its old form.
+StepResult.logprobs and top_ids, SessionOpened.windows, dtype and vocab_size), so every message
+without it keeps its old form.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Union, get_args
 
 from ._fields import check_bytes, check_choice, check_float, check_hex, check_int, check_seq, check_str, set_field
 from ._message import _check_bt, _check_logprobs, _Message, omit_unset
@@ -124,10 +125,12 @@ class OpenSession(_Message):
 class SessionOpened(_Message):
     """``direct_port`` and ``direct_key`` (both or neither): the node's offer of a direct
     channel for this session's later frames (SPEC.md 9.5). ``windows``: the node runs window
-    steps (9.7); left out of the wire map when false."""
+    steps (9.7). ``dtype``: the float dtype of the hidden states the span returns;
+    ``vocab_size``: the rows of the model's output head (token ids lie below it)."""
 
     TYPE: ClassVar[str] = "opened"
-    _OPTIONAL: ClassVar[dict[str, Any]] = {"direct_port": None, "direct_key": None, "windows": False}
+    _OPTIONAL: ClassVar[dict[str, Any]] = {"direct_port": None, "direct_key": None, "windows": False,
+                                           "dtype": None, "vocab_size": None}
     session_id: str
     start: int
     end: int
@@ -135,9 +138,11 @@ class SessionOpened(_Message):
     direct_port: int | None = None
     direct_key: bytes | None = None
     windows: bool = False
+    dtype: str | None = None
+    vocab_size: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return omit_unset(super().to_wire(), windows=False)
+        return omit_unset(super().to_wire(), windows=False, dtype=None, vocab_size=None)
 
     def __post_init__(self) -> None:
         check_str("session_id", self.session_id, MAX_ID_LEN, nonempty=True)
@@ -150,6 +155,10 @@ class SessionOpened(_Message):
             check_bytes("direct_key", self.direct_key, DIRECT_KEY_BYTES, exact=True)
         if type(self.windows) is not bool:
             raise InvalidMessage("windows must be a boolean")
+        if self.dtype is not None:
+            check_choice("dtype", self.dtype, FLOAT_DTYPES)
+        if self.vocab_size is not None:
+            check_int("vocab_size", self.vocab_size, 1, 2**31)
 
 
 @dataclass(frozen=True)
@@ -315,8 +324,7 @@ class Error(_Message):
     """A failure, sent instead of the expected answer; the sender then closes the stream.
 
     ``retry_after_s``: the sender's hint of when the same request may succeed (Busy,
-    RateLimited). It is left out of the wire map when None, so every Error without a hint
-    has exactly the form it had before the field existed (SPEC 7.10)."""
+    RateLimited); left out of the wire map when None (SPEC 7.10)."""
 
     TYPE: ClassVar[str] = "error"
     _OPTIONAL: ClassVar[dict[str, Any]] = {"retry_after_s": None}
@@ -348,17 +356,9 @@ class Error(_Message):
         return error_from_code(self.code, self.message, self.retry_after_s)
 
 
-Message = Union[
-    InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Countersign, Dispute,
-    Error,
-]
-MESSAGE_TYPES: dict[str, type[_Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed, Countersign,
-        Dispute, Error,
-    )
-}
+Message = Union[InfoRequest, NodeInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession, Closed,
+                Countersign, Dispute, Error]
+MESSAGE_TYPES: dict[str, type[_Message]] = {cls.TYPE: cls for cls in get_args(Message)}
 
 
 def message_to_wire(msg: Message) -> dict[str, Any]:

@@ -91,7 +91,9 @@ class HopSession:
     history: list[StepInput] = field(default_factory=list)
     spec: SessionSpec | None = None  # what it was opened with: its outputs are checked against it
     hidden_size: int = 0  # as its SessionOpened said
-    out_dtype: str | None = None  # the float dtype of its first hidden-state output
+    # The float dtype of its hidden-state outputs: as its SessionOpened said, else its first one's.
+    out_dtype: str | None = None
+    vocab_size: int | None = None  # as its SessionOpened said: its token ids lie below it
     # Node-to-node flow (SPEC 9.6): its input is pushed by the hop before it; it pushes its
     # output to the hop after it.
     pushed_in: bool = False
@@ -199,7 +201,8 @@ class HopSessions:
         self.rtt.observe(hop.peer_id, time.perf_counter() - t0)
         account = ClientAccount(self.identity, hop.peer_id, spec.model_id, hop.start, hop.end,
                                 opened.session_id, swarm_id=self.swarm_id, seq_floor=floor)
-        checked = {"spec": spec, "hidden_size": opened.hidden_size, "windows": opened.windows}
+        checked = {"spec": spec, "hidden_size": opened.hidden_size, "windows": opened.windows,
+                   "out_dtype": opened.dtype, "vocab_size": opened.vocab_size}
         if opened.direct_port is None or public is None or secret is None:
             return HopSession(hop, stream, opened.session_id, account, **checked)
         try:
@@ -306,9 +309,10 @@ class HopSessions:
         if spec is None:
             return
         last = None if spec.num_layers is None else h.hop.end == spec.num_layers
+        vocabs = [v for v in (spec.vocab_size, h.vocab_size) if v is not None]  # the tighter bound
         try:
             check_output(result.output, batch=spec.batch, length=payload.shape[1], hidden_size=h.hidden_size,
-                         last=last, dtype=h.out_dtype, vocab_size=spec.vocab_size, window=window)
+                         last=last, dtype=h.out_dtype, vocab_size=min(vocabs, default=None), window=window)
         except ShizaError as exc:
             h.account.disputed_reason = f"step {h.steps}: {exc}"
             if result.receipt is not None:

@@ -11,11 +11,12 @@ PeerError).
 What a session fixes:
   * a hop that ends before the model's last layer answers hidden states of the step's batch and
     length, ``(B, T, H)``, where H is the ``hidden_size`` its ``SessionOpened`` announced, in a
-    float dtype that stays the same for the whole session (the first output fixes it; the client
-    does not know the model's dtype in advance: SessionOpened does not carry it);
-  * the last hop answers ``int64 (B,)`` (a window step: ``(B, T)``, SPEC 9.7) token ids in ``[0, vocab_size)`` when the caller knows the
-    vocabulary (``SwarmClient.generate(vocab_size=...)``), else in ``[0, 2**31)``: records carry
-    no vocabulary size, and no tokenizer has 2**31 entries;
+    float dtype that stays the same for the whole session (the one its ``SessionOpened`` said;
+    from a node that does not say, the first output's);
+  * the last hop answers ``int64 (B,)`` (a window step: ``(B, T)``, SPEC 9.7) token ids in
+    ``[0, vocab_size)``, the smaller of the caller's (``SwarmClient.generate(vocab_size=...)``)
+    and its ``SessionOpened``'s, else in ``[0, 2**31)``: records carry no vocabulary size, and
+    no tokenizer has 2**31 entries;
   * every value of hidden states is finite.
 
 Pure functions of ``protocol.codec.Tensor`` with the standard library only (the client has no

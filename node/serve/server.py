@@ -43,7 +43,7 @@ from protocol.errors import (
     UnknownMessageType,
     UnknownModel,
 )
-from protocol.codec import Tensor, itemsize
+from protocol.codec import FLOAT_DTYPES, Tensor, itemsize
 from protocol.ids import DEFAULT_SWARM_ID, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES, MAX_TENSOR_ELEMENTS
 from protocol.messages import (
     CloseSession,
@@ -270,7 +270,9 @@ class SpanServer:
                 await send_message(stream, SessionOpened(
                     session.session_id, msg.start, msg.end, self.engine.hidden_size,
                     offer.port if offer else None, offer.public if offer else None,
-                    windows=bool(getattr(self.engine, "windows", False))))
+                    windows=bool(getattr(self.engine, "windows", False)),
+                    dtype=self.engine.dtype if self.engine.dtype in FLOAT_DTYPES else None,
+                    vocab_size=self.engine.vocab_size))
                 if offer is not None:  # SPEC 9.5: the session goes on over the direct channel
                     channel = await self._await_channel(stream, offer)
                     if channel is None:

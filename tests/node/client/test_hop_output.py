@@ -103,3 +103,41 @@ async def test_a_known_vocabulary_bounds_the_token_ids(tiny_llama):
     assert result.token_ids[0] == reference(tiny_llama, PROMPT, NEW)
     assert liar.peer_id not in {h.peer_id for h in result.route}
     assert client.health.failures(swarm.nodes[0].peer_id) == 0
+
+
+async def test_the_last_hops_own_vocabulary_bounds_its_token_ids(tiny_llama):
+    """Without a caller's vocabulary, the last hop's SessionOpened says its own: an id at or past
+    it is that hop's fault. Before, anything below 2**31 was taken and went into the text."""
+    vocab = engine(tiny_llama, 3, 6).vocab_size
+
+    def just_outside(t: Tensor) -> Tensor:
+        return Tensor("int64", t.shape, struct.pack(f"<{t.shape[0]}q", *([vocab] * t.shape[0])))
+
+    async with open_swarm(tiny_llama, [(0, 3)]) as swarm:
+        liar = await swarm.add_node("liar", engine(tiny_llama, 3, 6, wrap=lying(just_outside)))
+        await swarm.add_node("standby", engine(tiny_llama, 3, 6))
+        client = swarm.client()
+        await client.records(swarm.model_id)
+        route = [Hop(swarm.nodes[0].peer_id, 0, 3), Hop(liar.peer_id, 3, 6)]
+        result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=NEW, route=route)
+    assert result.token_ids[0] == reference(tiny_llama, PROMPT, NEW)
+    assert liar.peer_id not in {h.peer_id for h in result.route}
+
+
+async def test_hidden_states_in_another_dtype_than_the_session_said_are_the_hops_fault(tiny_llama):
+    """The first span's SessionOpened says float32; answering float16 from the first step on
+    (which the next hop would have taken, the text drifting) is that hop's fault."""
+    def half(t: Tensor) -> Tensor:
+        values = struct.unpack(f"<{len(t.data) // 4}f", bytes(t.data))
+        return Tensor("float16", t.shape, struct.pack(f"<{len(values)}e", *values))
+
+    async with open_swarm(tiny_llama, [(3, 6)]) as swarm:
+        liar = await swarm.add_node("liar", engine(tiny_llama, 0, 3, wrap=lying(half)))
+        standby = await swarm.add_node("standby", engine(tiny_llama, 0, 3))
+        client = swarm.client()
+        await client.records(swarm.model_id)
+        route = [Hop(liar.peer_id, 0, 3), Hop(swarm.nodes[0].peer_id, 3, 6)]
+        result = await client.generate(swarm.model_id, [PROMPT], max_new_tokens=NEW, route=route)
+    assert result.token_ids[0] == reference(tiny_llama, PROMPT, NEW)
+    assert [h.peer_id for h in result.route][0] == standby.peer_id
+    assert client.health.failures(swarm.nodes[0].peer_id) == 0
