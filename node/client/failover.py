@@ -18,10 +18,11 @@ import trio
 from protocol.codec import Tensor
 from protocol.disputes import sign_dispute
 from protocol.identity import Identity
+from protocol.errors import Timeout
 from protocol.records import CapacityRecord
 
 from node.client.disputes import publish_dispute
-from node.client.errors import LayersLost, NoRoute, PeerError
+from node.client.errors import LayersLost, NoRoute, PeerError, PeerUnreachable
 from node.client.hops import HopSession, SessionSpec, StepInput
 from node.client.routing import Hop, candidates_from, find_chain_between
 from node.client.spotcheck import Verdict
@@ -32,8 +33,9 @@ log = logging.getLogger("node.client.swarm")
 MAX_FAILOVERS = 8  # per generation
 FAILOVER_LOOKUP_S = 15.0  # bound on a fresh DHT lookup during failover
 DISTRUST_S = 3600.0  # how long the client avoids a node its spot check caught
-REVIVAL_WAIT_S = 10.0  # a failover with no replacement waits this long for a failed peer to return
-REVIVAL_POLL_S = 1.0  # how often it looks up the records meanwhile
+REVIVAL_WAIT_S = 10.0  # a generation's failovers wait at most this long in all for a failed peer
+REVIVAL_POLL_S = 1.0  # how often they look up the records meanwhile
+RETRY_FAILED_AFTER_S = 3.0  # then they try the peers that failed without a newer record too
 
 
 def still_failed(failed: dict[str, int], records: Sequence[CapacityRecord]) -> frozenset[str]:
@@ -56,6 +58,8 @@ class Chain:
     # Peers that failed this generation -> their record's sequence number then: never its
     # fallback until they publish a newer record (``still_failed``).
     failed: dict[str, int] = field(default_factory=dict)
+    revival_left_s: float = REVIVAL_WAIT_S  # what its failovers may still wait for a failed peer
+    silent: set[str] = field(default_factory=set)  # of those, the ones that failed unreachable or stalled
     push: bool = False  # link the hops (SPEC 9.6)
     relink: bool = False  # sessions were replaced under push: link the chain again
     pushed_steps: int = 0
@@ -85,29 +89,38 @@ class Failover:
     no_push: set[str]
     failovers_total: int
 
-    def _mark_failed(self, chain: Chain, peer_id: str) -> None:
-        """``peer_id`` failed in ``chain``'s generation: back off from it, and remember which of
-        its records it failed under (``still_failed``)."""
+    def _mark_failed(self, chain: Chain, peer_id: str, failure: PeerError) -> None:
+        """``peer_id`` failed in ``chain``'s generation with ``failure``: back off from it, and
+        remember which of its records it failed under (``still_failed``) and whether it failed
+        silently (unreachable or stalled: it may just be back; one that answered an error, a
+        refusal above all, is not asked again in this generation)."""
         self.health.failed(peer_id, time.monotonic())
         seqs = [r.seq for r in self.known_records(chain.spec.model_id) if r.peer_id == peer_id]
         chain.failed[peer_id] = max(seqs, default=-1)
+        if isinstance(failure, (PeerUnreachable, Timeout)):
+            chain.silent.add(peer_id)
+        else:
+            chain.silent.discard(peer_id)
 
     async def _replacement(self, spec: SessionSpec, start: int, end: int,
-                           failed: dict[str, int] | None = None) -> list[Hop]:
-        """The fastest chain for layers ``start:end`` among peers not backed off and not
-        ``failed`` this generation (``still_failed``): from the records already known first
+                           chain: Chain | None = None) -> list[Hop]:
+        """The fastest chain for layers ``start:end`` among peers not backed off and not failed
+        in ``chain``'s generation (``still_failed``): from the records already known first
         (asking the DHT can wait on the very peer that failed), then from a fresh lookup
         (bounded). When neither has one but a peer that failed served these layers, the records
-        are looked up again for up to REVIVAL_WAIT_S (a node killed and started again is back
-        within seconds, under a newer record). NoRoute when none comes."""
-        failed = failed or {}
+        are looked up again, every REVIVAL_POLL_S, for what is left of the generation's
+        REVIVAL_WAIT_S: a node killed and started again is back within seconds under a newer
+        record; after RETRY_FAILED_AFTER_S the peers that failed silently are tried as they are
+        (a node that stalled and goes on publishes nothing new). NoRoute when none comes."""
+        failed = chain.failed if chain is not None else {}
+        silent = frozenset(chain.silent) if chain is not None else frozenset()
 
-        def find() -> list[Hop]:
+        def find(strict: bool = True) -> list[Hop]:
             known = self.known_records(spec.model_id)
             candidates = self._candidates(known, spec.model_id)
             return self._with_fallback(lambda avoid: find_chain_between(
                 start, end, candidates, avoid=avoid, need_tokens=spec.batch * spec.max_length),
-                still_failed(failed, known))
+                still_failed(failed, known) - (frozenset() if strict else silent))
 
         async def look_up() -> None:
             with trio.move_on_after(FAILOVER_LOOKUP_S):
@@ -122,17 +135,23 @@ class Failover:
             return find()
         except NoRoute as exc:
             missing = exc
-        if not any(c.peer_id in failed and c.start < end and start < c.end
-                   for c in candidates_from(self.known_records(spec.model_id), spec.model_id)):
+        if chain is None or not any(c.peer_id in failed and c.start < end and start < c.end
+                                    for c in candidates_from(self.known_records(spec.model_id), spec.model_id)):
             raise missing  # nobody who might come back served these layers
-        with trio.move_on_after(REVIVAL_WAIT_S):
-            while True:
-                await trio.sleep(REVIVAL_POLL_S)  # polling the DHT for a record, bounded above
-                await look_up()
-                try:
-                    return find()
-                except NoRoute as exc:
-                    missing = exc
+        t0 = trio.current_time()
+        try:
+            with trio.move_on_after(max(0.0, chain.revival_left_s)):
+                while True:
+                    await trio.sleep(REVIVAL_POLL_S)  # polling the DHT for a record, bounded above
+                    await look_up()
+                    for strict in (True, False):
+                        if strict or trio.current_time() - t0 >= RETRY_FAILED_AFTER_S:
+                            try:
+                                return find(strict)
+                            except NoRoute as exc:
+                                missing = exc
+        finally:
+            chain.revival_left_s -= trio.current_time() - t0
         raise missing
 
     async def _reopen_unsupported(self, chain: Chain) -> None:
@@ -206,7 +225,7 @@ class Failover:
         failed = chain.hops[index]
         log.warning("hop %s (layers %d:%d) failed: %s; failing over",
                     failed.hop.peer_id, failed.hop.start, failed.hop.end, failure.reason)
-        self._mark_failed(chain, failed.hop.peer_id)
+        self._mark_failed(chain, failed.hop.peer_id, failure)
         chain.failovers += 1
         self.failovers_total += 1
         if chain.failovers > MAX_FAILOVERS:
@@ -216,7 +235,7 @@ class Failover:
         spec = chain.open_spec()
         for attempt in range(MAX_FAILOVERS):
             try:
-                hops = await self._replacement(spec, failed.hop.start, failed.hop.end, chain.failed)
+                hops = await self._replacement(spec, failed.hop.start, failed.hop.end, chain)
             except NoRoute as exc:
                 raise LayersLost(failed.hop.start, failed.hop.end, str(exc)) from None
             history = failed.history
@@ -231,7 +250,7 @@ class Failover:
                     for h in replacement:
                         payload = await self.sessions.step(h, payload, pos, mask)
             except PeerError as exc:
-                self._mark_failed(chain, exc.peer_id)
+                self._mark_failed(chain, exc.peer_id, exc)
                 log.warning("replacement %s failed too: %s", exc.peer_id, exc.reason)
                 continue
             chain.retired.append(failed)

@@ -567,13 +567,13 @@ class SwarmClient(Failover):
                 continue
             except PeerError as exc:
                 failure = exc
-            self._mark_failed(chain, hop.peer_id)
+            self._mark_failed(chain, hop.peer_id, failure)
             chain.failovers += 1
             self.failovers_total += 1
             if chain.failovers > MAX_FAILOVERS:
                 raise failure
             try:
-                replacement = await self._replacement(chain.spec, hop.start, hop.end, chain.failed)
+                replacement = await self._replacement(chain.spec, hop.start, hop.end, chain)
             except NoRoute:
                 raise failure from None
             log.warning("cannot open %s (layers %d:%d): %s; opening %s instead", hop.peer_id, hop.start,

@@ -147,3 +147,43 @@ async def test_the_only_node_of_some_layers_restarted_takes_its_layers_back(tiny
         assert [h.peer_id for h in result.route] == [nodes[0].peer_id, lost.peer_id]
     finally:
         stop_all([*nodes, *restarted])
+
+
+async def test_the_only_node_of_some_layers_stalled_then_going_on_takes_its_layers_back(tiny_model, tmp_path):
+    """SIGSTOP the only node serving 3:6 mid-generation; SIGCONT it once the client has failed
+    it over (it found nobody else). A stalled node publishes no newer record, so after a few
+    seconds of waiting the failover tries it as it is, and the generation ends as without the
+    stall. Before, it ended in LayersLost while that node served again."""
+    import trio
+
+    nodes = start_chain(tmp_path, [(0, 3), (3, 6)], model=str(tiny_model), timeout_s=120)
+    try:
+        source = resolve_model(str(tiny_model))
+        expected = reference_greedy(source, PROMPT, NEW)
+        stalled = nodes[1]
+        async with SwarmClient.open([nodes[0].addr], data_dir=tmp_path / "agent", step_timeout_s=3) as client:
+            await client.wait_for_route(source.model_id, 60)
+            calls = []
+
+            def on_tokens(tokens):
+                calls.append(tokens)
+                if len(calls) == 3:
+                    os.kill(stalled.proc.pid, signal.SIGSTOP)
+
+            async def go_on_after_the_failover():
+                with trio.fail_after(60):
+                    while client.failovers_total == 0:  # polling the client's state
+                        await trio.sleep(0.05)
+                os.kill(stalled.proc.pid, signal.SIGCONT)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(go_on_after_the_failover)
+                result = await client.generate(source.model_id, [PROMPT], max_new_tokens=NEW, on_tokens=on_tokens)
+        assert result.token_ids[0] == expected
+        assert result.failovers >= 1
+        assert [h.peer_id for h in result.route] == [nodes[0].peer_id, stalled.peer_id]
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                os.kill(n.proc.pid, signal.SIGCONT)
+        stop_all(nodes)
