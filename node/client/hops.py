@@ -45,7 +45,7 @@ from protocol.push import Link, Linked, Pushed, push_digest, verify_push
 from node.client.errors import InvalidRequest, PeerError, PeerUnreachable, peer_error
 from node.client.health import PeerHealth, RttTracker
 from node.client.outputs import check_output
-from node.client.routing import Hop
+from node.client.routing import Hop, relayed_only
 from node.ledger.accounting import ClientAccount, record, seq_floor, store
 from node.ledger.store import DuplicateEntry, Ledger
 from node.net.direct import connect as connect_direct
@@ -158,7 +158,7 @@ class HopSessions:
         connects, else (or when it fails to connect: once more without asking) on the stream."""
         # A peer reached only through relays has no address of its own to take a direct
         # channel at (its connection ends at the relay): not asked, no failed try to back off.
-        relayed = bool(hop.addrs) and all("/p2p-circuit" in a for a in hop.addrs)
+        relayed = relayed_only(hop.addrs)
         if self.direct and not relayed and hop.peer_id not in self.direct_backoff.avoided(self.clock()):
             try:
                 opened = await self._open_once(spec, hop, direct=True)

@@ -4,8 +4,9 @@ A chain is a list of hops whose layer ranges tile the model's layers ``[0, num_l
 no gap and no overlap: hop ``i`` ends where hop ``i + 1`` starts. Among all such chains the
 client prefers the one with the lowest expected time per token: each hop costs its share of
 the peer's compute (``1 / throughput`` for the whole span, pro rata for part of it) plus one
-network round trip (measured if known, else ``DEFAULT_HOP_COST_S``), so fewer hops win when
-speeds are close.
+network round trip (measured if known, else ``DEFAULT_HOP_COST_S``, or ``relayed_hop_cost`` for a
+peer reached only through a relay), so fewer hops win when speeds are close, and a direct peer
+wins over a relayed one of the same speed until round trips are measured.
 
 With ``allow_partial`` a hop may run only a sub-range ``[a, b)`` of a peer's span, so
 overlapping spans chain (``0:10`` on A, then ``10:30`` on B which serves ``5:30``). The search
@@ -23,12 +24,29 @@ from protocol.records import CapacityRecord
 
 from node.client.errors import NoRoute
 
-__all__ = ["DEFAULT_HOP_COST_S", "Candidate", "Hop", "NoRoute", "candidates_from", "eligible", "find_chain",
-           "find_chain_between", "hop_time", "missing_layers", "num_layers_of"]
+__all__ = ["DEFAULT_HOP_COST_S", "RELAY_FORWARD_S", "Candidate", "Hop", "NoRoute", "candidates_from", "eligible",
+           "find_chain", "find_chain_between", "hop_time", "missing_layers", "num_layers_of", "relayed_hop_cost",
+           "relayed_only"]
 
 # What one more hop costs per token, in seconds, before measured round-trip times are known.
 # FACTS.md: a py-libp2p round trip between processes on loopback is about 4 ms.
 DEFAULT_HOP_COST_S = 0.005
+# What a relay adds to a round trip besides the second pair of legs: py-libp2p's circuit relay
+# forwards every frame through the relay's yamux and Noise in Python (benchmarks/wan/relay_probe.py).
+RELAY_FORWARD_S = 0.01
+
+
+def relayed_only(addrs: Iterable[str]) -> bool:
+    """Whether a peer with these addresses is reached only through relays (SPEC 2.7): every
+    address is a ``/p2p-circuit`` one. No address at all is not relayed (the peer is unknown)."""
+    addrs = list(addrs)
+    return bool(addrs) and all("/p2p-circuit" in a for a in addrs)
+
+
+def relayed_hop_cost(hop_cost_s: float = DEFAULT_HOP_COST_S) -> float:
+    """The round trip assumed for a relayed peer before one is measured: client to relay to peer
+    and back is two direct round trips, plus the relay's own forwarding."""
+    return 2 * hop_cost_s + RELAY_FORWARD_S
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,10 @@ class Candidate:
     addrs: tuple[str, ...] = ()
     rtt_s: float | None = None  # measured round trip to the peer; None: not measured yet
     cache_tokens_left: int | None = None  # KV-cache room the peer advertised; None: unknown
+
+    @property
+    def relayed(self) -> bool:
+        return relayed_only(self.addrs)
 
 
 @dataclass(frozen=True)
@@ -108,12 +130,16 @@ def hop_time(candidate: Candidate, hop_cost_s: float = DEFAULT_HOP_COST_S,
     """Expected seconds per token through this hop, running ``layers`` (default: its span).
 
     The peer's throughput is for its whole span; part of it costs pro rata. The network part
-    is the measured round trip when there is one, else ``hop_cost_s``.
+    is the measured round trip when there is one (through the relay, for a relayed peer), else
+    ``hop_cost_s``, or ``relayed_hop_cost(hop_cost_s)`` for a peer reached only through relays.
     """
     compute = 1.0 / candidate.throughput if candidate.throughput > 0 else 1.0
     if layers is not None:
         compute *= (layers[1] - layers[0]) / (candidate.end - candidate.start)
-    network = candidate.rtt_s if candidate.rtt_s is not None else hop_cost_s
+    if candidate.rtt_s is not None:
+        network = candidate.rtt_s
+    else:
+        network = relayed_hop_cost(hop_cost_s) if candidate.relayed else hop_cost_s
     return compute + network
 
 

@@ -1,7 +1,10 @@
 import pytest
 
 from node.client.routing import (DEFAULT_HOP_COST_S, Candidate, NoRoute, find_chain, hop_time,
-                          missing_layers)
+                          missing_layers, relayed_hop_cost, relayed_only)
+
+RELAYED = ("/ip4/10.77.0.1/tcp/4001/p2p/12D3KooWRelay/p2p-circuit/p2p/12D3KooWNated",)
+DIRECT = ("/ip4/10.77.0.2/tcp/4001/p2p/12D3KooWDirect",)
 
 
 def spans(chain):
@@ -110,6 +113,28 @@ def test_measured_rtt_replaces_the_default_hop_cost():
     assert spans(find_chain(30, cands)) == [("n1", 0, 15), ("n2", 15, 30)]
     unmeasured = [Candidate(c.peer_id, c.start, c.end, c.throughput) for c in cands]
     assert spans(find_chain(30, unmeasured)) == [("far", 0, 30)]
+
+
+def test_a_relayed_peer_costs_more_than_a_direct_one_until_measured():
+    # Same span, the relayed peer a little faster: the direct one wins on the relay's extra legs.
+    cands = [Candidate("direct", 0, 30, 10.0, DIRECT), Candidate("nated", 0, 30, 10.2, RELAYED)]
+    assert spans(find_chain(30, cands)) == [("direct", 0, 30)]
+    assert hop_time(cands[1]) == pytest.approx(1 / 10.2 + relayed_hop_cost())
+    assert relayed_hop_cost() > 2 * DEFAULT_HOP_COST_S
+    # much faster compute still pays for the relay
+    fast = [cands[0], Candidate("nated", 0, 30, 20.0, RELAYED)]
+    assert spans(find_chain(30, fast)) == [("nated", 0, 30)]
+    # once measured, the measured round trip (through the relay) is what counts
+    measured = [Candidate("direct", 0, 30, 10.0, DIRECT, rtt_s=0.05), Candidate("nated", 0, 30, 10.2, RELAYED, rtt_s=0.01)]
+    assert spans(find_chain(30, measured)) == [("nated", 0, 30)]
+    # the only peer of its layers is used, relayed or not
+    assert spans(find_chain(30, [cands[1]])) == [("nated", 0, 30)]
+
+
+def test_relayed_only_means_every_address_is_a_circuit():
+    assert relayed_only(RELAYED)
+    assert not relayed_only(RELAYED + DIRECT)  # one direct address: dialled directly
+    assert not relayed_only(())
 
 
 def test_peers_without_cache_room_are_skipped():
