@@ -43,6 +43,9 @@ PLANS = {
 }
 
 
+WAN_DELAYS = "0,10,25,50"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="benchmarks against the monolithic baseline")
     p.add_argument("--quick", action="store_true", help="a few minutes: tiny model, fewer sessions")
@@ -52,7 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--wan", action="store_true",
                    help="root: 3 nodes and a client in network namespaces at one-way delays per link "
                         "(benchmarks/wan; --model defaults to the tiny model there)")
-    p.add_argument("--wan-delays", default="0,10,25,50", help="--wan: one-way delays, ms, comma-separated")
+    p.add_argument("--wan-delays", default=WAN_DELAYS, help="--wan: one-way delays, ms, comma-separated")
+    p.add_argument("--discovery", action="store_true",
+                   help="root: 10, 30 and 100 DHT peers as processes across network namespaces, at 0 and 25 ms "
+                        "one way per link: time to a model's full coverage and one lookup "
+                        "(benchmarks/wan/discovery.py; --wan-delays sets the delays)")
     p.add_argument("--engines", action="store_true",
                    help="one span on transformers and on vLLM (.venv-vllm), batch 1 and 16, and the "
                         "vLLM worker channel's cost (benchmarks/engines.py; --model defaults to smollm2-135m)")
@@ -67,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         from benchmarks.wan.pipeline import main as run_wan
 
         return run_wan(["--model", args.model or "tiny", "--delays", args.wan_delays, "--out", str(args.out)])
+    if getattr(args, "discovery", False):
+        from benchmarks.wan.discovery import main as run_discovery
+
+        delays = args.wan_delays if args.wan_delays != WAN_DELAYS else "0,25"
+        return run_discovery(["--delays", delays, "--out", str(args.out)])
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = PLANS[name]
     if args.model:

@@ -32,6 +32,17 @@ from py-libp2p 0.8.1 (see FACTS.md):
   could evict, a flood of them would push out every honest provider.
 * `get_from(peer, key)` asks one peer, one request, for a value: a reader
   fetching capacity records asks each provider for its own record first.
+* Inbound bursts wait instead of being dropped: py-libp2p serves at most 12
+  inbound DHT streams at once and resets every stream beyond that unread, and
+  ADD_PROVIDER has no answer, so when many nodes announced a model at once
+  the peers closest to its key silently lost most announcements. Here a
+  stream beyond the 12 waits up to `INBOUND_WAIT_S` for a slot, at most
+  `INBOUND_WAITING_MAX` of them at once; only beyond those is it reset. A
+  stream holds a slot at most `INBOUND_HOLD_S` (an abandoned one held it for
+  good).
+* Joining looks up our own id (`join_lookup`); py-libp2p's routing-table
+  refresh does nothing with its random walk off, so a node knew only its
+  bootstrap peers.
 
 What it cannot change: values live 24 h on remote peers with no per-record
 TTL and no deletion, so validators must check an expiry inside the value, and
@@ -51,7 +62,7 @@ from typing import Any
 
 import trio
 from libp2p.kad_dht import DHTMode, KadDHT
-from libp2p.kad_dht.common import ALPHA, QUERY_TIMEOUT
+from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID as KAD_PROTOCOL_ID, QUERY_TIMEOUT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.provider_store import ProviderRecord
 from libp2p.peer.id import ID
@@ -109,6 +120,13 @@ def _observed(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 _SHA2_256 = b"\x12\x20"  # multihash code 0x12, length 32
 MAX_PROVIDERS_PER_KEY = 256  # providers one DHT node keeps per key (py-libp2p: 20)
 PROVIDER_TTL_S = 3600.0  # an entry lives this long after its last announcement (py-libp2p: 48 h)
+INBOUND_WAIT_S = 5.0  # an inbound DHT stream waits this long for one of py-libp2p's 12 handler slots
+INBOUND_WAITING_MAX = 256  # streams waiting at once; one more is reset unread, as py-libp2p does
+# A request is one message and its answer on a stream of its own, so a stream still open after
+# this long was abandoned: py-libp2p's requests close their stream in a `finally` that a cancelled
+# requester never reaches, and its handler then waited for the next message forever, one of the
+# 12 slots gone for the connection's life. Past this it is reset and its slot freed.
+INBOUND_HOLD_S = float(QUERY_TIMEOUT)
 
 
 class DHTError(Exception):
@@ -252,6 +270,43 @@ class SwarmDHT:
         self._local_id = host.libp2p.get_id()
         self.providers = _ProviderPolicy(self.kad.provider_store, MAX_PROVIDERS_PER_KEY,
                                          PROVIDER_TTL_S)
+        self.inbound_waiting = 0
+        self.inbound_refused = 0  # streams reset unread: too many waiting, or waited too long
+        host.libp2p.set_stream_handler(KAD_PROTOCOL_ID, self._handle_kad_stream)
+
+    async def _handle_kad_stream(self, stream: Any) -> None:
+        """py-libp2p's handler, except that a stream finding every slot taken waits for one
+        (bounded in time and in count) instead of being reset unread, and that a stream holds
+        its slot for at most INBOUND_HOLD_S."""
+        limiter = self.kad._inbound_limiter
+        if self.inbound_waiting >= INBOUND_WAITING_MAX:
+            await self._refuse(stream)
+            return
+        acquired = False
+        self.inbound_waiting += 1
+        try:
+            with trio.move_on_after(INBOUND_WAIT_S):
+                await limiter.acquire()
+                acquired = True
+        finally:
+            self.inbound_waiting -= 1
+        if not acquired:
+            await self._refuse(stream)
+            return
+        try:
+            with trio.move_on_after(INBOUND_HOLD_S) as held:
+                await self.kad._do_handle_stream(stream)
+            if held.cancelled_caught:
+                await self._refuse(stream)
+        finally:
+            limiter.release()
+
+    async def _refuse(self, stream: Any) -> None:
+        self.inbound_refused += 1
+        try:
+            await stream.reset()
+        except Exception:  # noqa: BLE001 - the stream may already be gone
+            pass
 
     # -- membership -----------------------------------------------------------
 
@@ -271,8 +326,25 @@ class SwarmDHT:
             reached += 1
             await self.kad.add_peer(to_id(peer_id), skip_server_mode_check=True)
         if reached:
-            await self.kad.refresh_routing_table()
+            await self.join_lookup()
         return reached
+
+    async def join_lookup(self) -> int:
+        """Kademlia's join: look up our own id, and keep every peer the lookup met.
+
+        py-libp2p's ``refresh_routing_table`` does nothing unless its random walk is on (it is
+        off here), so a node used to know only its bootstrap peers: when many joined at once,
+        each announced its records to the "closest peers" of a one-peer table, readers asked
+        the really closest ones, and 56 of 100 providers of a model could not be found
+        (benchmarks/wan/discovery.py). The lookup fills the buckets near us, and every peer
+        it queries adds us to its own table (an inbound KAD stream does). Returns the size of
+        the routing table after it."""
+        with trio.move_on_after(QUERY_TIMEOUT * 3):
+            found = await self.kad.peer_routing.find_closest_peers_network(self._local_id.to_bytes())
+            for peer in found:
+                if peer != self._local_id:
+                    await self.kad.add_peer(peer, skip_server_mode_check=True)
+        return len(self.kad.routing_table.get_peer_ids())
 
     def routing_table_peers(self) -> list[str]:
         return [p.to_base58() for p in self.kad.routing_table.get_peer_ids()]

@@ -14,7 +14,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+import node.net.dht as dht_module
 from node.net.dht import (
+    KAD_PROTOCOL_ID,
     MAX_PROVIDERS_PER_KEY,
     PROVIDER_TTL_S,
     DHTError,
@@ -63,9 +65,9 @@ async def swarm(n: int = N) -> AsyncIterator[list[tuple[Host, SwarmDHT]]]:
                 open_dht(host, {NS: validate}, {NS: select}, bootstrap=bootstrap)
             )
             nodes.append((host, dht))
-        # Later nodes are unknown to earlier ones' lookups until they refresh.
+        # Later nodes are unknown to earlier ones' lookups until they look up again.
         for _host, dht in nodes:
-            await dht.kad.refresh_routing_table()
+            await dht.join_lookup()
         yield nodes
 
 
@@ -295,3 +297,49 @@ async def test_observer_is_told_of_every_operation_and_its_outcome() -> None:
                 assert await d1.find_providers(b"model:x") == [h1.peer_id]
                 assert await d0.get(f"/{NS}/k") == b"1:v"  # not d1's: not reported
     assert seen == [("put", "ok"), ("put", "error"), ("get", "ok"), ("provide", "ok"), ("find_providers", "ok")]
+
+
+async def test_a_joining_node_learns_the_peers_its_bootstrap_peer_knows() -> None:
+    # Kademlia's join is a lookup of one's own id. py-libp2p's refresh does nothing with its
+    # random walk off, so every node knew its bootstrap peer only: 100 nodes joining at once
+    # announced their records to the "closest peers" of a one-peer table, and readers could
+    # not find 56 of them (benchmarks/wan/discovery.py).
+    with trio.fail_after(30):
+        async with AsyncExitStack() as stack:
+            hosts, dhts = [], []
+            for i in range(5):
+                host = await stack.enter_async_context(open_host(seed(20 + i)))
+                boot = [hosts[0].addrs[0]] if hosts else []
+                dhts.append(await stack.enter_async_context(
+                    open_dht(host, {NS: validate}, {NS: select}, bootstrap=boot)))
+                hosts.append(host)
+            assert set(dhts[-1].routing_table_peers()) == {h.peer_id for h in hosts[:-1]}
+            # and the peers a lookup asks add the asker: node 0 learnt the nodes that joined
+            # through it before the last (the last one's address may still be on its way)
+            await eventually(lambda: {h.peer_id for h in hosts[1:-1]} <= set(dhts[0].routing_table_peers()),
+                             what="node 0 knowing the nodes that joined through it")
+
+
+async def test_abandoned_dht_streams_do_not_shut_a_node_out_of_the_dht(monkeypatch) -> None:
+    # An attack that worked, and what crowds did by accident: py-libp2p serves 12 inbound DHT
+    # streams at once, resets every one beyond that unread, and a handler waits for a stream's
+    # next message for ever. Twelve streams opened and left alone (a requester that gave up
+    # mid-request leaves its stream so) made the node refuse every DHT request from then on.
+    monkeypatch.setattr(dht_module, "INBOUND_HOLD_S", 2.0)
+    key = f"/{NS}/held"
+    with trio.fail_after(30):
+        async with open_host(seed(30)) as hs, open_host(seed(31)) as ha, open_host(seed(32)) as hc:
+            async with open_dht(hs, {NS: validate}, {NS: select}) as ds, \
+                    open_dht(hc, {NS: validate}, {NS: select}, bootstrap=[hs.addrs[0]]) as dc:
+                await ds.put(key, b"1:value")  # held locally
+                await ha.connect(hs.addrs[0])
+                held = [await ha.libp2p.new_stream(ID.from_base58(hs.peer_id), [KAD_PROTOCOL_ID])
+                        for _ in range(12)]
+                limiter = ds.kad._inbound_limiter
+                await eventually(lambda: limiter.borrowed_tokens == limiter.total_tokens,
+                                 what="the 12 abandoned streams holding every handler slot")
+                # a request now waits for a slot instead of being reset, and gets one once the
+                # abandoned streams have held theirs too long
+                assert await dc.get_from(hs.peer_id, key) == b"1:value"
+                assert ds.inbound_refused >= 1  # an abandoned stream was reset to make room
+                assert len(held) == 12
