@@ -7,7 +7,8 @@ For each one-way delay (every link between two namespaces) and each swarm size N
 lightweight DHT peers (benchmarks/wan/dht_peer.py: a real libp2p host and the swarm's DHT, no
 model) as separate processes spread round-robin over ``--hosts`` namespaces, each peer saying it
 serves a span of a 32-layer model (N spans covering the model, overlapping when N > 32), and a
-client in a namespace of its own. Peer 1 is everyone's bootstrap peer. Then:
+client in a namespace of its own. Peer 1 is everyone's bootstrap peer; the others join
+``--join-batch`` (10) at a time, each batch once the one before has joined. Then:
 
 1. all peers publish at once (a signed capacity record, stored at the closest peers, and a
    provider announcement: what a node's Announcer does); the client, already bootstrapped, asks
@@ -164,7 +165,7 @@ def _start(net: Network, host: str, name: str, role: str, work: Path, *extra: st
 
 
 def measure_size(net: Network, hosts: Sequence[str], n: int, delay_ms: float, work: Path,
-                 say: Any = print) -> dict[str, Any]:
+                 say: Any = print, join_batch: int = 10) -> dict[str, Any]:
     spans = spans_for(n)
     procs: list[Proc] = []
     out: dict[str, Any] = {"n": n, "delay_ms": delay_ms}
@@ -175,11 +176,13 @@ def measure_size(net: Network, hosts: Sequence[str], n: int, delay_ms: float, wo
         ready = [first.recv(READY_S)]
         boot = ready[0]["addrs"][0]
         peers = [first]
-        for i in range(1, n):
-            peers.append(_start(net, hosts[i % len(hosts)], f"peer-{i}", "peer", work,
-                                "--span", "%d:%d" % spans[i], "--bootstrap", boot))
-            procs.append(peers[-1])
-        ready += [p.recv(READY_S) for p in peers[1:]]
+        for lo in range(1, n, join_batch):  # a swarm grows a few nodes at a time
+            batch = [_start(net, hosts[i % len(hosts)], f"peer-{i}", "peer", work,
+                            "--span", "%d:%d" % spans[i], "--bootstrap", boot)
+                     for i in range(lo, min(n, lo + join_batch))]
+            peers += batch
+            procs += batch
+            ready += [p.recv(READY_S) for p in batch]
         out["setup_s"] = round(time.time() - t_setup, 3)
         out["peer_bootstrap_s_median"] = round(statistics.median(r["bootstrap_s"] for r in ready), 3)
         out["peer_routing_table_median"] = statistics.median(r["routing_table"] for r in ready)
@@ -247,7 +250,7 @@ def measure_size(net: Network, hosts: Sequence[str], n: int, delay_ms: float, wo
 
 
 def run(sizes: Sequence[int], delays: Sequence[float], n_hosts: int, work: Path,
-        say: Any = print) -> list[dict[str, Any]]:
+        say: Any = print, join_batch: int = 10) -> list[dict[str, Any]]:
     hosts = host_names(n_hosts)
     rows = []
     total, done = len(sizes) * len(delays), 0
@@ -256,7 +259,7 @@ def run(sizes: Sequence[int], delays: Sequence[float], n_hosts: int, work: Path,
             for n in sizes:
                 done += 1
                 say(f"[{done}/{total}] {n} peers over {len(hosts)} namespaces, {delay:g} ms one way per link")
-                rows.append(measure_size(net, hosts, n, delay, work, say))
+                rows.append(measure_size(net, hosts, n, delay, work, say, join_batch))
     return rows
 
 
@@ -359,10 +362,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", type=lambda t: _ints(t, "--sizes"), default=[10, 30, 100])
     p.add_argument("--delays", default="0,25", help="one-way delays per link, ms, comma-separated")
     p.add_argument("--hosts", type=int, default=20, help="namespaces the peers are spread over")
+    p.add_argument("--join-batch", type=int, default=10,
+                   help="peers started at once; the next batch starts when these have joined")
     p.add_argument("--in-process", type=lambda t: _ints(t, "--in-process"), default=[],
                    help="also run the one-process loopback benchmark at these sizes")
     p.add_argument("--out", type=Path, default=Path("bench-discovery"))
     args = p.parse_args(argv)
+    if args.join_batch < 1:
+        p.error("--join-batch must be at least 1")
     try:
         delays = [float(d) for d in args.delays.split(",") if d.strip()]
         host_names(args.hosts)
@@ -377,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shiza-discovery-") as tmp:
         print(f"work dir {tmp} (peer logs under it)", file=sys.stderr, flush=True)
-        rows = run(args.sizes, delays, args.hosts, Path(tmp), say=lambda s: print(s, flush=True))
+        rows = run(args.sizes, delays, args.hosts, Path(tmp), say=lambda s: print(s, flush=True),
+                   join_batch=args.join_batch)
     in_process = None
     if args.in_process:
         from benchmarks import measure
@@ -387,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown(rows, in_process)
     print(table)
     (args.out / "results.json").write_text(json.dumps(
-        {"model_layers": LAYERS, "hosts": args.hosts, "sizes": args.sizes, "delays_ms": delays, "rows": rows,
+        {"model_layers": LAYERS, "hosts": args.hosts, "join_batch": args.join_batch, "sizes": args.sizes, "delays_ms": delays, "rows": rows,
          "growth": analyse(rows), "in_process": in_process, "wall_s": round(time.monotonic() - t0, 1)},
         indent=2))
     (args.out / "results.md").write_text(table + "\n")
