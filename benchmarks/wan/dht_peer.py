@@ -32,8 +32,6 @@ import time
 from collections import Counter
 from typing import Any, Sequence
 
-T_START = time.time()
-
 # what each request type is called on py-libp2p's objects (counted for the lookup report)
 _COUNTED = (("peer_routing", "_query_peer_for_closest", "find_node"),
             ("value_store", "_get_from_peer", "get_value"),
@@ -42,14 +40,12 @@ _COUNTED = (("peer_routing", "_query_peer_for_closest", "find_node"),
             ("provider_store", "_send_add_provider", "add_provider"))
 
 
-def covered_layers(records: Sequence[Any], model_id: str) -> set[int]:
-    """The layers of ``model_id`` that some record serves."""
-    layers: set[int] = set()
-    for r in records:
-        for s in r.spans:
-            if s.model_id == model_id:
-                layers.update(range(s.start, s.end))
-    return layers
+def fully_covered(records: Sequence[Any], model_id: str, num_layers: int) -> bool:
+    """Whether the records together serve every layer of ``model_id``."""
+    from node.client.routing import missing_layers
+
+    return not missing_layers(num_layers, [(s.start, s.end) for r in records for s in r.spans
+                                           if s.model_id == model_id])
 
 
 def count_requests(dht: Any) -> Counter:
@@ -87,21 +83,19 @@ async def run(args: argparse.Namespace) -> None:
 
     from node.net.dht import open_dht
     from node.net.host import open_host
-    from node.net.records import DHT_SELECTORS, DHT_VALIDATORS, fetch_records
+    from node.net.records import DHT_SELECTORS, DHT_VALIDATORS
     from node.serve.announce import Announcer, RecordState
     from protocol.identity import Identity
-    from protocol.ids import capacity_key, model_provider_key
     from protocol.messages import ServedSpan
     from protocol.records import Hardware
 
-    t_imported = time.time()
     ident = Identity.generate()
     async with open_host(ident.seed, "/ip4/0.0.0.0/tcp/0") as host:
         t_boot = time.time()
         async with open_dht(host, DHT_VALIDATORS, DHT_SELECTORS, args.bootstrap or ()) as dht:
             counts = count_requests(dht)
             _say({"ready": True, "peer_id": ident.peer_id, "addrs": list(host.addrs),
-                  "import_s": round(t_imported - T_START, 3), "bootstrap_s": round(time.time() - t_boot, 3),
+                  "bootstrap_s": round(time.time() - t_boot, 3),
                   "routing_table": len(dht.routing_table_peers())})
             async with trio.open_nursery() as nursery:
                 async for words in _lines():
@@ -117,25 +111,21 @@ async def run(args: argparse.Namespace) -> None:
                         ann = Announcer(ident, dht, state, ttl_s=600, provide_keys=(args.model,))
                         counts.clear()
                         await nursery.start(ann.serve)
-                        _say({"published": time.time(), "requests": dict(counts),
-                              "connected": len(host.libp2p.get_connected_peers())})
+                        _say({"published": time.time(), "requests": dict(counts)})
                     elif cmd == "coverage" and args.role == "client":
                         _say(await _coverage(dht, args, float(words[1]) or time.time(), int(words[2]),
-                                             float(words[3]), fetch_records))
-                    elif cmd == "providers" and args.role == "client":
-                        t = time.perf_counter()
-                        found = await dht.find_providers(model_provider_key(args.model), count=1024)
-                        _say({"providers": len(found), "s": _r(time.perf_counter() - t)})
+                                             float(words[3])))
                     elif cmd == "lookup" and args.role == "client":
-                        _say(await _lookup(dht, args, words[1], counts, fetch_records, capacity_key))
+                        _say(await _lookup(dht, args, words[1], counts))
                     else:
                         _say({"error": f"unknown command for a {args.role}: {' '.join(words)}"})
                 nursery.cancel_scope.cancel()
 
 
-async def _coverage(dht: Any, args: argparse.Namespace, t0: float, n: int, timeout_s: float,
-                    fetch_records: Any) -> dict:
+async def _coverage(dht: Any, args: argparse.Namespace, t0: float, n: int, timeout_s: float) -> dict:
     import trio
+
+    from node.net.records import fetch_records
 
     full_s = all_s = None
     polls = 0
@@ -146,7 +136,7 @@ async def _coverage(dht: Any, args: argparse.Namespace, t0: float, n: int, timeo
             polls += 1
             seen = max(seen, len(records))
             now = time.time() - t0
-            if full_s is None and len(covered_layers(records, args.model)) == args.layers:
+            if full_s is None and fully_covered(records, args.model, args.layers):
                 full_s = now
             if all_s is None and len(records) >= n:
                 all_s = now
@@ -155,8 +145,10 @@ async def _coverage(dht: Any, args: argparse.Namespace, t0: float, n: int, timeo
     return {"full_coverage_s": _r(full_s), "all_records_s": _r(all_s), "records_seen": seen, "polls": polls}
 
 
-async def _lookup(dht: Any, args: argparse.Namespace, peer_id: str, counts: Counter, fetch_records: Any,
-                  capacity_key: Any) -> dict:
+async def _lookup(dht: Any, args: argparse.Namespace, peer_id: str, counts: Counter) -> dict:
+    from node.net.records import fetch_records
+    from protocol.ids import capacity_key
+
     out: dict[str, Any] = {}
     counts.clear()
     t = time.perf_counter()

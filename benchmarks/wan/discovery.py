@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.wan.pipeline import spans_of
 from node.devtools.netns import MAX_HOSTS, Network, why_unavailable
 
 MODEL = "bench-model@0123456789abcdef"
@@ -60,8 +61,7 @@ def spans_for(n: int, layers: int = LAYERS) -> list[tuple[int, int]]:
     if n < 1:
         raise ValueError("need at least one peer")
     if n <= layers:
-        cuts = [round(i * layers / n) for i in range(n + 1)]
-        return list(zip(cuts[:-1], cuts[1:]))
+        return spans_of(layers, n)
     return [(i % layers, i % layers + 1) for i in range(n)]
 
 
