@@ -1,11 +1,14 @@
 """What constrained decoding (SPEC 9.8) costs the node that samples, per token.
 
-One span engine holding the whole model decodes the same prompts greedily, plainly and under
-grammars (a nested JSON schema, and tool calls), interleaved in one run; the ratio of
-milliseconds per token is the grammar's overhead (the llguidance mask and its application).
+One engine holding the whole model (a transformers span, or with ``--engine vllm`` the
+whole-model vLLM engine, whose grammar runs in vLLM's engine core: plugin/shiza_logits.py)
+decodes the same prompts greedily, plainly and under grammars (a nested JSON schema, and tool
+calls), interleaved in one run; the ratio of milliseconds per token is the grammar's overhead
+(the llguidance mask and its application).
 
     python -m benchmarks.constrained --model smollm2-135m --out /tmp/constrained
     python -m benchmarks.constrained --model PATH --repeats 3 --tokens 48
+    python -m benchmarks.constrained --engine vllm --out /tmp/constrained-vllm   # needs .venv-vllm
 
 Writes results.json, results.md and constrained.png to ``--out``.
 """
@@ -59,14 +62,32 @@ def _decode(engine: Any, tok: Any, prompt: str, tokens: int, grammar: str | None
         engine.close_session(sid)
 
 
-def run(model: str, tokens: int, repeats: int, out: Path) -> dict[str, Any]:
-    from tokenizers import Tokenizer
+def _engine(source: Any, kind: str, out: Path) -> Any:
+    if kind == "vllm":
+        from node.engine.vllm.engine import VllmEngine
 
-    from node.engine.registry import resolve_model
+        out.mkdir(parents=True, exist_ok=True)
+        print("starting vLLM (a minute or two on a CPU) ...", flush=True)
+        return VllmEngine.load(source, max_model_len=512, log_path=out / "vllm.log")
     from node.engine.span import SpanEngine
 
+    return SpanEngine.load(source, 0, source.num_layers)
+
+
+def run(model: str, tokens: int, repeats: int, out: Path, engine_kind: str = "span") -> dict[str, Any]:
+    from node.engine.registry import resolve_model
+
     source = resolve_model(model, progress=False)
-    engine = SpanEngine.load(source, 0, source.num_layers)
+    engine = _engine(source, engine_kind, out)
+    try:
+        return _run(engine, source, tokens, repeats, out, engine_kind)
+    finally:
+        engine.close()
+
+
+def _run(engine: Any, source: Any, tokens: int, repeats: int, out: Path, engine_kind: str) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(source.path / "tokenizer.json"))
     per_token: dict[str, list[float]] = {m: [] for m in MODES}
     counted: dict[str, int] = {m: 0 for m in MODES}
@@ -87,10 +108,11 @@ def run(model: str, tokens: int, repeats: int, out: Path) -> dict[str, Any]:
     rows = {m: {"ms_per_token": statistics.median(v), "tokens": counted[m],
                 "overhead_ms_per_token": statistics.median(v) - plain,
                 "ratio_to_plain": statistics.median(v) / plain} for m, v in per_token.items() if v}
-    results = {"model": source.model_id, "tokens_per_request": tokens, "repeats": repeats, "modes": rows}
+    results = {"model": source.model_id, "engine": engine_kind, "tokens_per_request": tokens,
+               "repeats": repeats, "modes": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [f"# Constrained decoding on {source.model_id}", "",
+    lines = [f"# Constrained decoding on {source.model_id} ({engine_kind} engine)", "",
              "| mode | ms/token (median) | overhead ms/token | x plain | tokens |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {m} | {r['ms_per_token']:.2f} | {r['overhead_ms_per_token']:+.2f} | {r['ratio_to_plain']:.2f} | "
               f"{r['tokens']} |" for m, r in rows.items()]
@@ -103,7 +125,7 @@ def run(model: str, tokens: int, repeats: int, out: Path) -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(list(rows), [r["ms_per_token"] for r in rows.values()], color=["#888", "#3a7", "#37a"][:len(rows)])
     ax.set_ylabel("ms per token (median)")
-    ax.set_title(f"Constrained decoding, {source.model_id.split('@')[0]}")
+    ax.set_title(f"Constrained decoding, {source.model_id.split('@')[0]} ({engine_kind})")
     fig.tight_layout()
     fig.savefig(out / "constrained.png", dpi=120)
     plt.close(fig)
@@ -117,8 +139,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request at most")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-constrained"))
+    parser.add_argument("--engine", choices=("span", "vllm"), default="span",
+                        help="a transformers span of the whole model, or the whole-model vLLM engine")
     args = parser.parse_args()
-    run(args.model, args.tokens, args.repeats, args.out)
+    run(args.model, args.tokens, args.repeats, args.out, args.engine)
 
 
 if __name__ == "__main__":

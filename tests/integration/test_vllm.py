@@ -295,3 +295,36 @@ async def test_sigkilled_vllm_span_node_fails_over_and_its_worker_dies(mixed_swa
     assert [h.peer_id for h in result.route][1] == mixed_swarm.spans[1].peer_id  # the transformers 10:20
     await eventually(lambda: not _alive(worker), timeout_s=60, interval_s=0.2,
                      what="the killed node's vLLM worker to end (EOF on its socket)")
+
+
+async def test_grammar_penalties_and_logprobs_through_the_whole_vllm_node(mixed_swarm, tmp_path):
+    """A json_schema answer with penalties and log-probabilities from the whole-model vLLM node
+    (its grammar and penalties run inside vLLM, plugin/shiza_logits.py) validates and equals the
+    transformers spans' answer, log-probabilities within 1e-4."""
+    import json
+
+    import jsonschema
+
+    from node.client.grammars import json_schema_grammar
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "rank": {"type": "integer", "minimum": 1}},
+              "required": ["city", "rank"], "additionalProperties": False}
+    model = TextModel.load("smollm2-135m")
+    prompt = model.encode("Name a city and its rank as JSON.")
+    sampling = SamplingParams(logprobs=2, presence_penalty=0.3, frequency_penalty=0.3)
+    async with SwarmClient.open([mixed_swarm.whole.addr], data_dir=tmp_path / "agent") as client:
+        whole, spans = await _routes(client, model.model_id, mixed_swarm, model.num_layers)
+        got = [await client.generate(model.model_id, [prompt], max_new_tokens=40, route=route,
+                                     sampling=sampling, grammar=json_schema_grammar(schema),
+                                     eos_token_ids=model.eos_token_ids)
+               for route in (whole, spans)]
+    assert got[0].route[0].peer_id == mixed_swarm.whole.peer_id
+    assert got[0].token_ids == got[1].token_ids
+    tokens = got[0].token_ids[0]
+    assert tokens[-1] in model.eos_token_ids
+    jsonschema.validate(json.loads(model.decode(tokens[:-1])), schema)
+    for a, b in zip(got[0].logprobs[0], got[1].logprobs[0], strict=True):
+        assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a.top, b.top))

@@ -17,6 +17,19 @@ The step protocol maps the node's session steps onto streaming completions:
   token of the stream is the output; otherwise (the client sampled or replayed something else)
   generation restarts from the row's full history.
 
+Grammars and penalties (SPEC 9.8, 9.10) run inside vLLM: the server loads our logits processor
+(plugin/shiza_logits.py, which imports nothing of the node), and each request that starts at the
+position a row's grammar or penalties expect next carries the row's state in ``vllm_xargs``
+(the grammar, the tokens its matcher took, the tokens counted), so every restart point (a
+replay, a failover's open with ``grammar_prefix``) resumes them. The node keeps its own
+``Constraint`` and ``Penalties`` per session: it compiles the grammar at the open (a bad one is
+the client's BadInput, never an error inside vLLM), builds each request's state from them and
+takes every token vLLM chose under the grammar through its matcher (one the grammar forbids
+fails the session as the engine's fault). vLLM's own penalties are not used: they count only
+one request's output, which a restart forgets. Log-probabilities (SPEC 9.9) are vLLM's
+``processed_logprobs``: after the processors and the temperature, and after top-p, so a sampled
+session asks for them only at top_p = 1.
+
 ``step`` is synchronous and blocks on HTTP; the server runs it in a worker thread (never in the
 event loop's: ``inline_decode`` is false). Errors map to the engine's own (``errors.py``): a
 dead or failing server is an ``EngineError`` and the session is closed.
@@ -46,6 +59,10 @@ import torch
 
 from node.engine.base import EngineHealth, Sampling, check_session_size, parse_sampling
 from node.engine.errors import BadInput, CapacityExceeded, EngineError
+from node.engine.grammar import Constraint, GrammarTokenizer
+from node.engine.sampling import FORBIDDEN_LOGPROB, Chooser, Penalties
+from node.engine.tensors import from_torch
+from protocol.codec import Tensor
 from node.models import ModelSource
 from node.engine.torch_engine import TorchEngine, validate_step
 
@@ -56,6 +73,7 @@ STEP_TIMEOUT_S = 120.0
 HEALTH_INTERVAL_S = 2.0  # between two health checks (``watch``)
 UNHEALTHY_CHECKS = 3  # failed health checks in a row that make a live server unhealthy
 _WORKER = Path(__file__).with_name("worker.py")
+_PLUGIN = Path(__file__).with_name("plugin")  # on the server's PYTHONPATH: plugin/shiza_logits.py
 _PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -113,10 +131,18 @@ class VllmServer:
         self.port = _free_port()
         args = ["--model", str(self.model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                 "--served-model-name", "shiza", "--max-model-len", str(self.max_model_len),
-                "--dtype", self.dtype, "--seed", "0", "--disable-uvicorn-access-log"]
+                "--dtype", self.dtype, "--seed", "0", "--disable-uvicorn-access-log",
+                # Grammars and penalties (SPEC 9.8, 9.10): our processor, fed each row's state
+                # per request; it tracks a request's output ids as they grow, which async
+                # scheduling (placeholders for tokens in flight) would break.
+                "--logits-processors", "shiza_logits:ShizaLogitsProcessor", "--no-async-scheduling",
+                # Log-probabilities of the distribution drawn from (SPEC 9.9): after the
+                # processors, at the temperature (before top-p: refused with logprobs).
+                "--logprobs-mode", "processed_logprobs"]
         if self.tensor_parallel > 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(_PLUGIN), os.environ.get("PYTHONPATH", "")]))}
         if self.device == "cpu":
             env.update(cpu_env(self.vllm_python))
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -251,7 +277,7 @@ class _Stream:
             if self.resp.status == 400:
                 raise BadInput(f"vLLM refused the request: {detail}")
             raise EngineError(f"vLLM answered {self.resp.status}: {detail}")
-        self.pending: list[int] = []
+        self.pending: list[tuple[int, Any]] = []  # (token, its log-probabilities or None)
         self.finished = False
 
     def _events(self) -> Iterator[dict[str, Any]]:
@@ -267,8 +293,9 @@ class _Stream:
                 return
             yield json.loads(data)
 
-    def next_token(self) -> int | None:
-        """The next token id, None when the completion has ended."""
+    def next_token(self) -> tuple[int, Any] | None:
+        """The next token id and its log-probabilities (``_logprobs``; None when not asked),
+        None when the completion has ended."""
         try:
             while not self.pending and not self.finished:
                 event = next(self._events(), None)
@@ -278,13 +305,34 @@ class _Stream:
                 if "error" in event:
                     raise EngineError(f"vLLM stream error: {event['error']}")
                 for choice in event.get("choices", []):
-                    self.pending.extend(int(t) for t in choice.get("token_ids") or [])
+                    tokens = [int(t) for t in choice.get("token_ids") or []]
+                    lps = _logprobs(choice.get("logprobs"), len(tokens))
+                    self.pending.extend(zip(tokens, lps))
         except OSError as e:
             raise EngineError(f"vLLM stream broke: {e}") from e
+        except (ValueError, TypeError, KeyError) as e:  # not what vLLM 0.32 streams
+            raise EngineError(f"vLLM streamed an event this node cannot read: {e}") from e
         return self.pending.pop(0) if self.pending else None
 
     def close(self) -> None:
         self.conn.close()  # vLLM aborts a request whose client disconnects
+
+
+def _logprobs(block: Any, n: int) -> list[Any]:
+    """Per token of a streamed choice, ``(chosen, [(id, logprob), ...])`` from vLLM's
+    ``logprobs`` block (``return_tokens_as_token_ids``: top entries keyed ``token_id:N``, the
+    chosen token's among them, at least k more); ``None`` each when there is none."""
+    if not block:
+        return [None] * n
+    chosen, tops = block["token_logprobs"], block["top_logprobs"]
+    if len(chosen) != n or len(tops) != n:
+        raise ValueError(f"{n} tokens but {len(chosen)} log-probabilities")
+    out = []
+    for lp, top in zip(chosen, tops):
+        entries = sorted(((int(k.rpartition(":")[2]), float(v)) for k, v in (top or {}).items()),
+                         key=lambda e: -e[1])
+        out.append((float(lp), entries))
+    return out
 
 
 @dataclass
@@ -292,6 +340,7 @@ class _Row:
     history: list[int] = field(default_factory=list)  # every real token fed so far
     expected: int | None = None  # the token vLLM produced last, which the client should feed back
     stream: _Stream | None = None
+    stateful: bool = False  # the stream was started with the row's grammar and penalty state
 
 
 @dataclass
@@ -302,6 +351,11 @@ class _Session:
     rows: list[_Row]
     steps: int = 0
     length: int = 0  # cache columns, padding included (as the span engine counts)
+    # The node's own account of each row's grammar and penalties (SPEC 9.8, 9.10): what each
+    # restarted stream's state is built from, and the check of every token vLLM chose under it.
+    constraint: Constraint | None = None
+    penalties: Penalties | None = None
+    last_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None  # of its last step, until taken
 
 
 class VllmEngine(TorchEngine[_Session]):
@@ -314,6 +368,8 @@ class VllmEngine(TorchEngine[_Session]):
         self.server = server
         super().__init__(max_cache_tokens)  # its lock guards the table; steps of distinct sessions overlap
         self._vocab = int(source.config.get("vocab_size", 0)) or None
+        self._grammar_tokenizer = GrammarTokenizer(source.path, self.vocab_size,
+                                                   source.config.get("eos_token_id"))
 
     @classmethod
     def load(cls, source: ModelSource, *, vllm_python: str | None = None, device: str = "cpu",
@@ -421,17 +477,16 @@ class VllmEngine(TorchEngine[_Session]):
             raise CapacityExceeded(f"max_length {max_length} exceeds vLLM's max_model_len "
                                    f"{self.server.max_model_len}")
         params = parse_sampling(sampling)
-        if params.grammar is not None:
-            raise BadInput("the vLLM engine does not constrain output (SPEC 9.8); open the session "
-                           "on a transformers span")
-        if params.logprobs is not None or params.penalized:
-            # vLLM's penalties count the tokens of one request, which a restarted stream (a
-            # replay, a token the client chose) would forget; its log-probabilities are not
-            # those of the distribution drawn from (SPEC 9.9) by default.
-            raise BadInput("the whole-model vLLM engine does not report log-probabilities or take "
-                           "penalties; open the session on a span (transformers or vLLM)")
+        if params.logprobs is not None and params.temperature > 0 and params.top_p < 1:
+            # vLLM takes them after top-p has cut the distribution; SPEC 9.9 wants them before.
+            raise BadInput("the whole-model vLLM engine reports log-probabilities of a sampled "
+                           "session only at top_p = 1; open the session on a span for top_p < 1")
+        # The grammar compiled and the prefix checked here, so that a bad one is the client's
+        # BadInput at the open, never a failure inside vLLM's engine core.
+        chooser = Chooser.of(params, batch_size, self.vocab_size, "cpu", self._grammar_tokenizer)
         self._add(session_id, _Session(batch_size, max_length, params,
-                                       [_Row() for _ in range(batch_size)]))
+                                       [_Row() for _ in range(batch_size)],
+                                       constraint=chooser.constraint, penalties=chooser.penalties))
 
     def session_layers(self, session_id: str) -> tuple[int, int]:
         self._get(session_id)
@@ -452,10 +507,13 @@ class VllmEngine(TorchEngine[_Session]):
         t = int(inputs.shape[1])
         remaining = session.max_length - session.length - t + 1  # tokens left to generate
         out: list[int] = []
+        lps: list[Any] = []
         try:
-            for row, ids, keep in zip(session.rows, inputs.tolist(), mask.tolist()):
+            for i, (row, ids, keep) in enumerate(zip(session.rows, inputs.tolist(), mask.tolist())):
                 new = [tok for tok, m in zip(ids, keep) if m]
-                out.append(self._row_step(session, row, new, remaining))
+                token, lp = self._row_step(session, i, row, new, remaining)
+                out.append(token)
+                lps.append(lp)
         except Exception:
             with self._lock:
                 if self._sessions.get(session_id) is session:
@@ -464,36 +522,81 @@ class VllmEngine(TorchEngine[_Session]):
             raise
         session.length += t
         session.steps += 1
+        if session.sampling.logprobs is not None:
+            session.last_logprobs = _logprob_tensors(lps, session.sampling.logprobs)
         return torch.tensor(out, dtype=torch.int64)  # (B,)
 
-    def _row_step(self, session: _Session, row: _Row, new: list[int], remaining: int) -> int:
-        follows = (row.stream is not None and row.expected is not None and new == [row.expected])
+    def take_logprobs(self, session_id: str) -> tuple[Tensor, Tensor] | None:
+        """As ``SpanEngine.take_logprobs`` (SPEC 9.9): vLLM's, of its last step, once."""
+        session = self._get(session_id)
+        got, session.last_logprobs = session.last_logprobs, None
+        return None if got is None else (from_torch(got[0]), from_torch(got[1]))
+
+    def _row_step(self, session: _Session, index: int, row: _Row, new: list[int],
+                  remaining: int) -> tuple[int, Any]:
         row.history.extend(new)
         if not row.history:
             raise BadInput("a row holds no real token (all padding)")
-        token = row.stream.next_token() if follows and row.stream is not None else None
-        if token is None:  # first step, a token vLLM did not produce, or the stream ended
+        # The token chosen now is that of position len(history) (9.8: P + 1). Under a grammar
+        # or penalties that is either the next one they expect (vLLM must choose it with the
+        # row's state) or a replay's (free: the state does not move); a gap is BadInput.
+        position = len(row.history)
+        c, pen = session.constraint, session.penalties
+        constrained = c is not None and c.wants(index, position)
+        counted = pen is not None and pen.wants(index, position)
+        stateful = constrained or counted
+        follows = (row.stream is not None and row.expected is not None and new == [row.expected]
+                   and (row.stateful or not stateful))
+        got = row.stream.next_token() if follows and row.stream is not None else None
+        if got is None:  # first step, a token vLLM did not produce, or the stream ended
             if row.stream is not None:
                 row.stream.close()
-            row.stream = _Stream(self.server, self._body(session, row.history, remaining))
-            token = row.stream.next_token()
-            if token is None:
+            row.stream = _Stream(self.server, self._body(session, index, row.history, remaining, stateful))
+            row.stateful = stateful
+            got = row.stream.next_token()
+            if got is None:
                 raise EngineError("vLLM returned no token")
+        token, lp = got
+        if constrained:
+            try:
+                c.take(index, token)  # type: ignore[union-attr]
+            except BadInput as exc:  # vLLM's choice, not the client's: our processor failed
+                raise EngineError(f"vLLM chose a token the grammar forbids ({exc}); see the "
+                                  f"vLLM log for the shiza logits processor's error") from None
+        if counted:
+            pen.take(index, token)  # type: ignore[union-attr]
         row.expected = token
-        return token
+        return token, lp
 
-    def _body(self, session: _Session, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    def _body(self, session: _Session, index: int, prompt: list[int], max_tokens: int,
+              stateful: bool) -> dict[str, Any]:
         p = session.sampling
         body: dict[str, Any] = {
             "model": "shiza", "prompt": prompt, "max_tokens": max(1, max_tokens),
-            "temperature": p.temperature, "top_p": p.top_p, "stream": True,
-            "ignore_eos": True, "return_token_ids": True, "skip_special_tokens": False,
+            # Greedy rows go at top_p 1: in a batch that also samples, vLLM would cut their
+            # log-probabilities by their top_p.
+            "temperature": p.temperature, "top_p": p.top_p if p.temperature > 0 else 1.0,
+            "stream": True, "ignore_eos": True, "return_token_ids": True,
+            "skip_special_tokens": False,
         }
         if p.logit_bias:  # vLLM adds it to the logits before anything else, as a span does (SPEC 7.1)
             body["logit_bias"] = {str(t): b for t, b in p.logit_bias}
         if p.temperature > 0:
             # A fresh seed per restart point, so a restarted stream does not repeat its draws.
             body["seed"] = (p.seed + len(prompt)) % (2**31)
+        if p.logprobs is not None:
+            body["logprobs"] = p.logprobs
+            body["return_tokens_as_token_ids"] = True
+        if stateful:  # the row's state for plugin/shiza_logits.py
+            c, pen = session.constraint, session.penalties
+            xargs: dict[str, Any] = {}
+            if c is not None:
+                xargs.update(shiza_grammar=p.grammar, shiza_taken=list(c.history[index]),
+                             shiza_ended=int(c.ended[index]), shiza_eos=sorted(c.eos))
+            if pen is not None:
+                xargs.update(shiza_presence=pen.presence, shiza_frequency=pen.frequency,
+                             shiza_counted=list(pen.history[index]))
+            body["vllm_xargs"] = xargs
         return body
 
     # --- capacity -----------------------------------------------------------------------------
@@ -507,6 +610,23 @@ class VllmEngine(TorchEngine[_Session]):
         if usage is not None:
             out["cache_usage"] = usage
         return out
+
+
+def _logprob_tensors(rows: list[Any], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC 9.9's tensors from each row's ``_logprobs`` entry: float32 (B, 1 + k) (the chosen
+    token's, then the k largest, best first) and their ids int64 (B, k)."""
+    values = torch.full((len(rows), 1 + k), FORBIDDEN_LOGPROB, dtype=torch.float32)
+    ids = torch.zeros((len(rows), k), dtype=torch.int64)
+    for b, entry in enumerate(rows):
+        if entry is None:
+            raise EngineError("vLLM sent no log-probabilities for a session that asked for them")
+        chosen, top = entry
+        if len(top) < k:
+            raise EngineError(f"vLLM sent {len(top)} top log-probabilities, not {k}")
+        values[b, 0] = chosen
+        for j, (tok, lp) in enumerate(top[:k]):
+            values[b, 1 + j], ids[b, j] = lp, tok
+    return values.clamp_min(FORBIDDEN_LOGPROB), ids
 
 
 def _close_rows(session: _Session) -> None:
