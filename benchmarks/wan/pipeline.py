@@ -2,7 +2,8 @@
 client-driven and node-to-node side by side.
 
     sudo .venv/bin/python -m benchmarks.wan [--model tiny|smollm2-135m|DIR] [--delays 0,10,25,50]
-        [--tokens 32] [--repeats 2] [--modes client,push] [--sessions 1,16] [--out DIR]
+        [--tokens 32] [--repeats 2] [--modes client,push] [--sessions 1,16] [--relayed] [--no-join]
+        [--out DIR]
 
 Every link between two hosts (node-node and client-node) gets the same one-way delay. For each
 delay and each mode it runs ``shiza generate --json`` in the client's namespace (a warm-up, then
@@ -22,6 +23,17 @@ mode at the first delay of the list (0 ms by default: 1 / tokens/s there), and a
 push/client tokens/s ratio. results.json, results.md and results.png (tokens/s against delay,
 the models dashed) go to ``--out``. The nodes keep running between delays; only the forwarder is
 restarted with the new delay.
+
+``--relayed``: the last node (n3) sits behind a masquerading NAT (no inbound connection) and
+serves through n1's circuit relay (n1 ``--relay-service``, n3 ``--relay <n1>``); the leg into n3
+and the leg out of it each cross the relay, so each mode's model counts RELAY_EXTRA_LEGS (2)
+legs more, and a run whose last hop was not n3 is flagged.
+
+A node joining (unless ``--no-join``; never with ``--relayed``): at each delay, after its
+measurements, the last span's node stops gracefully (its record withdrawn) and a fresh one for
+that span starts on another host; the run reports start -> serving (record published), start ->
+the first generation through it (a fresh client that knows only n1), and that client's time to
+full coverage (``generate --json``'s ``coverage_s``, reported for every measured run too).
 
 Concurrent sessions (``--sessions``, default 1,16): when a count N > 1 is listed, at each delay
 and mode benchmarks/wan/concurrent.py runs in the client's namespace, once with 1 session (the
@@ -52,6 +64,7 @@ from node.devtools.netns import Network, start_node, tcp_round_trips, why_unavai
 
 NODES = ("n1", "n2", "n3")
 CLIENT = "c"
+JOINER = "j"  # the host a joining node starts in (``_join``), in turn with the last node's own
 PROMPT = "The capital of France is"
 MODES = ("client", "push")
 MODE_FLAGS = {"client": ["--no-push"], "push": []}
@@ -73,6 +86,21 @@ class Point:
     predicted_per_token_ms: float | None = None
     measured_vs_predicted_ratio: float | None = None
     warning: str | None = None
+    coverage_s: float | None = None  # median of the measured runs: the client's connect -> full route
+
+
+@dataclass
+class Join:
+    """A fresh node joining at one delay: it replaces the last span's node (stopped gracefully,
+    its record withdrawn) and a fresh client (no peers known but the bootstrap) generates."""
+
+    delay_ms: float
+    ready_s: float  # node process start -> serving (its record published: node.json written)
+    first_served_s: float  # node process start -> the first generation through it returned
+    client_s: float  # of which the fresh client's whole run: process start (imports), connect, coverage, 4 tokens
+    coverage_s: float | None  # the fresh client: connected -> full coverage found (generate's coverage_s)
+    ttft_s: float | None
+    served_by_new_node: bool  # the generation's last hop was the node that joined
 
 
 @dataclass
@@ -136,30 +164,37 @@ def apply_single_ratios(aggs: Sequence[Aggregate]) -> None:
         a.ratio_vs_single = round(a.aggregate_tokens_per_s / base, 2) if base else None
 
 
-def client_driven_s_per_token(compute_s: float, hops: int, delay_s: float) -> float:
-    """Seconds per decoded token when every activation passes the client: 2 x hops legs."""
-    return compute_s + 2 * hops * delay_s
+#: With ``--relayed`` the last hop sits behind a NAT and is reached through the first hop's relay
+#: (circuit relay v2): the leg into it and the leg out of it each cross the relay, one leg more each.
+RELAY_EXTRA_LEGS = 2
 
 
-def node_to_node_s_per_token(compute_s: float, hops: int, delay_s: float) -> float:
+def client_driven_s_per_token(compute_s: float, hops: int, delay_s: float, extra_legs: int = 0) -> float:
+    """Seconds per decoded token when every activation passes the client: 2 x hops legs (plus
+    ``extra_legs``: those a relay adds)."""
+    return compute_s + (2 * hops + extra_legs) * delay_s
+
+
+def node_to_node_s_per_token(compute_s: float, hops: int, delay_s: float, extra_legs: int = 0) -> float:
     """Seconds per decoded token when activations go hop to hop (SPEC 9.6): client -> first hop,
-    hops - 1 node-to-node legs, and the token back from the last hop: hops + 1 legs."""
-    return compute_s + (hops + 1) * delay_s
+    hops - 1 node-to-node legs, and the token back from the last hop: hops + 1 legs (plus
+    ``extra_legs``)."""
+    return compute_s + (hops + 1 + extra_legs) * delay_s
 
 
-def legs(mode: str, hops: int) -> int:
-    """One-way legs per token in ``mode``."""
-    return {"client": 2 * hops, "push": hops + 1}[mode]
+def legs(mode: str, hops: int, relayed: bool = False) -> int:
+    """One-way legs per token in ``mode`` (``relayed``: the last hop behind a relay)."""
+    return {"client": 2 * hops, "push": hops + 1}[mode] + (RELAY_EXTRA_LEGS if relayed else 0)
 
 
-def s_per_token(mode: str, compute_s: float, hops: int, delay_s: float) -> float:
+def s_per_token(mode: str, compute_s: float, hops: int, delay_s: float, relayed: bool = False) -> float:
     model = {"client": client_driven_s_per_token, "push": node_to_node_s_per_token}[mode]
-    return model(compute_s, hops, delay_s)
+    return model(compute_s, hops, delay_s, RELAY_EXTRA_LEGS if relayed else 0)
 
 
-def compute_s_from(mode: str, tokens_per_s: float, hops: int, delay_s: float) -> float:
+def compute_s_from(mode: str, tokens_per_s: float, hops: int, delay_s: float, relayed: bool = False) -> float:
     """t_compute from one measurement: what is left of a token's time once the wire is taken off."""
-    return 1 / tokens_per_s - legs(mode, hops) * delay_s
+    return 1 / tokens_per_s - legs(mode, hops, relayed) * delay_s
 
 
 def check_pushed(mode: str, pushed_steps: int | None) -> str | None:
@@ -173,14 +208,14 @@ def check_pushed(mode: str, pushed_steps: int | None) -> str | None:
     return None
 
 
-def apply_models(points: list[Point], hops: int) -> dict[str, float]:
+def apply_models(points: list[Point], hops: int, relayed: bool = False) -> dict[str, float]:
     """Fill in each point's prediction from its mode's t_compute (taken at that mode's first delay)."""
     compute: dict[str, float] = {}
     for p in points:
         if p.mode not in compute:
-            compute[p.mode] = compute_s_from(p.mode, p.tokens_per_s, hops, p.delay_ms / 1000)
+            compute[p.mode] = compute_s_from(p.mode, p.tokens_per_s, hops, p.delay_ms / 1000, relayed)
     for p in points:
-        s = s_per_token(p.mode, compute[p.mode], hops, p.delay_ms / 1000)
+        s = s_per_token(p.mode, compute[p.mode], hops, p.delay_ms / 1000, relayed)
         if s <= 0:
             continue
         p.predicted_per_token_ms = round(s * 1000, 1)
@@ -241,45 +276,62 @@ def _concurrent(net: Network, model: str, bootstrap: str, sessions: int, tokens:
 
 def run(model: str, delays: Sequence[float], tokens: int, repeats: int, work: Path,
         modes: Sequence[str] = MODES, sessions: Sequence[int] = (1,),
-        aggregates: list[Aggregate] | None = None) -> list[Point]:
+        aggregates: list[Aggregate] | None = None, relayed: bool = False,
+        joins: list[Join] | None = None) -> list[Point]:
     """The single-session points; with a count over 1 in ``sessions``, the concurrent runs are
-    appended to ``aggregates``."""
+    appended to ``aggregates``. ``relayed``: the last node sits behind a NAT (no inbound) and
+    serves through the first node's relay (``--relay-service`` / ``--relay``). ``joins`` (a list
+    to fill; not with ``relayed``): at each delay, after the measurements, a fresh node replaces
+    the last span's (``_join``)."""
     concurrent = session_counts(",".join(map(str, sessions))) if any(n > 1 for n in sessions) else []
     aggregates = aggregates if aggregates is not None else []
     model_path, num_layers = _model(model, work)
     spans = spans_of(num_layers, len(NODES))
     points: list[Point] = []
-    with Network([*NODES, CLIENT], delay_ms=delays[0], log_dir=work) as net:
+    hosts = [*NODES, CLIENT] + ([JOINER] if joins is not None else [])
+    with Network(hosts, delay_ms=delays[0], log_dir=work, nat=NODES[-1] if relayed else None) as net:
         nodes = []
         try:
             for host, span in zip(NODES, spans):
                 boot = [nodes[0].addr] if nodes else []
-                nodes.append(start_node(net, host, work / host, model=model_path, layers=span, bootstrap=boot))
+                extra = []
+                if relayed and not nodes:
+                    extra = ["--relay-service"]
+                elif relayed and host == NODES[-1]:
+                    extra = ["--relay", nodes[0].addr]
+                nodes.append(start_node(net, host, work / host, model=model_path, layers=span, bootstrap=boot,
+                                        extra_args=extra))
                 if len(nodes) == 1:
                     nodes[0].wait_ready(600)
             for n in nodes:
                 n.wait_ready(600)
+            if relayed:
+                circuit = f"{nodes[0].addr}/p2p-circuit/p2p/{nodes[-1].peer_id}"
+                if circuit not in nodes[-1].info.get("addrs", []):
+                    raise RuntimeError(f"the NATed node does not advertise {circuit}: {nodes[-1].info.get('addrs')}")
             for delay in delays:
                 net.reconfigure(delay_ms=delay)
                 rtt = statistics.median(tcp_round_trips(net, CLIENT, NODES[0], n=10)) * 1000
+                boot = nodes[1].addr if relayed else nodes[-1].addr  # a NATed node takes no dial
                 for mode in modes:
-                    _generate(net, model_path, nodes[-1].addr, 4, work / "client", mode)  # warm: caches, routes
-                    runs = [_generate(net, model_path, nodes[-1].addr, tokens, work / "client", mode)
-                            for _ in range(repeats)]
+                    _generate(net, model_path, boot, 4, work / "client", mode)  # warm: caches, routes
+                    runs = [_generate(net, model_path, boot, tokens, work / "client", mode) for _ in range(repeats)]
                     tok_s = round(statistics.median(r["tokens_per_s"] for r in runs), 2)
                     ttft = statistics.median(r["ttft_s"] for r in runs)
                     pushed = [r.get("pushed_steps") for r in runs]
                     fewest = None if None in pushed else min(pushed)
                     warning = check_pushed(mode, fewest)
+                    if relayed and any(r["route"][-1]["peer"] != nodes[-1].peer_id for r in runs):
+                        warning = "; ".join(filter(None, [warning, "the last hop was not the relayed node"]))
                     points.append(Point(mode, delay, round(rtt, 2), tok_s, round(ttft, 3), round(1000 / tok_s, 1),
                                         fewest, pushed, [len(r.get("token_ids", [])) for r in runs],
-                                        warning=warning))
+                                        warning=warning, coverage_s=_median_of(runs, "coverage_s")))
                     print(f"delay {delay:5.1f} ms, {mode:6}: tcp rtt {rtt:6.1f} ms, {tok_s:6.2f} tok/s, "
                           f"ttft {ttft:.3f} s, pushed steps {pushed}, tokens {points[-1].tokens_generated}", flush=True)
                     if warning:
                         print(f"warning: delay {delay:g} ms: {warning}", file=sys.stderr, flush=True)
                     for n in concurrent:
-                        a = _concurrent(net, model_path, nodes[-1].addr, n, tokens, work / "concurrent", mode, delay)
+                        a = _concurrent(net, model_path, boot, n, tokens, work / "concurrent", mode, delay)
                         aggregates.append(a)
                         print(f"delay {delay:5.1f} ms, {mode:6}: {n:3} sessions ({a.clients} clients, {a.finished} "
                               f"finished): {a.aggregate_tokens_per_s:7.2f} tok/s aggregate, median session "
@@ -288,14 +340,55 @@ def run(model: str, delays: Sequence[float], tokens: int, repeats: int, work: Pa
                         if a.warning:
                             print(f"warning: delay {delay:g} ms, {n} sessions: {a.warning}", file=sys.stderr,
                                   flush=True)
+                if joins is not None and not relayed:
+                    joined = _join(net, nodes, model_path, spans[-1], work, delay, len(joins))
+                    joins.append(joined)
+                    print(f"delay {delay:5.1f} ms, join: ready after {joined.ready_s:.2f} s, first generation "
+                          f"through it after {joined.first_served_s:.2f} s (fresh client: coverage "
+                          f"{joined.coverage_s} s, ttft {joined.ttft_s} s)", flush=True)
         finally:
             stop_all(nodes)
-    apply_models(points, len(NODES))
+    apply_models(points, len(NODES), relayed)
     apply_single_ratios(aggregates)
     return points
 
 
-def markdown(points: Sequence[Point], hops: int) -> str:
+def _median_of(runs: Sequence[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+    return round(statistics.median(values), 3) if values else None
+
+
+def _join(net: Network, nodes: list, model_path: str, span: tuple[int, int], work: Path, delay: float,
+          index: int) -> Join:
+    """Stop the last span's node (gracefully: its record is withdrawn), start a fresh node for
+    that span on the other of its two hosts, and time it: start -> serving, start -> the first
+    generation through it (a fresh client, bootstrapped on the first node, in push mode).
+    ``nodes[-1]`` becomes the new node."""
+    old = nodes.pop()
+    old.stop()
+    host = JOINER if index % 2 == 0 else NODES[-1]
+    t0 = time.monotonic()
+    fresh = start_node(net, host, work / f"join{index}", model=model_path, layers=span, bootstrap=[nodes[0].addr])
+    nodes.append(fresh)
+    fresh.wait_ready(600)
+    ready = time.monotonic() - t0
+    out = _generate(net, model_path, nodes[0].addr, 4, work / f"join-client{index}", "push")
+    served = time.monotonic() - t0
+    return Join(delay, round(ready, 3), round(served, 3), round(served - ready, 3), out.get("coverage_s"),
+                out.get("ttft_s"), out["route"][-1]["peer"] == fresh.peer_id)
+
+
+def markdown_joins(joins: Sequence[Join]) -> str:
+    rows = ["| one-way delay (ms) | start -> serving (s) | start -> first generation through it (s) | "
+            "of which the fresh client's run (s) | its full coverage (s) | its TTFT (s) | served by the new node |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for j in joins:
+        rows.append(f"| {j.delay_ms:g} | {j.ready_s} | {j.first_served_s} | {j.client_s} | {j.coverage_s} | "
+                    f"{j.ttft_s} | {'yes' if j.served_by_new_node else 'NO'} |")
+    return "\n".join(rows)
+
+
+def markdown(points: Sequence[Point], hops: int, relayed: bool = False) -> str:
     modes = list(dict.fromkeys(p.mode for p in points))
     by = {(p.mode, p.delay_ms): p for p in points}
     ratios = push_vs_client(points)
@@ -324,7 +417,7 @@ def markdown(points: Sequence[Point], hops: int) -> str:
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     rows.append("")
     for m in modes:
-        rows.append(f"Cost model, {MODE_NAMES[m]} ({m}, {hops} hops): s/token = t_compute + {legs(m, hops)} x "
+        rows.append(f"Cost model, {MODE_NAMES[m]} ({m}, {hops} hops): s/token = t_compute + {legs(m, hops, relayed)} x "
                     "one-way delay; t_compute from this mode's first row.")
     warnings = [f"{p.mode} at {p.delay_ms:g} ms: {p.warning}" for p in points if p.warning]
     if warnings:
@@ -332,7 +425,8 @@ def markdown(points: Sequence[Point], hops: int) -> str:
     return "\n".join(rows)
 
 
-def plot(points: Sequence[Point], hops: int, compute: dict[str, float], path: Path, title: str) -> bool:
+def plot(points: Sequence[Point], hops: int, compute: dict[str, float], path: Path, title: str,
+         relayed: bool = False) -> bool:
     """Left: tokens/s against one-way delay per mode (log scale), each cost model dashed. Right: the
     same as ms/token, where each model is a straight line of slope legs. False if matplotlib is missing."""
     try:
@@ -355,8 +449,8 @@ def plot(points: Sequence[Point], hops: int, compute: dict[str, float], path: Pa
         left.plot(xs, [p.tokens_per_s for p in mine], "o", color=c, markersize=7, label=label)
         right.plot(xs, [p.per_token_ms for p in mine], "o", color=c, markersize=7, label=label)
         if m in compute:
-            s = [s_per_token(m, compute[m], hops, d / 1000) for d in grid]
-            model = f"model: t_compute + {legs(m, hops)} x delay"
+            s = [s_per_token(m, compute[m], hops, d / 1000, relayed) for d in grid]
+            model = f"model: t_compute + {legs(m, hops, relayed)} x delay"
             left.plot(grid, [1 / v if v > 0 else float("nan") for v in s], "--", color=c, alpha=0.8, label=model)
             right.plot(grid, [v * 1000 for v in s], "--", color=c, alpha=0.8, label=model)
     left.set_yscale("log")
@@ -460,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sessions", default="1,16",
                    help="concurrent session counts, comma-separated; with a count over 1 each is measured "
                         "at every delay and mode beside a 1-session baseline")
+    p.add_argument("--relayed", action="store_true",
+                   help="the last node behind a NAT (no inbound), served through the first node's relay")
+    p.add_argument("--no-join", dest="join", action="store_false",
+                   help="skip timing a fresh node joining at each delay (never with --relayed)")
     p.add_argument("--out", type=Path, default=Path("bench-wan"))
     args = p.parse_args(argv)
     try:
@@ -482,30 +580,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shiza-wan-") as tmp:
         print(f"work dir {tmp} (node logs under it)", file=sys.stderr, flush=True)
         aggs: list[Aggregate] = []
-        points = run(args.model, delays, args.tokens, args.repeats, Path(tmp), modes, sessions, aggs)
+        joins: list[Join] | None = [] if args.join and not args.relayed else None
+        points = run(args.model, delays, args.tokens, args.repeats, Path(tmp), modes, sessions, aggs,
+                     relayed=args.relayed, joins=joins)
     hops = len(NODES)
-    compute = {m: compute_s_from(m, first.tokens_per_s, hops, first.delay_ms / 1000)
+    compute = {m: compute_s_from(m, first.tokens_per_s, hops, first.delay_ms / 1000, args.relayed)
                for m in modes if (first := next((q for q in points if q.mode == m), None))}
-    table = markdown(points, hops)
+    table = markdown(points, hops, args.relayed)
+    if args.relayed:
+        table = ("The last node sits behind a NAT and serves through the first node's relay.\n\n" + table)
     if aggs:
         table += "\n\n## Concurrent sessions\n\n" + markdown_sessions(aggs)
+    if joins:
+        table += "\n\n## A node joining\n\n" + markdown_joins(joins)
     print(table)
     ratios = push_vs_client(points)
     (args.out / "results.json").write_text(json.dumps(
         {"model": args.model, "hops": hops, "tokens": args.tokens, "repeats": args.repeats, "modes": modes,
-         "legs_per_token": {m: legs(m, hops) for m in modes},
+         "legs_per_token": {m: legs(m, hops, args.relayed) for m in modes}, "relayed": args.relayed,
          "t_compute_s": {m: round(c, 5) for m, c in compute.items()},
          "points": [asdict(q) for q in points],
          "push_vs_client_tokens_per_s": [{"delay_ms": d, "ratio": r} for d, r in ratios.items()],
          "session_counts": sessions if aggs else [1],
          "sessions": [asdict(a) for a in aggs],
+         "joins": [asdict(j) for j in joins or []],
          "warnings": [f"{q.mode} at {q.delay_ms:g} ms: {q.warning}" for q in points if q.warning]
                      + [f"{a.mode} at {a.delay_ms:g} ms, {a.sessions} sessions: {a.warning}" for a in aggs
                         if a.warning],
          "wall_s": round(time.monotonic() - t0, 1), "pid": os.getpid()}, indent=2))
     (args.out / "results.md").write_text(table + "\n")
     plotted = plot(points, hops, compute, args.out / "results.png",
-                   f"{args.model}, {hops} hops, {args.tokens} tokens: client-driven vs node-to-node")
+                   f"{args.model}, {hops} hops{' (last one relayed)' if args.relayed else ''}, {args.tokens} "
+                   "tokens: client-driven vs node-to-node", args.relayed)
     plotted_sessions = bool(aggs) and plot_sessions(
         aggs, args.out / "sessions.png", f"{args.model}, {hops} hops, {args.tokens} tokens a session: concurrent sessions")
     print(f"wrote {args.out}/results.json, results.md" + (", results.png" if plotted else " (no matplotlib: no PNG)")

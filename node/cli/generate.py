@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -79,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
             if client.host is not None and not client.host.connected_peers():
                 raise ConnectionError(f"none of the {len(args.bootstrap)} bootstrap peer(s) answered "
                               f"({', '.join(args.bootstrap)}): check each address and that a node runs there")
+            t0 = time.monotonic()
             route = await client.wait_for_route(model.model_id, args.wait, num_layers=model.num_layers)
+            coverage_s = time.monotonic() - t0  # connected to a bootstrap peer to a full route found
             on_text = None if args.json else (lambda s: print(s, end="", flush=True))
             text, prompt_ids, result = await generate_text(
                 client, model, args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 "prompt_token_ids": prompt_ids,
                 "token_ids": result.token_ids[0],
                 "route": [{"peer": h.peer_id, "start": h.start, "end": h.end} for h in route],
+                "coverage_s": round(coverage_s, 4),
                 "ttft_s": round(result.ttft_s, 4),
                 "tokens_per_s": round(result.tokens_per_s, 2),
                 "pushed_steps": result.pushed_steps,

@@ -174,12 +174,15 @@ class Host:
     """Our view of a running py-libp2p host (see `open_host`)."""
 
     def __init__(self, libp2p_host: IHost, nursery: trio.Nursery | None = None,
-                 relay_service: RelayOptions | None = None) -> None:
+                 relay_service: RelayOptions | None = None, circuit_only: bool = False) -> None:
         self.libp2p = libp2p_host
         self.peer_id: str = libp2p_host.get_id().to_base58()
         self._nursery = nursery
         self._relay_service = relay_service
         self.relay: Relay | None = None
+        # Behind a NAT (relays and no announced address): our own addresses cannot be dialed
+        # from outside, so once a reservation holds only the relayed ones are advertised.
+        self.circuit_only = circuit_only
 
     @property
     def addrs(self) -> list[str]:
@@ -188,6 +191,8 @@ class Host:
         own get_addrs cannot carry those (it cuts an address at its first /p2p/)."""
         own = [str(a) for a in self.libp2p.get_addrs()]
         circuits = [f"{c}/p2p/{self.peer_id}" for c in (self.relay.circuit_addrs if self.relay else [])]
+        if self.circuit_only and circuits:
+            return circuits  # a private address first made every dialer wait for its timeout
         return own + circuits
 
     async def start_relay(self) -> Relay:
@@ -339,7 +344,8 @@ async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0",
 
     Circuit relay (node/net/relay.py): with `relay_service` the host relays for others within
     those limits; with `relays` (full multiaddrs of relays) it reserves a slot on each before the
-    block starts and advertises the relayed addresses (a host behind a NAT). Any host dials a
+    block starts and advertises only the relayed addresses (a host behind a NAT; with `announce`
+    too, both: the announced ones first). Any host dials a
     ``/p2p-circuit`` address through its relay (the protocol starts on first use).
 
     Noise is the only security transport (a dialer offering only plaintext,
@@ -356,7 +362,7 @@ async def open_host(seed: bytes, listen: str = "/ip4/127.0.0.1/tcp/0",
             raise OSError(errno.EADDRNOTAVAIL, f"cannot listen on {listen}")
         try:
             async with trio.open_nursery() as nursery:  # the relay protocol, when it runs
-                host = Host(libp2p_host, nursery, relay_service)
+                host = Host(libp2p_host, nursery, relay_service, circuit_only=bool(relays) and not announce)
                 if relay_service is not None or relays:
                     relay = await host.start_relay()
                     for addr in relays:

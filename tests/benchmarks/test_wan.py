@@ -9,11 +9,11 @@ import sys
 import pytest
 
 from benchmarks.wan.concurrent import clients_for, summarize
-from benchmarks.wan.pipeline import (Aggregate, Point, aggregate_from, apply_models, apply_single_ratios, check_pushed,
-                                     client_driven_s_per_token, legs, markdown, markdown_sessions,
-                                     node_to_node_s_per_token, plot_sessions, push_vs_client, session_counts,
-                                     spans_of)
-from node.devtools.netns import why_unavailable
+from benchmarks.wan.pipeline import (Aggregate, Join, Point, aggregate_from, apply_models, apply_single_ratios,
+                                     check_pushed, client_driven_s_per_token, legs, markdown, markdown_joins,
+                                     markdown_sessions, node_to_node_s_per_token, plot_sessions, push_vs_client,
+                                     session_counts, spans_of)
+from node.devtools.netns import nat_unavailable, why_unavailable
 
 
 def test_client_driven_cost_model_counts_two_legs_per_hop() -> None:
@@ -33,6 +33,24 @@ def test_node_to_node_cost_model_counts_hops_plus_one_legs() -> None:
     assert legs("push", 3) == 4
     # one hop: the same 2 legs either way
     assert node_to_node_s_per_token(compute, 1, 0.025) == pytest.approx(client_driven_s_per_token(compute, 1, 0.025))
+
+
+def test_a_relayed_last_hop_adds_two_legs_in_both_modes() -> None:
+    # the leg into the NATed last hop and the leg out of it each cross the relay
+    assert legs("client", 3, relayed=True) == 8 and legs("push", 3, relayed=True) == 6
+    compute = 0.1
+    assert client_driven_s_per_token(compute, 3, 0.025, 2) == pytest.approx(0.1 + 8 * 0.025)
+    assert node_to_node_s_per_token(compute, 3, 0.025, 2) == pytest.approx(0.1 + 6 * 0.025)
+    pts = [Point("push", 0.0, 0.1, 10.0, 0.2, 100.0, 64), Point("push", 25.0, 50.0, 4.0, 0.5, 250.0, 64)]
+    apply_models(pts, 3, relayed=True)
+    assert pts[1].predicted_tokens_per_s == pytest.approx(1 / 0.25, abs=0.01)  # 0.1 + 6 x 0.025
+    assert "t_compute + 6 x one-way delay" in markdown(pts, 3, relayed=True)
+
+
+def test_joins_are_tabled_per_delay() -> None:
+    table = markdown_joins([Join(0.0, 7.0, 11.0, 4.0, 0.2, 0.05, True), Join(25.0, 8.6, 15.1, 6.5, 1.0, 0.7, False)])
+    assert "| 0 | 7.0 | 11.0 | 4.0 | 0.2 | 0.05 | yes |" in table
+    assert "| 25 | 8.6 | 15.1 | 6.5 | 1.0 | 0.7 | NO |" in table
 
 
 def test_models_take_t_compute_per_mode_and_report_the_ratio() -> None:
@@ -142,6 +160,29 @@ def test_wan_benchmark_runs_and_reports_the_model_beside_the_measurement(tmp_pat
         assert a["finished"] == a["sessions"] and a["aggregate_tokens_per_s"] > 0 and a["ratio_vs_single"] > 0
         assert a["tokens_total"] == 8 * a["sessions"]
     assert "aggregate tok/s" in md and (out / "sessions.png").stat().st_size > 0
+    # a fresh node replaced the last span's at each delay and served the next generation
+    assert [j["delay_ms"] for j in r["joins"]] == [0.0, 10.0]
+    for j in r["joins"]:
+        assert j["served_by_new_node"] and 0 < j["ready_s"] < j["first_served_s"] and j["coverage_s"] > 0
+    assert "A node joining" in md
+    assert all(p["coverage_s"] > 0 for p in r["points"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(why_unavailable() is not None, reason=f"netns harness unavailable: {why_unavailable()}")
+@pytest.mark.skipif(nat_unavailable() is not None, reason=f"no NAT: {nat_unavailable()}")
+def test_wan_benchmark_through_a_relayed_last_node(tmp_path) -> None:
+    out = tmp_path / "wan-relayed"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.wan", "--delays", "0", "--tokens", "6",
+                           "--repeats", "1", "--sessions", "1", "--relayed", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["relayed"] is True and r["legs_per_token"] == {"client": 8, "push": 6}
+    assert r["joins"] == []
+    for p in r["points"]:  # every run's last hop was the NATed node (else a warning)
+        assert p["tokens_per_s"] > 0 and p["warning"] is None, p
+    assert "behind a NAT" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow

@@ -16,6 +16,9 @@ async def test_a_host_reached_only_through_its_relay_serves_streams() -> None:
         async with open_host(b"\x02" * 32, relays=[relay.addrs[0]]) as behind:
             circuit = [a for a in behind.addrs if is_circuit(a)]
             assert circuit == [f"{relay.addrs[0]}/p2p-circuit/p2p/{behind.peer_id}"]
+            # Behind a NAT its own (private) addresses cannot be dialed: only the relayed one
+            # is advertised (a dialer tried the private one first and waited out its timeout).
+            assert behind.addrs == circuit
             seen_ips = []
 
             async def echo(stream) -> None:  # noqa: ANN001
@@ -39,3 +42,11 @@ async def test_a_relay_that_does_not_serve_refuses_the_reservation() -> None:
             async with open_host(b"\x05" * 32, relays=[plain.addrs[0]]):
                 raise AssertionError("reserved on a host that is no relay")
         assert not isinstance(refused.value, AssertionError)
+
+
+async def test_a_host_with_a_relay_and_an_announced_address_advertises_both() -> None:
+    async with open_host(b"\x06" * 32, relay_service=RelayOptions()) as relay:
+        async with open_host(b"\x07" * 32, announce=["/ip4/127.0.0.1/tcp/4001"],
+                             relays=[relay.addrs[0]]) as forwarded:
+            assert forwarded.addrs == [f"/ip4/127.0.0.1/tcp/4001/p2p/{forwarded.peer_id}",
+                                       f"{relay.addrs[0]}/p2p-circuit/p2p/{forwarded.peer_id}"]
