@@ -47,8 +47,8 @@ from node.engine.sampling import Chooser, Penalties, check_next, choose_window, 
 from node.engine.errors import BadInput, CapacityExceeded, EngineError, SessionUnknown
 from node.models import ModelSource
 from node.engine.throughput import measure_throughput
-from node.engine.tensors import from_torch
-from node.engine.torch_engine import SpanFigures, TorchEngine, check_room, step_extras, validate_step
+from node.engine.torch_engine import (SpanFigures, TorchEngine, check_room, step_extras, take_last_logprobs,
+                                      validate_step)
 
 __all__ = ["PREFILL_BATCH_TOKENS", "SpanEngine", "measure_throughput"]
 
@@ -238,9 +238,7 @@ class SpanEngine(SpanFigures, TorchEngine[_Session]):
         """The log-probabilities of the session's last step (SPEC 9.9), once: float32 (..., 1 + k),
         the chosen token's then the top k's, and their ids int64 (..., k); None when the session
         does not report them."""
-        session = self._get(session_id)
-        got, session.last_logprobs = session.last_logprobs, None
-        return None if got is None else (from_torch(got[0]), from_torch(got[1]))
+        return take_last_logprobs(self._get(session_id))
 
     def close_session(self, session_id: str) -> None:
         """Free the session's cache. Raises ``SessionUnknown`` if it is not open."""

@@ -86,6 +86,13 @@ class TorchEngine(SessionTable[S]):
         return results  # type: ignore[return-value]
 
 
+def take_last_logprobs(holder: Any) -> tuple[Tensor, Tensor] | None:
+    """``holder.last_logprobs`` (a session's, or its chooser's: SPEC 9.9) as wire tensors, once:
+    it is cleared; None when the last step left none."""
+    got, holder.last_logprobs = holder.last_logprobs, None
+    return None if got is None else (from_torch(got[0]), from_torch(got[1]))
+
+
 def step_extras(item: Sequence[Any]) -> tuple[Any, Any]:
     """``(keep, draft)`` of a TorchStep; ``(None, None)`` for a plain 4-tuple."""
     return (item[4], item[5]) if len(item) > 4 else (None, None)

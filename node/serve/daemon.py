@@ -283,14 +283,14 @@ class Node:
         )
         accounting = Accounting(self.identity, self.ledger, cfg.receipt_every, cfg.unit_price,
                                 swarm_id=self.swarm_id)
-        # Behind a NAT (relays, nothing announced) the direct port cannot be reached: offering
-        # it made every peer that reached us through our router's address wait out a TCP
-        # connect before falling back to the libp2p stream.
-        behind_nat = bool(cfg.relays) and not cfg.announce
+        # Behind a NAT (the host advertises only relayed addresses) the direct port cannot be
+        # reached: offering it made every peer that reached us through our router's address
+        # wait out a TCP connect before falling back to the libp2p stream. Links we open still
+        # ask for direct channels: connecting out works from behind a NAT.
         direct = (DirectListener(_listen_host(cfg.listen), cfg.direct_port)
-                  if cfg.direct_port is not None and not behind_nat else None)
+                  if cfg.direct_port is not None and not self.host.circuit_only else None)
         hooks = ServerHooks(on_step=self.hooks.on_step, on_cache_change=self._cache_changed)
-        links = LinkPool(Libp2pConnector(self.host), direct=direct is not None) if cfg.push else None
+        links = LinkPool(Libp2pConnector(self.host), direct=cfg.direct_port is not None) if cfg.push else None
         self.server = SpanServer(self.engine, node_info=self.node_info, limits=cfg.limits,
                                  accounting=accounting, hooks=hooks, direct=direct, links=links,
                                  identity=self.identity, push=cfg.push,

@@ -61,10 +61,9 @@ from node.engine.base import EngineHealth, Sampling, check_session_size, parse_s
 from node.engine.errors import BadInput, CapacityExceeded, EngineError
 from node.engine.grammar import Constraint, GrammarTokenizer
 from node.engine.sampling import FORBIDDEN_LOGPROB, Chooser, Penalties
-from node.engine.tensors import from_torch
 from protocol.codec import Tensor
 from node.models import ModelSource
-from node.engine.torch_engine import TorchEngine, validate_step
+from node.engine.torch_engine import TorchEngine, take_last_logprobs, validate_step
 
 log = logging.getLogger(__name__)
 
@@ -528,9 +527,7 @@ class VllmEngine(TorchEngine[_Session]):
 
     def take_logprobs(self, session_id: str) -> tuple[Tensor, Tensor] | None:
         """As ``SpanEngine.take_logprobs`` (SPEC 9.9): vLLM's, of its last step, once."""
-        session = self._get(session_id)
-        got, session.last_logprobs = session.last_logprobs, None
-        return None if got is None else (from_torch(got[0]), from_torch(got[1]))
+        return take_last_logprobs(self._get(session_id))
 
     def _row_step(self, session: _Session, index: int, row: _Row, new: list[int],
                   remaining: int) -> tuple[int, Any]:

@@ -42,8 +42,8 @@ from node.engine.base import EngineHealth, Sampling, check_session_size, parse_s
 from node.engine.errors import BadInput, CapacityExceeded, EngineError
 from node.engine.grammar import GrammarTokenizer
 from node.engine.sampling import Chooser, check_next, choose_window, pick, rollback
-from node.engine.tensors import from_torch
-from node.engine.torch_engine import SpanFigures, TorchEngine, TorchStep, check_room, step_extras, validate_step
+from node.engine.torch_engine import (SpanFigures, TorchEngine, TorchStep, check_room, step_extras,
+                                      take_last_logprobs, validate_step)
 from node.engine.vllm import frames
 from node.engine.vllm.engine import cpu_env, default_vllm_python
 from node.models import ModelSource
@@ -294,9 +294,7 @@ class VllmSpanEngine(SpanFigures, TorchEngine[_Session]):
 
     def take_logprobs(self, session_id: str) -> tuple[Any, Any] | None:
         """As ``SpanEngine.take_logprobs``."""
-        chooser = self._get(session_id).chooser
-        got, chooser.last_logprobs = chooser.last_logprobs, None
-        return None if got is None else (from_torch(got[0]), from_torch(got[1]))
+        return take_last_logprobs(self._get(session_id).chooser)
 
     def close_session(self, session_id: str) -> None:
         self._pop(session_id)
