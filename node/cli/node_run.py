@@ -88,6 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                      help="vllm: GPUs to shard the model over (default: all visible; 1 on cpu)")
     run.add_argument("--vllm-python", default=None,
                      help="vllm: the python of vLLM's venv (default: .venv-vllm/bin/python if it exists)")
+    run.add_argument("--vllm-eager", action="store_true",
+                     help="vllm, whole model: skip torch.compile and CUDA graphs (vLLM's --enforce-eager): "
+                          "the server starts in seconds instead of about a minute, and steps run slower")
     run.add_argument("--direct-port", type=int, default=0,
                      help="TCP port of the direct activation channel, on --listen's address "
                           "(default: any free port; SPEC 9.5)")
@@ -191,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         tensor_parallel=args.tensor_parallel,
         vllm_python=args.vllm_python,
+        vllm_eager=args.vllm_eager,
         direct_port=None if args.no_direct else args.direct_port,
     )
     # The node is built with its observers: the metrics see every step from the first one.

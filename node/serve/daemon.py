@@ -90,6 +90,7 @@ class NodeConfig:
     engine: str = "span"
     tensor_parallel: int | None = None  # vllm: GPUs to shard over (None: all visible; CPU: 1)
     vllm_python: str | None = None  # vllm: its venv's python (None: .venv-vllm, else this one)
+    vllm_eager: bool = False  # vllm, whole model: --enforce-eager (no compile at start)
     limits: ServerLimits = field(default_factory=ServerLimits)
     swarm_key: Path | None = None  # --swarm-key: a private swarm (node/swarmkey.py)
     corrupt_outputs: float = 0.0  # testing only: noise on hidden-state outputs (spot checks catch it)
@@ -224,7 +225,7 @@ class Node:
                 vllm = VllmEngine.load(
                     self.source, vllm_python=cfg.vllm_python, device=cfg.device, dtype=cfg.dtype,
                     tensor_parallel=cfg.tensor_parallel, max_model_len=cfg.limits.max_length,
-                    log_path=cfg.data_dir / "vllm.log")
+                    log_path=cfg.data_dir / "vllm.log", eager=cfg.vllm_eager)
                 engine = supervised = vllm
                 key = {"engine": "vllm", "model": vllm.model_id, "device": cfg.device,
                                           "dtype": cfg.dtype, "tp": vllm.server.tensor_parallel}

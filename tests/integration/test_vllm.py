@@ -103,7 +103,10 @@ def mixed_swarm(tmp_path_factory):
         raise
     started = [first]
     try:
-        vnode = start_node(root / "vllm", bootstrap=[first.addr], extra_args=[*vllm, "--receipt-every", "8"])
+        # --vllm-eager: its server starts (here, and again in the restart test) without a minute
+        # of torch.compile each time.
+        vnode = start_node(root / "vllm", bootstrap=[first.addr],
+                           extra_args=[*vllm, "--vllm-eager", "--receipt-every", "8"])
         started.append(vnode)
         for i, span in enumerate(SPANS[1:], start=1):
             started.append(start_node(root / f"span{i}", layers=span, bootstrap=[first.addr]))

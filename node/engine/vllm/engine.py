@@ -110,9 +110,10 @@ class VllmServer:
     """One supervised vLLM server process: start, health, metrics, stop (the process group)."""
 
     def __init__(self, model_dir: Path, *, vllm_python: str, device: str, dtype: str,
-                 tensor_parallel: int, max_model_len: int, log_path: Path | None) -> None:
+                 tensor_parallel: int, max_model_len: int, log_path: Path | None,
+                 eager: bool = False) -> None:
         self.model_dir, self.vllm_python = model_dir, vllm_python
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.eager = device, dtype, eager
         self.tensor_parallel, self.max_model_len = tensor_parallel, max_model_len
         self.log_path = log_path
         self.port = 0
@@ -140,6 +141,8 @@ class VllmServer:
                 "--logprobs-mode", "processed_logprobs"]
         if self.tensor_parallel > 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel)]
+        if self.eager:  # no torch.compile and no CUDA graphs: starts in seconds, steps slower
+            args += ["--enforce-eager"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(_PLUGIN), os.environ.get("PYTHONPATH", "")]))}
         if self.device == "cpu":
@@ -374,14 +377,16 @@ class VllmEngine(TorchEngine[_Session]):
     def load(cls, source: ModelSource, *, vllm_python: str | None = None, device: str = "cpu",
              dtype: str = "float32", tensor_parallel: int | None = None,
              max_model_len: int = 4096, log_path: Path | None = None,
-             max_cache_tokens: int | None = None) -> VllmEngine:
-        """Start vLLM on ``source``'s checkpoint directory; blocks until it is healthy."""
+             max_cache_tokens: int | None = None, eager: bool = False) -> VllmEngine:
+        """Start vLLM on ``source``'s checkpoint directory; blocks until it is healthy.
+        ``eager``: vLLM's --enforce-eager (its start compiles the model otherwise: about a
+        minute for SmolLM2 on 2 CPU cores, every start)."""
         if tensor_parallel is None:
             tensor_parallel = torch.cuda.device_count() if device == "cuda" else 1
         limit = int(source.config.get("max_position_embeddings", max_model_len))
         server = VllmServer(source.path, vllm_python=vllm_python or default_vllm_python(),
                             device=device, dtype=dtype, tensor_parallel=max(1, tensor_parallel),
-                            max_model_len=min(max_model_len, limit), log_path=log_path)
+                            max_model_len=min(max_model_len, limit), log_path=log_path, eager=eager)
         server.start()
         return cls(source, server, max_cache_tokens)
 

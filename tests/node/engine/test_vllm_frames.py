@@ -1,16 +1,18 @@
-"""The vLLM span worker's channel (node/engine/vllm/frames.py) on a real socket pair, and how
-the node finds vLLM's python."""
+"""The vLLM span worker's channel (node/engine/vllm/frames.py) on a real socket pair, how the
+node finds vLLM's python, and the server command line it gives it."""
 
 from __future__ import annotations
 
 import socket
+import stat
 import struct
 
 import pytest
 import torch
 
 from node.engine.vllm import frames
-from node.engine.vllm.engine import default_vllm_python
+from node.engine.errors import EngineError
+from node.engine.vllm.engine import VllmServer, default_vllm_python
 
 
 def test_tensors_cross_as_their_bytes():
@@ -50,3 +52,22 @@ def test_vllm_python_from_the_environment(monkeypatch):
     assert default_vllm_python() == "/opt/vllm/bin/python"
     monkeypatch.delenv("SHIZA_VLLM_PYTHON")
     assert default_vllm_python() != "/opt/vllm/bin/python"
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_eager_asks_vllm_to_skip_compiling(tmp_path, eager):
+    """``--vllm-eager`` reaches vLLM's command line as --enforce-eager (and only then). A stand-in
+    for vLLM's python writes the arguments it was given and exits, so the start fails."""
+    argv_file = tmp_path / "argv.json"
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    f"printf '%s\\n' \"$@\" > {argv_file}\n"
+                    "echo '{\"server_pid\": 1}'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    server = VllmServer(tmp_path, vllm_python=str(fake), device="cuda", dtype="float32",
+                        tensor_parallel=1, max_model_len=64, log_path=None, eager=eager)
+    with pytest.raises(EngineError, match="exited"):
+        server.start(timeout_s=30)
+    args = argv_file.read_text().split()
+    assert args[args.index("--") + 1:args.index("--") + 3] == ["--model", str(tmp_path)]
+    assert ("--enforce-eager" in args) is eager

@@ -50,7 +50,10 @@ def vllm(source, tmp_path_factory):
 
     log = tmp_path_factory.mktemp("vllm-whole") / "vllm.log"
     t0 = time.monotonic()
-    engine = VllmEngine.load(source, vllm_python=str(VLLM_PYTHON), max_model_len=512, log_path=log)
+    # eager (vLLM's --enforce-eager): no minute of torch.compile at the start; the grammar,
+    # penalties and log-probabilities run in vLLM's sampler, outside the compiled forward.
+    engine = VllmEngine.load(source, vllm_python=str(VLLM_PYTHON), max_model_len=512, log_path=log,
+                             eager=True)
     print(f"vLLM up in {time.monotonic() - t0:.1f} s")
     try:
         yield engine
