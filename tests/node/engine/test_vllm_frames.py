@@ -71,3 +71,19 @@ def test_eager_asks_vllm_to_skip_compiling(tmp_path, eager):
     args = argv_file.read_text().split()
     assert args[args.index("--") + 1:args.index("--") + 3] == ["--model", str(tmp_path)]
     assert ("--enforce-eager" in args) is eager
+
+
+def test_a_vllm_of_another_version_is_refused_saying_which(tiny_llama, tmp_path, monkeypatch):
+    """The span adapter patches vLLM's internals, so it starts only on the versions it was written
+    for. A stand-in package ``vllm`` 0.31.0 (on the worker's path, under this python) must make
+    the load fail with a message that names both versions."""
+    import sys
+
+    from node.engine.vllm.span import VllmSpanEngine
+
+    stub = tmp_path / "stub" / "vllm"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('__version__ = "0.31.0"\n')
+    monkeypatch.setenv("PYTHONPATH", str(stub.parent))
+    with pytest.raises(EngineError, match=r"vLLM 0\.31\.0 is installed; .* 0\.32\.0, 0\.33\.0 only"):
+        VllmSpanEngine.load(tiny_llama, 0, 2, vllm_python=sys.executable, log_path=None)
