@@ -50,3 +50,35 @@ async def test_a_host_with_a_relay_and_an_announced_address_advertises_both() ->
                              relays=[relay.addrs[0]]) as forwarded:
             assert forwarded.addrs == [f"/ip4/127.0.0.1/tcp/4001/p2p/{forwarded.peer_id}",
                                        f"{relay.addrs[0]}/p2p-circuit/p2p/{forwarded.peer_id}"]
+
+
+async def test_a_dialer_that_leaves_leaves_no_connection_behind_the_relay() -> None:
+    """When a relayed peer goes away, the relay ends the circuit on both sides. py-libp2p's
+    relay forwarded the end of one direction to nobody: the host behind it kept a dead
+    connection per circuit, and after three (its per-peer limit) a client returning with the
+    same identity had each new circuit closed as it opened (seen as a 5-7 s first token through
+    a NATed node, benchmarks/wan --relayed)."""
+    from tests.polling import eventually
+
+    async with open_host(b"\x11" * 32, relay_service=RelayOptions()) as relay:
+        async with open_host(b"\x12" * 32, relays=[relay.addrs[0]]) as behind:
+            (circuit,) = [a for a in behind.addrs if is_circuit(a)]
+
+            async def echo(stream) -> None:  # noqa: ANN001
+                await stream.send_frame(await stream.read_frame(1024) or b"")
+
+            behind.set_handler(ECHO, echo)
+            for visit in range(4):  # the same identity each time, one more than the limit
+                async with open_host(b"\x13" * 32) as dialer:
+                    with trio.fail_after(30):
+                        await dialer.connect(circuit)
+                        stream = await dialer.open_stream(behind.peer_id, ECHO)
+                        await stream.send_frame(b"visit %d" % visit)
+                        assert await stream.read_frame(1024) == b"visit %d" % visit
+                    dialer_id = dialer.peer_id
+
+                async def gone() -> bool:
+                    return dialer_id not in behind.connected_peers()
+
+                await eventually(gone, timeout_s=20, interval_s=0.05,
+                                 what="the host behind the relay to drop the departed dialer")
