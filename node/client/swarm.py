@@ -452,6 +452,7 @@ class SwarmClient(Failover):
             k = min(window.size(), room - emitted - 1, chain.spec.max_length - kept - 1)
             if not all(h.windows for h in chain.hops):  # a hop without window steps: plain decoding
                 k = 0
+            started = time.perf_counter()  # a pass's cost includes drafting it (a draft model computes)
             if k <= 0:
                 drafts: list[int] = []
             elif getattr(drafter, "blocking", False):  # a draft model: computes
@@ -460,7 +461,6 @@ class SwarmClient(Failover):
                 drafts = drafter.propose(k)
             ids = [[token, *drafts]]
             positions = [[kept + i for i in range(len(ids[0]))]]
-            started = time.perf_counter()
             answer = await self._step(chain, ids, positions, [[1] * len(ids[0])],
                                       keep=kept if held != kept else None,
                                       draft=int64_tensor([drafts]) if drafts else None)
