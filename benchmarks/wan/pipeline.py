@@ -67,7 +67,7 @@ CLIENT = "c"
 JOINER = "j"  # the host a joining node starts in (``_join``), in turn with the last node's own
 PROMPT = "The capital of France is"
 MODES = ("client", "push")
-MODE_FLAGS = {"client": ["--no-push"], "push": []}
+MODE_FLAGS = {"client": ["--no-push", "--speculate", "off"], "push": ["--speculate", "off"]}  # one token a pass
 MODE_NAMES = {"client": "client-driven", "push": "node-to-node"}
 
 
