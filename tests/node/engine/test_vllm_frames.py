@@ -58,7 +58,7 @@ def test_vllm_python_from_the_environment(monkeypatch):
 def test_eager_asks_vllm_to_skip_compiling(tmp_path, eager):
     """``--vllm-eager`` reaches vLLM's command line as --enforce-eager (and only then). A stand-in
     for vLLM's python writes the arguments it was given and exits, so the start fails."""
-    argv_file = tmp_path / "argv.json"
+    argv_file = tmp_path / "argv.txt"
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n"
                     f"printf '%s\\n' \"$@\" > {argv_file}\n"

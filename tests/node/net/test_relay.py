@@ -56,7 +56,7 @@ async def test_a_dialer_that_leaves_leaves_no_connection_behind_the_relay() -> N
     """When a relayed peer goes away, the relay ends the circuit on both sides. py-libp2p's
     relay forwarded the end of one direction to nobody: the host behind it kept a dead
     connection per circuit, and after three (its per-peer limit) a client returning with the
-    same identity had each new circuit closed as it opened (seen as a 5-7 s first token through
+    same identity had each new circuit closed as it opened (seen as a 7-12 s first token through
     a NATed node, benchmarks/wan --relayed)."""
     from tests.polling import eventually
 
