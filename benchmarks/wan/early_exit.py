@@ -18,19 +18,33 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
-def agreement(model_dir: Path, cases: Sequence[tuple[Sequence[int], Sequence[int]]], layers: int) -> float | None:
-    """Share of the output positions (after the first) where the first ``layers`` layers and
-    the head choose the output's token, teacher-forced; None without any such position."""
+Cases = Sequence[tuple[Sequence[int], Sequence[int]]]  # (prompt, plain greedy output)
+
+
+def exit_model(model_dir: Path, layers: int) -> Any:
+    """The model cut after its first ``layers`` layers, its final norm and head kept."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the cut layers' weights are "unexpected": that is the point
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                 num_hidden_layers=layers).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                num_hidden_layers=layers).eval()
+
+
+def agreement(model_dir: Path, cases: Cases, layers: int) -> float | None:
+    """Share of the output positions (after the first) where the first ``layers`` layers and
+    the head choose the output's token, teacher-forced; None without any such position."""
+    return agreement_of(exit_model(model_dir, layers), cases)
+
+
+def agreement_of(model: Any, cases: Cases) -> float | None:
+    """``agreement`` with the cut model loaded already."""
+    import torch
+
     same = total = 0
     with torch.no_grad():
         for prompt, output in cases:
@@ -73,8 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 1 <= n <= source.num_layers:
             print(f"error: --layers {n}: the model has {source.num_layers} layers", file=sys.stderr)
             return 2
+        model = exit_model(source.path, n)
         for kind, cases in sorted(kinds.items()):
-            share = agreement(source.path, cases, n)
+            share = agreement_of(model, cases)
             rows.append({"layers": n, "of": source.num_layers, "kind": kind, "prompts": len(cases),
                          "agreement": None if share is None else round(share, 3)})
             print(f"{n}/{source.num_layers} layers, {kind}: {rows[-1]['agreement']}", file=sys.stderr, flush=True)

@@ -123,7 +123,7 @@ def replay(prompt: Sequence[int], output: Sequence[int], policy: str, cost: Pass
         out.passes += 1
         out.drafted += len(drafts)
         out.accepted += a
-        if a == len(drafts) and len(drafts) == k and len(second) >= 2 and second[0] == output[min(at + a, len(output) - 1)]:
+        if a == len(drafts) == k and len(second) >= 2 and second[0] == output[at + a]:  # a <= k < room
             # window n kept whole and window n+1 built on the right token: it counts
             b = _kept(second[1:], output, at + got)
             seconds += cost.hop_engine_s(len(second))
@@ -195,9 +195,9 @@ def markdown(rows: Sequence[Row], source: str) -> str:
             "replayed / measured time"]
     lines = [f"Replayed from {source}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [f"{r.delay_ms:g} ms", r.kind, r.policy, r.speedup, r.tokens_per_pass, r.acceptance,
-                 r.replayed_over_measured]
-        lines.append("| " + " | ".join("" if c is None else f"{c:.2f}x" if c is r.speedup else str(c) for c in cells) + " |")
+        cells = [f"{r.delay_ms:g} ms", r.kind, r.policy, None if r.speedup is None else f"{r.speedup:.2f}x",
+                 r.tokens_per_pass, r.acceptance, r.replayed_over_measured]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

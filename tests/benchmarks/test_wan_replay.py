@@ -4,7 +4,6 @@ no network, no model (a stand-in tokenizer)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -58,7 +57,7 @@ def test_the_cost_of_a_window_steps_up_from_a_plain_pass():
         replay([1], [1, 2], "medusa", c)
 
 
-def _results(tmp_path: Path) -> dict:
+def _results() -> dict:
     grounded = next(p for p in PROMPTS if p.kind == "grounded")
     chat = next(p for p in PROMPTS if p.kind == "chat")
     runs = []
@@ -73,7 +72,7 @@ def _results(tmp_path: Path) -> dict:
 
 
 def test_a_run_is_replayed_per_delay_kind_and_policy(tmp_path):
-    data = _results(tmp_path)
+    data = _results()
     encode = lambda text: list(PASSAGE) if "\n" in text else [1, 2, 3]  # noqa: E731 - grounded prompts hold a passage
     rows = replay_run(data, encode)
     assert {(r.delay_ms, r.kind, r.policy) for r in rows} == {(d, k, p) for d in (0, 25)
